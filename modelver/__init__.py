@@ -1,0 +1,45 @@
+"""modelver: training runs that cannot be lost, model versions on Git + DVC.
+
+The checkpoint API is imported lazily so ``import modelver`` (and ``modelver --help``) does not
+pay for torch until a checkpoint name is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from modelver._version import __version__
+
+if TYPE_CHECKING:
+    from modelver.checkpoint import (
+        CheckpointInfo,
+        CheckpointManager,
+        LoadedCheckpoint,
+        ResumableSampler,
+        latest_checkpoint,
+        list_checkpoints,
+        load_checkpoint,
+        restore_checkpoint,
+        verify_checkpoint,
+    )
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
+    "LoadedCheckpoint",
+    "ResumableSampler",
+    "__version__",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "restore_checkpoint",
+    "verify_checkpoint",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__ and name != "__version__":
+        from modelver import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'modelver' has no attribute {name!r}")

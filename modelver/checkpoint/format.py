@@ -1,0 +1,296 @@
+"""On-disk checkpoint format: safetensors files, state.json, MANIFEST.json (the commit marker).
+
+A checkpoint is a directory ``step-NNNNNNNN``. Readers trust nothing that is not listed in a
+valid ``MANIFEST.json``; the manifest is written last, after every file is fsync'd.
+
+The safetensors files are written by :func:`write_safetensors` directly from tensor memory (no
+intermediate ``bytes`` copy, no pickle) and stay readable by the ``safetensors`` library.
+Tensors are ordered by element size so each data offset is aligned for zero-copy views.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import xxhash
+
+from modelver.errors import CheckpointCorruptedError, CheckpointNotFoundError
+
+FORMAT_NAME = "modelver-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "MANIFEST.json"
+STATE_FILE = "state.json"
+HASH_ALGO = "xxh3-128"
+STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
+CHUNK = 16 << 20
+
+# torch dtype name -> (safetensors dtype, element size)
+DTYPES: dict[str, tuple[str, int]] = {
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
+    "int64": ("I64", 8),
+    "int32": ("I32", 4),
+    "int16": ("I16", 2),
+    "int8": ("I8", 1),
+    "uint64": ("U64", 8),
+    "uint32": ("U32", 4),
+    "uint16": ("U16", 2),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+    "complex64": ("C64", 8),
+}
+ST_TO_TORCH = {st: name for name, (st, _) in DTYPES.items()}
+
+
+def step_dirname(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def new_hasher() -> Any:
+    return xxhash.xxh3_128()
+
+
+def hash_bytes(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def hash_file(path: Path) -> str:
+    h = new_hasher()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return str(h.hexdigest())
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives and what it hashes to; enough to diff without reading data."""
+
+    name: str
+    file: str
+    dtype: str  # torch dtype name, e.g. "float32"
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]  # absolute byte range inside ``file``
+    hash: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "offsets": list(self.offsets),
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: Mapping[str, Any]) -> TensorEntry:
+        return cls(
+            name=name,
+            file=str(d["file"]),
+            dtype=str(d["dtype"]),
+            shape=tuple(int(x) for x in d["shape"]),
+            offsets=(int(d["offsets"][0]), int(d["offsets"][1])),
+            hash=str(d["hash"]),
+        )
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    hash: str
+    md5: str | None = None  # what DVC computes; recorded when known so DVC need not rehash
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"size": self.size, "hash": self.hash}
+        if self.md5:
+            d["md5"] = self.md5
+        return d
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``MANIFEST.json`` of one checkpoint."""
+
+    step: int
+    epoch: int | None
+    created: str
+    metrics: dict[str, float]
+    files: dict[str, FileEntry]
+    tensors: dict[str, TensorEntry]
+    aliases: dict[str, str] = field(default_factory=dict)  # tied tensor -> stored tensor
+    world_size: int = 1
+    extras: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "hash_algorithm": HASH_ALGO,
+            "step": self.step,
+            "epoch": self.epoch,
+            "created": self.created,
+            "metrics": self.metrics,
+            "world_size": self.world_size,
+            "extras": self.extras,
+            "files": {k: v.to_json() for k, v in sorted(self.files.items())},
+            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
+            "aliases": self.aliases,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Manifest:
+        if d.get("format") != FORMAT_NAME:
+            raise ValueError(f"not a {FORMAT_NAME} manifest")
+        version = int(d.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise ValueError(f"format version {version} is newer than this modelver reads")
+        files = {
+            k: FileEntry(k, int(v["size"]), str(v["hash"]), v.get("md5"))
+            for k, v in d["files"].items()
+        }
+        tensors = {k: TensorEntry.from_json(k, v) for k, v in d["tensors"].items()}
+        return cls(
+            step=int(d["step"]),
+            epoch=None if d.get("epoch") is None else int(d["epoch"]),
+            created=str(d.get("created", "")),
+            metrics=dict(d.get("metrics") or {}),
+            files=files,
+            tensors=tensors,
+            aliases=dict(d.get("aliases") or {}),
+            world_size=int(d.get("world_size", 1)),
+            extras=dict(d.get("extras") or {}),
+            format_version=version,
+        )
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse a checkpoint's manifest; a missing or unreadable one means "no checkpoint here"."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointNotFoundError(
+            path, reason="no MANIFEST.json (incomplete or not a checkpoint)"
+        )
+    try:
+        return Manifest.from_json(json.loads(mpath.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointCorruptedError(path, [f"unreadable manifest: {e}"]) from e
+
+
+def check_sizes(path: Path, manifest: Manifest) -> list[str]:
+    """Cheap structural check (no data read): every listed file exists with its size."""
+    problems = []
+    for name, entry in manifest.files.items():
+        fp = path / name
+        try:
+            size = fp.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        if size != entry.size:
+            problems.append(f"{name} has {size} bytes, manifest says {entry.size}")
+    return problems
+
+
+def verify_files(path: Path, manifest: Manifest, names: Iterable[str] | None = None) -> list[str]:
+    """Full check: sizes and content hashes of the listed files."""
+    problems = check_sizes(path, manifest)
+    if problems:
+        return problems
+    for name in names if names is not None else sorted(manifest.files):
+        entry = manifest.files[name]
+        if hash_file(path / name) != entry.hash:
+            problems.append(f"{name} content hash differs from the manifest")
+    return problems
+
+
+def iter_checkpoint_dirs(directory: Path) -> Iterator[tuple[int, Path]]:
+    """Step directories that carry a manifest file (validity is checked by the caller)."""
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        m = STEP_DIR_RE.match(child.name)
+        if m and (child / MANIFEST).is_file():
+            yield int(m.group(1)), child
+
+
+# --- safetensors --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def plan_layout(tensors: list[PlannedTensor]) -> tuple[bytes, list[tuple[PlannedTensor, int, int]]]:
+    """Header bytes and (tensor, start, end) data ranges relative to the data section."""
+    order = sorted(tensors, key=lambda t: -DTYPES[t.dtype][1])  # stable: keeps name order
+    header: dict[str, Any] = {}
+    ranges = []
+    pos = 0
+    for t in order:
+        header[t.name] = {
+            "dtype": DTYPES[t.dtype][0],
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
+        ranges.append((t, pos, pos + t.nbytes))
+        pos += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw, ranges
+
+
+def write_all(f: IO[bytes], data: memoryview | bytes) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        n = f.write(view)
+        if n is None:  # pragma: no cover - raw files always return a count
+            n = view.nbytes
+        view = view[n:]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_safetensors_header(f: IO[bytes]) -> tuple[int, dict[str, Any]]:
+    """Return (data section start, header dict) of an open safetensors file."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError("file shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", raw)
+    if n > 100 << 20:
+        raise ValueError("safetensors header too large")
+    header = json.loads(f.read(n))
+    return 8 + n, header

@@ -1,0 +1,337 @@
+"""Write a checkpoint directory atomically and read tensors back straight into their destination.
+
+Writing: snapshot -> ``.tmp-…`` directory -> files fsync'd -> ``MANIFEST.json`` -> rename.
+Reading: each file is read once, sequentially, into the destination tensors' own memory while its
+content hash is computed, so a restore costs about one read of the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelver.checkpoint import format as fmt
+from modelver.checkpoint.state import (
+    FlatTensor,
+    capture_rng,
+    component_state,
+    flatten,
+    frozen_names,
+    is_stateful,
+    safe_filename,
+)
+from modelver.errors import CheckpointCorruptedError, CheckpointWriteError
+
+SHARD_BYTES = 64 << 20  # groups are packed into files up to this size; a bigger tensor gets its own
+
+
+@dataclass
+class Snapshot:
+    """Everything one checkpoint holds, detached from the live training objects."""
+
+    step: int
+    epoch: int | None
+    metrics: dict[str, float]
+    extras: dict[str, Any]
+    components: dict[str, dict[str, Any]]
+    tensors: list[FlatTensor]
+    aliases: dict[str, str]
+    rng: dict[str, Any]
+    created: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
+    )
+
+
+class BufferPool:
+    """Host buffers reused across saves (pinned when the source lives on a GPU)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, name: str, src: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            pin = src.is_cuda
+            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+            self._buffers[name] = buf
+        buf.copy_(src.detach(), non_blocking=src.is_cuda)
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
+
+
+def take_snapshot(
+    state: Mapping[str, Any],
+    *,
+    step: int,
+    epoch: int | None,
+    metrics: Mapping[str, float] | None,
+    extras: Mapping[str, Any] | None,
+    pool: BufferPool | None,
+) -> Snapshot:
+    """Capture state and RNGs now. With a pool, tensor data is copied (async saves)."""
+    components: dict[str, dict[str, Any]] = {}
+    tensors: list[FlatTensor] = []
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    cuda_used = False
+    for comp, obj in state.items():
+        if not isinstance(comp, str) or not comp:
+            raise ValueError("state keys must be non-empty strings")
+        skeleton, flat = flatten(comp, component_state(obj), frozen_names(obj))
+        kind = "stateful" if is_stateful(obj) else "value"
+        components[comp] = {"kind": kind, "state": skeleton}
+        for ft in flat:
+            key = _storage_key(ft.tensor)
+            if key in seen and ft.tensor.numel() > 0:
+                aliases[ft.name] = seen[key]
+                continue
+            seen[key] = ft.name
+            t = ft.tensor.detach()
+            cuda_used = cuda_used or t.is_cuda
+            if pool is not None or t.is_cuda:
+                t = (pool or BufferPool()).copy(ft.name, t)
+            elif not t.is_contiguous():
+                t = t.contiguous()
+            tensors.append(FlatTensor(ft.name, t, ft.group, ft.frozen))
+    if cuda_used:
+        torch.cuda.synchronize()
+    return Snapshot(
+        step=step,
+        epoch=epoch,
+        metrics={k: float(v) for k, v in (metrics or {}).items()},
+        extras=dict(extras or {}),
+        components=components,
+        tensors=tensors,
+        aliases=aliases,
+        rng=capture_rng(),
+    )
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def _plan_shards(tensors: list[FlatTensor]) -> list[tuple[str, list[FlatTensor]]]:
+    """Deterministic from names, sizes and frozen flags only, so layouts repeat across saves."""
+    shards: list[tuple[str, list[FlatTensor]]] = []
+    open_shard: dict[
+        tuple[str, bool], tuple[int, int, str]
+    ] = {}  # -> (index in shards, bytes, group)
+    counters: dict[tuple[str, bool], int] = {}
+    for ft in tensors:
+        comp = ft.name.split("/", 1)[0]
+        key = (comp, ft.frozen)
+        nbytes = ft.tensor.numel() * ft.tensor.element_size()
+        cur = open_shard.get(key)
+        if cur is None or (cur[1] >= SHARD_BYTES and cur[2] != ft.group):
+            n = counters.get(key, 0)
+            counters[key] = n + 1
+            label = safe_filename(comp) + ("-frozen" if ft.frozen else "")
+            shards.append((f"{label}-{n:05d}.safetensors", []))
+            cur = (len(shards) - 1, 0, ft.group)
+        shards[cur[0]][1].append(ft)
+        open_shard[key] = (cur[0], cur[1] + nbytes, ft.group)
+    return shards
+
+
+def _write_shard(
+    path: Path, members: list[FlatTensor]
+) -> tuple[fmt.FileEntry, list[fmt.TensorEntry]]:
+    planned = []
+    by_name = {}
+    for ft in members:
+        dtype = str(ft.tensor.dtype).removeprefix("torch.")
+        if dtype not in fmt.DTYPES:
+            raise TypeError(f"dtype {dtype} of {ft.name} is not supported by safetensors")
+        nbytes = ft.tensor.numel() * ft.tensor.element_size()
+        planned.append(fmt.PlannedTensor(ft.name, dtype, tuple(ft.tensor.shape), nbytes))
+        by_name[ft.name] = ft
+    header, ranges = fmt.plan_layout(planned)
+    file_hash = fmt.new_hasher()
+    entries = []
+    with open(path, "wb", buffering=0) as f:
+        fmt.write_all(f, header)
+        file_hash.update(header)
+        base = len(header)
+        for pt, start, end in ranges:
+            view = _bytes_view(by_name[pt.name].tensor)
+            fmt.write_all(f, view)
+            file_hash.update(view)
+            entries.append(
+                fmt.TensorEntry(
+                    pt.name,
+                    path.name,
+                    pt.dtype,
+                    pt.shape,
+                    (base + start, base + end),
+                    fmt.hash_bytes(view),
+                )
+            )
+        os.fsync(f.fileno())
+        size = f.tell()
+    return fmt.FileEntry(path.name, size, file_hash.hexdigest()), entries
+
+
+def _write_small(path: Path, data: bytes) -> fmt.FileEntry:
+    with open(path, "wb", buffering=0) as f:
+        fmt.write_all(f, data)
+        os.fsync(f.fileno())
+    return fmt.FileEntry(path.name, len(data), fmt.hash_bytes(data))
+
+
+def state_json(snap: Snapshot) -> dict[str, Any]:
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "step": snap.step,
+        "epoch": snap.epoch,
+        "components": snap.components,
+        "aliases": snap.aliases,
+        "rng": snap.rng,
+        "extras": snap.extras,
+    }
+
+
+def write_checkpoint(root: Path, snap: Snapshot) -> fmt.Manifest:
+    """Write and commit one checkpoint; on any error nothing new is visible to readers."""
+    final = root / fmt.step_dirname(snap.step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        files: dict[str, fmt.FileEntry] = {}
+        tensors: dict[str, fmt.TensorEntry] = {}
+        for name, members in _plan_shards(snap.tensors):
+            fentry, tentries = _write_shard(tmp / name, members)
+            files[name] = fentry
+            tensors.update((e.name, e) for e in tentries)
+        payload = json.dumps(state_json(snap), sort_keys=True).encode()
+        files[fmt.STATE_FILE] = _write_small(tmp / fmt.STATE_FILE, payload)
+        manifest = fmt.Manifest(
+            step=snap.step,
+            epoch=snap.epoch,
+            created=snap.created,
+            metrics=snap.metrics,
+            files=files,
+            tensors=tensors,
+            aliases=snap.aliases,
+            extras=snap.extras,
+        )
+        _write_small(tmp / fmt.MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
+        fmt.fsync_dir(tmp)
+        commit_dir(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(final, e) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Rename into place; a checkpoint of the same step is replaced, never half-visible."""
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{secrets.token_hex(3)}")
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        fmt.fsync_dir(final.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+        fmt.fsync_dir(final.parent)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _readinto_exact(f: Any, view: memoryview) -> bool:
+    while view.nbytes:
+        n = f.readinto(view)
+        if not n:
+            return False
+        view = view[n:]
+    return True
+
+
+def read_tensors(
+    path: Path,
+    manifest: fmt.Manifest,
+    *,
+    into: Mapping[str, torch.Tensor] | None = None,
+    names: set[str] | None = None,
+    verify: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Read tensors (all, or those in files holding ``names``), verifying each file's hash.
+
+    A tensor in ``into`` with the saved shape and dtype, contiguous on the CPU, is filled in place.
+    """
+    into = into or {}
+    by_file: dict[str, list[fmt.TensorEntry]] = {}
+    for e in manifest.tensors.values():
+        by_file.setdefault(e.file, []).append(e)
+    out: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for fname in sorted(by_file):
+        entries = sorted(by_file[fname], key=lambda e: e.offsets[0])
+        if names is not None and not any(e.name in names for e in entries):
+            continue
+        hasher = fmt.new_hasher()
+        with open(path / fname, "rb", buffering=0) as f:
+            header = bytearray(entries[0].offsets[0] if entries else manifest.files[fname].size)
+            complete = _readinto_exact(f, memoryview(header))
+            hasher.update(header)
+            for e in entries:
+                dtype = getattr(torch, e.dtype)
+                dest = into.get(e.name)
+                if not (
+                    dest is not None
+                    and dest.device.type == "cpu"
+                    and dest.dtype == dtype
+                    and tuple(dest.shape) == e.shape
+                    and dest.is_contiguous()
+                ):
+                    dest = torch.empty(e.shape, dtype=dtype)
+                view = _bytes_view(dest)
+                complete = complete and _readinto_exact(f, view)
+                hasher.update(view)
+                out[e.name] = dest
+            complete = complete and f.read(1) == b""
+        if not complete:
+            problems.append(f"{fname} is truncated")
+        elif verify and hasher.hexdigest() != manifest.files[fname].hash:
+            problems.append(f"{fname} content hash differs from the manifest")
+    if problems:
+        raise CheckpointCorruptedError(path, problems)
+    return out
+
+
+def read_state_json(path: Path, manifest: fmt.Manifest) -> dict[str, Any]:
+    data = (path / fmt.STATE_FILE).read_bytes()
+    entry = manifest.files.get(fmt.STATE_FILE)
+    if entry is None or fmt.hash_bytes(data) != entry.hash:
+        raise CheckpointCorruptedError(path, [f"{fmt.STATE_FILE} content hash differs"])
+    result: dict[str, Any] = json.loads(data)
+    return result

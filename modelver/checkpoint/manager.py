@@ -1,0 +1,309 @@
+"""CheckpointManager: when to save, where, how many to keep, and how to come back."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Mapping, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from modelver.checkpoint import format as fmt
+from modelver.checkpoint.catalog import (
+    CheckpointInfo,
+    latest_checkpoint,
+    list_checkpoints,
+    restore_checkpoint,
+)
+from modelver.checkpoint.io import BufferPool, Snapshot, take_snapshot, write_checkpoint
+from modelver.checkpoint.retention import execute_retention, plan_retention
+from modelver.errors import (
+    AsyncSaveError,
+    CheckpointCorruptedError,
+    ModelverWarning,
+    TrainingInterrupted,
+)
+
+_TMP_RE = re.compile(r"^\.(?:tmp|trash)-step-\d+-(\d+)-[0-9a-f]+$|^\.trash-step-\d+-[0-9a-f]+$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CheckpointManager:
+    """Periodic, atomic, verified checkpoints of a training loop's state.
+
+    ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (model, optimizer,
+    scheduler, :class:`ResumableSampler`), tensors, or JSON values.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        keep_last: int | None = 3,
+        keep_best: int = 0,
+        monitor: str | None = None,
+        mode: str = "min",
+        handle_signals: bool = False,
+        async_save: bool = False,
+    ) -> None:
+        if every_steps is not None and every_steps <= 0:
+            raise ValueError("every_steps must be a positive number of steps")
+        if every_seconds is not None and every_seconds <= 0:
+            raise ValueError("every_seconds must be positive")
+        if mode not in ("min", "max"):
+            raise ValueError("mode must be 'min' or 'max'")
+        if keep_best and not monitor:
+            raise ValueError("keep_best needs monitor= naming a metric")
+        self.root = Path(directory)
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.monitor = monitor
+        self.mode = mode
+        self.async_save = async_save
+        self._last_step: int | None = None
+        self._last_time = time.monotonic()
+        self._pool = BufferPool()
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: Future[CheckpointInfo] | None = None
+        self._signal: int | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self._closed = False
+        self.last_blocking_seconds = 0.0  # time the caller was blocked by the last save
+        self._clean_stale()
+        if handle_signals:
+            self._install_signals()
+
+    # --- discovery ---------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return list_checkpoints(self.root)
+
+    def latest(self) -> CheckpointInfo | None:
+        return latest_checkpoint(self.root)
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once SIGTERM/SIGINT arrived (with ``handle_signals=True``)."""
+        return self._signal is not None
+
+    # --- restore -----------------------------------------------------------------------------
+
+    def restore(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int:
+        """Load the newest complete, verified checkpoint (or ``step``); return its step, 0 if none.
+
+        Corrupted checkpoints are skipped with a warning and the previous one is taken.
+        """
+        candidates = list(reversed(self.checkpoints()))
+        if step is not None:
+            candidates = [c for c in candidates if c.step == step]
+            if not candidates:
+                raise CheckpointCorruptedError(
+                    self.root / fmt.step_dirname(step), ["no committed checkpoint at this step"]
+                )
+        overwritten = False
+        for info in candidates:
+            try:
+                restored = restore_checkpoint(info.path, state)
+            except CheckpointCorruptedError as e:
+                overwritten = overwritten or bool(getattr(e, "partial", False))
+                warnings.warn(
+                    f"skipping corrupted checkpoint {info.path}: {'; '.join(e.problems[:3])}",
+                    ModelverWarning,
+                    stacklevel=2,
+                )
+                continue
+            self._last_step = restored
+            self._last_time = time.monotonic()
+            return restored
+        if overwritten:
+            raise CheckpointCorruptedError(
+                self.root,
+                [
+                    "no valid checkpoint is left and the state was partly overwritten by a "
+                    "corrupted one; rebuild the model (or move the directory away) and start again"
+                ],
+            )
+        return 0
+
+    # --- save --------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        if self._signal is not None:
+            return True
+        if step == self._last_step:
+            return False
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_seconds and time.monotonic() - self._last_time >= self.every_seconds)
+
+    def maybe_save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch: int | None = None,
+        extras: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Save when due by steps or seconds; after a stop signal, save and exit cleanly."""
+        self._raise_background_error()
+        if not self.due(step):
+            return False
+        signum = self._signal
+        if step != self._last_step:
+            self.save(step, state, metrics=metrics, epoch=epoch, extras=extras)
+        if signum is not None:
+            self.close()
+            raise TrainingInterrupted(signum, step)
+        return True
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch: int | None = None,
+        extras: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo | None:
+        """Save now. Returns the committed checkpoint, or None while an async save runs."""
+        if self._closed:
+            raise RuntimeError("this CheckpointManager is closed")
+        t0 = time.perf_counter()
+        self.wait()
+        if epoch is None:
+            epoch = _epoch_of(state)
+        snap = take_snapshot(
+            state,
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            extras=extras,
+            pool=self._pool if self.async_save else None,
+        )
+        self._last_step = step
+        self._last_time = time.monotonic()
+        if not self.async_save:
+            info = self._commit(snap)
+            self.last_blocking_seconds = time.perf_counter() - t0
+            return info
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="modelver-save")
+        self._inflight = self._executor.submit(self._commit, snap)
+        self.last_blocking_seconds = time.perf_counter() - t0
+        return None
+
+    def _commit(self, snap: Snapshot) -> CheckpointInfo:
+        manifest = write_checkpoint(self.root, snap)
+        path = self.root / fmt.step_dirname(snap.step)
+        plan = plan_retention(
+            self.checkpoints(),
+            keep_last=self.keep_last,
+            keep_best=self.keep_best,
+            monitor=self.monitor,
+            mode=self.mode,
+        )
+        execute_retention(plan)
+        return CheckpointInfo(
+            path,
+            manifest.step,
+            manifest.epoch,
+            manifest.metrics,
+            manifest.created,
+            manifest.total_bytes,
+            len(manifest.tensors),
+        )
+
+    def wait(self) -> CheckpointInfo | None:
+        """Block until the in-flight async save (if any) is committed; raise its error."""
+        fut, self._inflight = self._inflight, None
+        if fut is None:
+            return None
+        try:
+            return fut.result()
+        except Exception as e:  # surfaced in the training thread, with the step
+            step = self._last_step if self._last_step is not None else -1
+            raise AsyncSaveError(step, e) from e
+
+    def _raise_background_error(self) -> None:
+        fut = self._inflight
+        if fut is not None and fut.done() and fut.exception() is not None:
+            self.wait()
+
+    def close(self) -> None:
+        """Wait for pending work and restore signal handlers; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)
+            self._old_handlers.clear()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- housekeeping ------------------------------------------------------------------------
+
+    def _clean_stale(self) -> None:
+        """Temp dirs of dead writers and trash of interrupted deletes are invisible: remove them."""
+        if not self.root.is_dir():
+            return
+        for child in self.root.iterdir():
+            m = _TMP_RE.match(child.name)
+            if not m:
+                continue
+            pid = int(m.group(1)) if m.group(1) else None
+            if pid is None or (pid != os.getpid() and not _pid_alive(pid)):
+                shutil.rmtree(child, ignore_errors=True)
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(
+                "handle_signals=True needs the manager to be built in the main thread"
+            )
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if self._signal is not None:  # second signal: behave as if we were not there
+                signal.signal(signum, self._old_handlers.get(signum, signal.SIG_DFL))
+                signal.raise_signal(signum)
+                return
+            self._signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+
+def _epoch_of(state: Mapping[str, Any]) -> int | None:
+    for obj in state.values():
+        epoch = getattr(obj, "epoch", None)
+        if isinstance(epoch, int) and hasattr(obj, "_modelver_after_restore"):
+            return epoch
+    return None

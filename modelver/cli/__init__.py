@@ -1,0 +1,1 @@
+"""The ``modelver`` command line: parse, call :mod:`modelver.api`, print."""

@@ -1,0 +1,209 @@
+"""Every error modelver raises on purpose.
+
+Each class takes structured fields and builds a message that says what happened and what to do
+next (``hint``). The CLI prints ``message`` and ``hint`` on one line each and exits with
+``exit_code``; nothing here prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+
+class ModelverError(Exception):
+    """Base class: a user-facing problem with a hint on how to fix it."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class ModelverWarning(UserWarning):
+    """Something was skipped or degraded but the operation went on (a corrupted checkpoint)."""
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+class CheckpointNotFoundError(ModelverError, FileNotFoundError):
+    def __init__(self, path: str | Path, *, reason: str = "no complete checkpoint") -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"{reason} at {self.path}",
+            hint="check the path; a directory counts only once its MANIFEST.json is written",
+        )
+
+
+class CheckpointCorruptedError(ModelverError, ValueError):
+    def __init__(self, path: str | Path, problems: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.problems = list(problems)
+        shown = "; ".join(self.problems[:5])
+        more = f" (+{len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
+        super().__init__(
+            f"checkpoint {self.path} is corrupted: {shown}{more}",
+            hint="restore an earlier checkpoint, or fetch this one again from the remote",
+        )
+
+
+class StateMismatchError(ModelverError, ValueError):
+    """The saved state does not fit the object it is restored into (architecture changed)."""
+
+    def __init__(
+        self,
+        component: str,
+        *,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Iterable[tuple[str, str, str]] = (),
+        detail: str | None = None,
+    ) -> None:
+        self.component = component
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+        parts = []
+        if self.mismatched:
+            items = ", ".join(f"{n} saved {s} now {c}" for n, s, c in self.mismatched[:6])
+            parts.append(f"shape/dtype differs for {items}")
+        if self.missing:
+            parts.append("not in checkpoint: " + ", ".join(self.missing[:6]))
+        if self.unexpected:
+            parts.append("not in current object: " + ", ".join(self.unexpected[:6]))
+        if detail:
+            parts.append(detail)
+        super().__init__(
+            f"cannot restore '{component}': " + "; ".join(parts),
+            hint="build the model/optimizer with the configuration the checkpoint was saved with, "
+            "or start a new checkpoint directory",
+        )
+
+
+class NotSerializableError(ModelverError, TypeError):
+    def __init__(self, where: str, value: object) -> None:
+        self.where = where
+        super().__init__(
+            f"cannot store {type(value).__name__} at '{where}' in a checkpoint",
+            hint="checkpoints hold tensors and JSON values (numbers, strings, lists, dicts) only",
+        )
+
+
+class CheckpointWriteError(ModelverError, OSError):
+    def __init__(self, path: str | Path, cause: BaseException) -> None:
+        self.path = Path(path)
+        self.cause = cause
+        hint = "free disk space, then run again: earlier checkpoints are untouched"
+        super().__init__(f"could not write checkpoint {self.path}: {cause}", hint=hint)
+
+
+class AsyncSaveError(ModelverError, RuntimeError):
+    def __init__(self, step: int, cause: BaseException) -> None:
+        self.step = step
+        self.cause = cause
+        super().__init__(
+            f"background save of step {step} failed: {cause}",
+            hint="the previous committed checkpoint is intact; fix the cause and save again",
+        )
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised after the final checkpoint that a SIGTERM/SIGINT asked for: a clean, non-zero exit.
+
+    Non-zero on purpose, so `dvc repro` does not record an unfinished stage as done.
+    """
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum = signum
+        self.step = step
+        super().__init__(128 + signum)
+
+
+# --- repositories, versions, storage -------------------------------------------------------
+
+
+class NotARepositoryError(ModelverError):
+    def __init__(self, path: str | Path, kind: str = "Git") -> None:
+        self.path = Path(path)
+        self.kind = kind
+        hint = "run 'git init' first" if kind == "Git" else "run 'modelver init' first"
+        super().__init__(f"{self.path} is not inside a {kind} repository", hint=hint)
+
+
+class InvalidVersionError(ModelverError, ValueError):
+    exit_code = 2
+
+    def __init__(self, text: str, *, reason: str = "") -> None:
+        self.text = text
+        why = f": {reason}" if reason else ""
+        super().__init__(
+            f"invalid version '{text}'{why}",
+            hint="use NAME@vMAJOR.MINOR.PATCH, for example model@v1.2.0",
+        )
+
+
+class UnknownRefError(ModelverError, LookupError):
+    def __init__(self, ref: str, *, hint: str | None = None) -> None:
+        self.ref = ref
+        super().__init__(
+            f"unknown reference '{ref}'",
+            hint=hint or "run 'modelver list' to see versions, or give a commit or a path",
+        )
+
+
+class ArtifactNotFoundError(ModelverError, LookupError):
+    def __init__(self, name: str, *, known: Sequence[str] = ()) -> None:
+        self.name = name
+        self.known = list(known)
+        where = ", ".join(self.known) if self.known else "none declared"
+        super().__init__(
+            f"'{name}' is not an artifact in dvc.yaml (known: {where})",
+            hint="declare it under 'artifacts:' in dvc.yaml with its path",
+        )
+
+
+class VersionExistsError(ModelverError):
+    def __init__(self, tag: str, *, reason: str = "exists already") -> None:
+        self.tag = tag
+        super().__init__(f"version {tag} {reason}", hint="pick a higher version or use --bump")
+
+
+class DirtyWorkspaceError(ModelverError):
+    def __init__(self, what: str, *, hint: str | None = None) -> None:
+        self.what = what
+        super().__init__(what, hint=hint or "commit or stash your changes first")
+
+
+class NotPinnedError(ModelverError):
+    def __init__(self, name: str, rev: str, *, reason: str) -> None:
+        self.name = name
+        self.rev = rev
+        super().__init__(
+            f"cannot tag {name} at {rev}: {reason}",
+            hint="run 'dvc repro' (or 'dvc commit') and commit dvc.lock first",
+        )
+
+
+class RemoteError(ModelverError):
+    def __init__(self, remote: str, cause: str) -> None:
+        self.remote = remote
+        super().__init__(
+            f"remote '{remote}' failed: {cause}",
+            hint="check the remote URL and credentials ('dvc remote list'), then retry",
+        )
+
+
+class DataMissingError(ModelverError, FileNotFoundError):
+    def __init__(self, what: str, *, missing: Sequence[str] = ()) -> None:
+        self.what = what
+        self.missing = list(missing)
+        super().__init__(
+            f"data for {what} is in neither the local cache nor the remote",
+            hint="push it from the machine that produced it ('modelver push')",
+        )
