@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--signals", action="store_true")
+    p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--die-at", type=int, default=-1, help="SIGKILL itself after this step")
     a = p.parse_args()
@@ -47,7 +48,8 @@ def main() -> None:
     ds = TensorDataset(x, y)
     sampler = ResumableSampler(ds, shuffle=True, seed=7)
     loader = DataLoader(ds, batch_size=16, sampler=sampler, num_workers=a.workers)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 2))
+    h = a.hidden
+    model = nn.Sequential(nn.Linear(16, h), nn.ReLU(), nn.Dropout(0.3), nn.Linear(h, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=a.total)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "data": sampler}
@@ -61,6 +63,7 @@ def main() -> None:
     start = mgr.restore(state)
     print(f"START {start}", flush=True)
     it = iter(loader)
+    metrics = {}
     for step in range(start, a.total):
         try:
             xb, yb = next(it)
@@ -73,12 +76,13 @@ def main() -> None:
         loss.backward()
         opt.step()
         sched.step()
-        mgr.maybe_save(step + 1, state, metrics={"loss": loss.item()})
+        metrics = {"loss": loss.item()}
+        mgr.maybe_save(step + 1, state, metrics=metrics)
         if step + 1 == a.die_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if a.step_sleep:
             time.sleep(a.step_sleep)
-    mgr.save(a.total, state, metrics={"loss": loss.item()})
+    mgr.save(a.total, state, metrics=metrics)
     mgr.close()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.out)
     print("DONE", flush=True)

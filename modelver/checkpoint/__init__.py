@@ -1,18 +1,40 @@
-"""Exact, atomic, verified training checkpoints (safetensors + JSON, no pickle)."""
+"""Exact, atomic, verified training checkpoints (safetensors + JSON, no pickle).
 
-from modelver.checkpoint.catalog import (
-    CheckpointInfo,
-    LoadedCheckpoint,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    restore_checkpoint,
-    verify_checkpoint,
-)
-from modelver.checkpoint.manager import CheckpointManager
-from modelver.checkpoint.retention import RetentionPlan, plan_retention
-from modelver.checkpoint.sampler import ResumableSampler
+Names load lazily so ``modelver.checkpoint.format`` (manifests only) does not import torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from modelver.checkpoint.catalog import (
+        CheckpointInfo,
+        LoadedCheckpoint,
+        latest_checkpoint,
+        list_checkpoints,
+        load_checkpoint,
+        restore_checkpoint,
+        verify_checkpoint,
+    )
+    from modelver.checkpoint.manager import CheckpointManager
+    from modelver.checkpoint.retention import RetentionPlan, plan_retention
+    from modelver.checkpoint.sampler import ResumableSampler
+
+_WHERE = {
+    "CheckpointInfo": "catalog",
+    "LoadedCheckpoint": "catalog",
+    "latest_checkpoint": "catalog",
+    "list_checkpoints": "catalog",
+    "load_checkpoint": "catalog",
+    "restore_checkpoint": "catalog",
+    "verify_checkpoint": "catalog",
+    "CheckpointManager": "manager",
+    "RetentionPlan": "retention",
+    "plan_retention": "retention",
+    "ResumableSampler": "sampler",
+}
 __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
@@ -26,3 +48,10 @@ __all__ = [
     "restore_checkpoint",
     "verify_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        module = importlib.import_module(f"modelver.checkpoint.{_WHERE[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'modelver.checkpoint' has no attribute {name!r}")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from modelver.checkpoint import format as fmt
+from modelver.checkpoint.distributed import chunk_names, load_sharded, sharded_index
 from modelver.checkpoint.io import read_state_json, read_tensors
 from modelver.checkpoint.state import (
     component_state,
@@ -148,7 +149,11 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> LoadedCheckpoin
     if problems:
         raise CheckpointCorruptedError(path, problems)
     meta = read_state_json(path, manifest)
-    tensors = read_tensors(path, manifest, verify=verify)
+    chunks = chunk_names(meta)
+    names = set(manifest.tensors) - chunks if chunks else None
+    tensors = read_tensors(path, manifest, names=names, verify=verify)
+    if chunks:  # DCP chunks of a sharded run, assembled to full tensors
+        tensors.update(load_sharded(path, manifest, meta, live={}, state=None))
     tensors.update({a: tensors[t] for a, t in meta.get("aliases", {}).items()})
     state = {c: unflatten(d["state"], tensors) for c, d in meta["components"].items()}
     return LoadedCheckpoint(path, manifest, state, meta["rng"])
@@ -183,7 +188,9 @@ def _optimizer_mismatch(
 
 def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     saved_components = meta["components"]
-    index = {**{n: (e.shape, e.dtype) for n, e in manifest.tensors.items()}}
+    chunks = chunk_names(meta)
+    index = {n: (e.shape, e.dtype) for n, e in manifest.tensors.items() if n not in chunks}
+    index.update(sharded_index(meta))
     for alias, target in meta.get("aliases", {}).items():
         index[alias] = index[target]
     for comp, obj in state.items():
@@ -234,12 +241,15 @@ def restore_checkpoint(
         if is_stateful(obj) or isinstance(obj, torch.Tensor):
             _, flat = flatten(comp, component_state(obj))
             into.update((f.name, f.tensor.detach()) for f in flat)
-    wanted = {n for n in manifest.tensors if n.split("/", 1)[0] in state}
+    chunks = chunk_names(meta)
+    wanted = {n for n in manifest.tensors if n.split("/", 1)[0] in state and n not in chunks}
     try:
         tensors = read_tensors(path, manifest, into=into, names=wanted)
     except CheckpointCorruptedError as e:
         e.partial = bool(into)  # type: ignore[attr-defined]
         raise
+    if meta.get("sharded"):
+        tensors.update(load_sharded(path, manifest, meta, live=into, state=state))
     tensors.update({a: tensors[t] for a, t in meta.get("aliases", {}).items() if t in tensors})
     for comp, obj in state.items():
         value = unflatten(meta["components"][comp]["state"], tensors)

@@ -89,9 +89,11 @@ def take_snapshot(
     epoch: int | None,
     metrics: Mapping[str, float] | None,
     extras: Mapping[str, Any] | None,
-    pool: BufferPool | None,
+    pool: BufferPool,
+    copy_cpu: bool,
 ) -> Snapshot:
-    """Capture state and RNGs now. With a pool, tensor data is copied (async saves)."""
+    """Capture state and RNGs now. GPU tensors always go through the pool's host buffers;
+    CPU tensors are copied only with ``copy_cpu`` (async saves)."""
     components: dict[str, dict[str, Any]] = {}
     tensors: list[FlatTensor] = []
     aliases: dict[str, str] = {}
@@ -111,8 +113,8 @@ def take_snapshot(
             seen[key] = ft.name
             t = ft.tensor.detach()
             cuda_used = cuda_used or t.is_cuda
-            if pool is not None or t.is_cuda:
-                t = (pool or BufferPool()).copy(ft.name, t)
+            if copy_cpu or t.is_cuda:
+                t = pool.copy(ft.name, t)
             elif not t.is_contiguous():
                 t = t.contiguous()
             tensors.append(FlatTensor(ft.name, t, ft.group, ft.frozen))
@@ -308,6 +310,7 @@ def read_tensors(
                 dest = into.get(e.name)
                 if not (
                     dest is not None
+                    and type(dest) is torch.Tensor  # not a DTensor: its bytes are elsewhere
                     and dest.device.type == "cpu"
                     and dest.dtype == dtype
                     and tuple(dest.shape) == e.shape

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from modelver.checkpoint import distributed
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.catalog import (
     CheckpointInfo,
@@ -49,6 +50,10 @@ class CheckpointManager:
 
     ``state`` maps names to objects with ``state_dict``/``load_state_dict`` (model, optimizer,
     scheduler, :class:`ResumableSampler`), tensors, or JSON values.
+
+    Inside an initialised ``torch.distributed`` process group (torchrun, DDP, FSDP2) every rank
+    builds the manager and calls ``restore``/``maybe_save``/``save`` with the same steps; the
+    ranks then write one checkpoint together (see :mod:`modelver.checkpoint.distributed`).
     """
 
     def __init__(
@@ -72,6 +77,9 @@ class CheckpointManager:
             raise ValueError("mode must be 'min' or 'max'")
         if keep_best and not monitor:
             raise ValueError("keep_best needs monitor= naming a metric")
+        self._distributed = distributed.active()
+        if self._distributed and async_save:
+            raise ValueError("async_save is not supported under torch.distributed yet")
         self.root = Path(directory)
         self.every_steps = every_steps
         self.every_seconds = every_seconds
@@ -113,6 +121,12 @@ class CheckpointManager:
 
         Corrupted checkpoints are skipped with a warning and the previous one is taken.
         """
+        if self._distributed:
+            restored = distributed.restore(self.root, state, step=step)
+            if restored:
+                self._last_step = restored
+                self._last_time = time.monotonic()
+            return restored
         candidates = list(reversed(self.checkpoints()))
         if step is not None:
             candidates = [c for c in candidates if c.step == step]
@@ -167,7 +181,13 @@ class CheckpointManager:
     ) -> bool:
         """Save when due by steps or seconds; after a stop signal, save and exit cleanly."""
         self._raise_background_error()
-        if not self.due(step):
+        due = self.due(step)
+        if self._distributed and (self._old_handlers or self.every_seconds):
+            # one small all-reduce: every rank saves at the step any rank was stopped or due at
+            agreed, due = distributed.agree(self._signal or 0, due)
+            if agreed and self._signal is None:
+                self._signal = agreed
+        if not due:
             return False
         signum = self._signal
         if step != self._last_step:
@@ -191,15 +211,28 @@ class CheckpointManager:
             raise RuntimeError("this CheckpointManager is closed")
         t0 = time.perf_counter()
         self.wait()
+        existing = self.root / fmt.step_dirname(step)
+        if step == self._last_step and (existing / fmt.MANIFEST).is_file():
+            return next((c for c in self.checkpoints() if c.step == step), None)
         if epoch is None:
             epoch = _epoch_of(state)
+        if self._distributed:
+            manifest = distributed.save(
+                self.root, state, step=step, epoch=epoch, metrics=metrics, extras=extras
+            )
+            self._last_step = step
+            self._last_time = time.monotonic()
+            info = self._after_commit(manifest, retain=distributed.rank() == 0)
+            self.last_blocking_seconds = time.perf_counter() - t0
+            return info
         snap = take_snapshot(
             state,
             step=step,
             epoch=epoch,
             metrics=metrics,
             extras=extras,
-            pool=self._pool if self.async_save else None,
+            pool=self._pool,
+            copy_cpu=self.async_save,
         )
         self._last_step = step
         self._last_time = time.monotonic()
@@ -214,16 +247,19 @@ class CheckpointManager:
         return None
 
     def _commit(self, snap: Snapshot) -> CheckpointInfo:
-        manifest = write_checkpoint(self.root, snap)
-        path = self.root / fmt.step_dirname(snap.step)
-        plan = plan_retention(
-            self.checkpoints(),
-            keep_last=self.keep_last,
-            keep_best=self.keep_best,
-            monitor=self.monitor,
-            mode=self.mode,
-        )
-        execute_retention(plan)
+        return self._after_commit(write_checkpoint(self.root, snap))
+
+    def _after_commit(self, manifest: fmt.Manifest, *, retain: bool = True) -> CheckpointInfo:
+        path = self.root / fmt.step_dirname(manifest.step)
+        if retain:
+            plan = plan_retention(
+                self.checkpoints(),
+                keep_last=self.keep_last,
+                keep_best=self.keep_best,
+                monitor=self.monitor,
+                mode=self.mode,
+            )
+            execute_retention(plan)
         return CheckpointInfo(
             path,
             manifest.step,
@@ -274,8 +310,8 @@ class CheckpointManager:
 
     def _clean_stale(self) -> None:
         """Temp dirs of dead writers and trash of interrupted deletes are invisible: remove them."""
-        if not self.root.is_dir():
-            return
+        if not self.root.is_dir() or (self._distributed and distributed.rank() != 0):
+            return  # under torch.distributed rank 0 alone cleans (temp dirs carry its pid)
         for child in self.root.iterdir():
             m = _TMP_RE.match(child.name)
             if not m:

@@ -13,10 +13,15 @@ mid-epoch resume bit-identical to a run that never stopped:
 Worker-side randomness (random augmentations in ``__getitem__`` with ``num_workers > 0``) is
 seeded from that base seed, which the resumed partial epoch cannot reproduce; keep per-sample
 randomness a function of the index and epoch if it must be exact.
+
+Under torch.distributed (or with explicit ``num_replicas``/``rank``) each rank gets every
+``num_replicas``-th index of the epoch's permutation, padded like ``DistributedSampler`` so all
+ranks take the same number of steps; the position is then per rank and checkpointed per rank.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 from collections.abc import Iterator, Sized
@@ -30,8 +35,28 @@ from torch.utils.data import Sampler
 class ResumableSampler(Sampler[int]):
     """Shuffles with ``seed + epoch``; ``state_dict`` holds the epoch and the consumed count."""
 
-    def __init__(self, data_source: Sized, *, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data_source: Sized,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if num_replicas is None or rank is None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
+                rank = dist.get_rank() if rank is None else rank
+        self.num_replicas = 1 if num_replicas is None else int(num_replicas)
+        self.rank = 0 if rank is None else int(rank)
+        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.num_replicas})")
         self.n = len(data_source)
+        # indices this rank takes per epoch (the whole dataset when not distributed)
+        self.num_samples = math.ceil(self.n / self.num_replicas)
         self.shuffle = shuffle
         self.seed = int(seed)
         self.epoch = 0
@@ -43,15 +68,28 @@ class ResumableSampler(Sampler[int]):
         self._batch_size: int | None = None
         self._rng_after_restore: torch.Tensor | None = None
 
+    @property
+    def modelver_per_rank(self) -> bool:
+        """Checkpointed in each rank's own file when the data is split across ranks."""
+        return self.num_replicas > 1
+
     def order(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``."""
         if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator()
-        g.manual_seed(self.seed + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+            indices = list(range(self.n))
+        else:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            indices = torch.randperm(self.n, generator=g).tolist()
+        if self.num_replicas == 1:
+            return indices
+        total = self.num_samples * self.num_replicas
+        while len(indices) < total:
+            indices += indices[: total - len(indices)]
+        return indices[self.rank : total : self.num_replicas]
 
     def __len__(self) -> int:
-        return self.n - (self._resume_at or 0)
+        return self.num_samples - (self._resume_at or 0)
 
     def __iter__(self) -> Iterator[int]:
         if self._resume_at is not None:
@@ -92,11 +130,11 @@ class ResumableSampler(Sampler[int]):
         """Indices of the current epoch that the training loop has received."""
         it = self._loader_iter() if self._loader_iter is not None else None
         if it is not None and self._batch_size:
-            return min(self._pass_start + it._num_yielded * self._batch_size, self.n)
+            return min(self._pass_start + it._num_yielded * self._batch_size, self.num_samples)
         return self._yielded
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "epoch": self.epoch,
             "position": self.consumed() if self._started else 0,
             "started": self._started,
@@ -104,11 +142,20 @@ class ResumableSampler(Sampler[int]):
             "shuffle": self.shuffle,
             "n": self.n,
         }
+        if self.num_replicas > 1:
+            state.update(num_replicas=self.num_replicas, rank=self.rank)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["n"]) != self.n:
             raise ValueError(
                 f"sampler was saved for a dataset of {state['n']} items, this one has {self.n}"
+            )
+        saved = (int(state.get("num_replicas", 1)), int(state.get("rank", 0)))
+        if saved != (self.num_replicas, self.rank):
+            raise ValueError(
+                f"sampler was saved as rank {saved[1]} of {saved[0]}, "
+                f"this one is rank {self.rank} of {self.num_replicas}"
             )
         self.seed = int(state["seed"])
         self.shuffle = bool(state["shuffle"])
@@ -116,7 +163,7 @@ class ResumableSampler(Sampler[int]):
         position = int(state["position"])
         started = bool(state.get("started", True))
         self._loader_iter = None
-        if started and position >= self.n:  # epoch finished: the next pass is a new epoch
+        if started and position >= self.num_samples:  # epoch finished: the next pass is a new epoch
             self._started, self._resume_at = True, None
         elif started and position > 0:
             self._started, self._resume_at = True, position

@@ -1,0 +1,183 @@
+"""Save and restore a >= 1 GiB training state (model + AdamW moments) against the baselines.
+
+    python benchmarks/save_load.py [--gib 1.1] [--runs 3] [--dir DIR]
+
+Baselines, all on the same state and all fsync'd before the clock stops:
+  raw       one file holding the same tensor bytes (the physical limit of the disk)
+  torch     torch.save({"model": sd, "optimizer": osd})
+  hf        Hugging Face Trainer layout: model.safetensors (save_file) + optimizer.pt (torch.save)
+Restores are measured hot (files in the page cache) and cold (pages dropped with
+posix_fadvise(DONTNEED) before each run). Medians over --runs, printed as ratios to raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modelver import CheckpointManager, restore_checkpoint
+
+
+def build_state(gib: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    # params p, AdamW adds 2p of moments: total bytes = 12 p
+    width = 4096
+    layers = max(1, round(gib * (1 << 30) / 12 / (width * width)))
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = model(torch.randn(2, width)).square().mean()
+    loss.backward()
+    opt.step()
+    return model, opt
+
+
+def tensors_of(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = list(model.state_dict().values())
+    for st in opt.state_dict()["state"].values():
+        out += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def drop_cache(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def raw_write(tensors: list[torch.Tensor], path: Path) -> None:
+    with open(path, "wb", buffering=0) as f:
+        for t in tensors:
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            while view.nbytes:
+                view = view[f.write(view) :]
+        os.fsync(f.fileno())
+
+
+def raw_read(path: Path, total: int) -> None:
+    buf = torch.empty(total, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    with open(path, "rb", buffering=0) as f:
+        while view.nbytes:
+            n = f.readinto(view)
+            if not n:
+                break
+            view = view[n:]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--gib", type=float, default=1.1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    model, opt = build_state(a.gib)
+    tensors = tensors_of(model, opt)
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    work = Path(tempfile.mkdtemp(prefix="mv-bench-", dir=a.dir))
+    state = {"model": model, "optimizer": opt}
+    paths = {
+        "raw": work / "raw.bin",
+        "torch": work / "torch.pt",
+        "hf": work / "hf",
+        "modelver": work / "mv",
+    }
+
+    def save_hf() -> None:
+        paths["hf"].mkdir(exist_ok=True)
+        save_file(model.state_dict(), paths["hf"] / "model.safetensors")
+        torch.save(opt.state_dict(), paths["hf"] / "optimizer.pt")
+        fsync_tree(paths["hf"])
+
+    def save_torch() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, paths["torch"])
+        fsync_tree(paths["torch"])
+
+    mgr = CheckpointManager(paths["modelver"], keep_last=1)
+    step = [0]
+
+    def save_mv() -> None:
+        step[0] += 1
+        mgr.save(step[0], state)
+
+    savers: dict[str, Callable[[], None]] = {
+        "raw": lambda: raw_write(tensors, paths["raw"]),
+        "torch": save_torch,
+        "hf": save_hf,
+        "modelver": save_mv,
+    }
+
+    def load_torch() -> None:
+        sd = torch.load(paths["torch"], weights_only=True)
+        model.load_state_dict(sd["model"])
+        opt.load_state_dict(sd["optimizer"])
+
+    def load_hf() -> None:
+        model.load_state_dict(load_file(paths["hf"] / "model.safetensors"))
+        opt.load_state_dict(torch.load(paths["hf"] / "optimizer.pt", weights_only=True))
+
+    loaders: dict[str, Callable[[], None]] = {
+        "raw": lambda: raw_read(paths["raw"], total),
+        "torch": load_torch,
+        "hf": load_hf,
+        "modelver": lambda: restore_checkpoint(paths["modelver"], state),
+    }
+    save_t: dict[str, list[float]] = {k: [] for k in savers}
+    hot_t: dict[str, list[float]] = {k: [] for k in savers}
+    cold_t: dict[str, list[float]] = {k: [] for k in savers}
+    try:
+        for _ in range(a.runs):
+            for name, fn in savers.items():  # interleaved so drift hits all alike
+                save_t[name].append(timed(fn))
+            for name, fn in loaders.items():
+                fn()  # warm the page cache and allocator
+                hot_t[name].append(timed(fn))
+            for name, fn in loaders.items():
+                target = paths[name] if name != "modelver" else paths["modelver"]
+                drop_cache(target)
+                cold_t[name].append(timed(fn))
+    finally:
+        mgr.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: {n: statistics.median(v) for n, v in d.items()}
+           for k, d in (("save", save_t), ("hot", hot_t), ("cold", cold_t))}
+    print(f"state: {total / (1 << 30):.2f} GiB ({len(tensors)} tensors), median of {a.runs} runs, "
+          f"torch {torch.__version__}, {os.cpu_count()} cores")
+    print(f"{'':10} {'save s':>8} {'x raw':>6} {'restore hot s':>14} {'x raw':>6} "
+          f"{'restore cold s':>15} {'x raw':>6}")
+    for name in savers:
+        s, h, c = med["save"][name], med["hot"][name], med["cold"][name]
+        print(f"{name:10} {s:8.2f} {s / med['save']['raw']:6.2f} {h:14.2f} "
+              f"{h / med['hot']['raw']:6.2f} {c:15.2f} {c / med['cold']['raw']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,671 @@
+"""Checkpoints under torch.distributed (DDP, FSDP2/DTensor) in the ordinary checkpoint format.
+
+One checkpoint per step, committed by rank 0 (manifest + rename) only after every rank reported
+its part, so a checkpoint is either complete for all ranks or invisible:
+
+- replicated state (a DDP model, its optimizer, the scheduler) is written once, by rank 0;
+- per-rank state (global RNGs, a rank-aware :class:`ResumableSampler`) goes to
+  ``rank-NNNNN.json``, written by every rank and listed, with its hash, in the manifest;
+- sharded tensors (DTensor / ShardedTensor, e.g. FSDP2 ``fully_shard``) go through
+  ``torch.distributed.checkpoint`` with a storage writer of ours: each rank writes its chunks as
+  one safetensors file under ``dcp-<component>/``; chunks are indexed in the manifest as
+  ``<tensor>@<offsets>`` and the global layout is kept in ``state.json``. DCP's pickled
+  ``.metadata`` is never written: the reader rebuilds DCP's metadata from that JSON, so loading
+  with any number of ranks (resharding) or in a plain process never unpickles a file.
+
+torch.distributed itself is imported lazily: single-process users never pay for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelver.checkpoint import format as fmt
+from modelver.checkpoint.io import (
+    _bytes_view,
+    _plan_shards,
+    _readinto_exact,
+    _storage_key,
+    _write_shard,
+    _write_small,
+    commit_dir,
+    read_state_json,
+)
+from modelver.checkpoint.state import (
+    FlatTensor,
+    capture_rng,
+    component_state,
+    flatten,
+    frozen_names,
+    is_stateful,
+    restore_rng,
+    safe_filename,
+    unflatten,
+)
+from modelver.errors import (
+    CheckpointCorruptedError,
+    CheckpointWriteError,
+    ModelverWarning,
+    StateMismatchError,
+)
+
+
+def active() -> bool:
+    """True inside an initialised process group: the manager then coordinates all ranks."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if active() else 0
+
+
+def rank_file(r: int) -> str:
+    return f"rank-{r:05d}.json"
+
+
+def chunk_name(fqn: str, offsets: Any) -> str:
+    return fqn + "@" + ",".join(str(int(o)) for o in offsets)
+
+
+def is_sharded(t: object) -> bool:
+    """A tensor each rank holds only part of (DCP saves and reshards it)."""
+    if not isinstance(t, torch.Tensor) or type(t) is torch.Tensor:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        return True
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return isinstance(t, ShardedTensor)
+
+
+def per_rank(obj: object) -> bool:
+    """Objects whose state differs per rank say so (a ResumableSampler with num_replicas > 1)."""
+    return bool(getattr(obj, "modelver_per_rank", False))
+
+
+# --- collectives (small Python objects between our own ranks; nothing here reads files) -----
+
+
+def _broadcast(obj: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(signum: int, due: bool) -> tuple[int, bool]:
+    """One all-reduce (MAX): a stop signal or a due save on any rank applies to every rank."""
+    import torch.distributed as dist
+
+    device = torch.device("cpu")
+    if "nccl" in str(dist.get_backend()):
+        device = torch.device("cuda", torch.cuda.current_device())
+    flags = torch.tensor([signum, int(due)], dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags[0]), bool(flags[1])
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+# --- splitting the state --------------------------------------------------------------------
+
+
+@dataclass
+class _Parts:
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)  # shared skeletons
+    per_rank: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replicated: list[FlatTensor] = field(default_factory=list)
+    sharded: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # comp -> name -> t
+
+
+def _split(state: Mapping[str, Any]) -> _Parts:
+    parts = _Parts()
+    for comp, obj in state.items():
+        if not isinstance(comp, str) or not comp:
+            raise ValueError("state keys must be non-empty strings")
+        skeleton, flat = flatten(comp, component_state(obj), frozen_names(obj))
+        entry = {"kind": "stateful" if is_stateful(obj) else "value", "state": skeleton}
+        if per_rank(obj):
+            if flat:
+                raise ValueError(f"per-rank component '{comp}' holds tensors; keep it JSON-only")
+            parts.per_rank[comp] = entry
+            continue
+        parts.components[comp] = entry
+        for ft in flat:
+            if is_sharded(ft.tensor):
+                parts.sharded.setdefault(comp, {})[ft.name] = ft.tensor
+            else:
+                parts.replicated.append(ft)
+    return parts
+
+
+def _host_tensors(flat: list[FlatTensor]) -> tuple[list[FlatTensor], dict[str, str]]:
+    """CPU, contiguous, tied tensors stored once (as :func:`io.take_snapshot` does)."""
+    seen: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    out = []
+    for ft in flat:
+        key = _storage_key(ft.tensor)
+        if key in seen and ft.tensor.numel() > 0:
+            aliases[ft.name] = seen[key]
+            continue
+        seen[key] = ft.name
+        t = ft.tensor.detach().cpu().contiguous()
+        out.append(FlatTensor(ft.name, t, ft.group, ft.frozen))
+    return out, aliases
+
+
+# --- DCP storage: safetensors chunks, JSON layout, no pickle ----------------------------------
+
+
+def _dcp_classes() -> Any:
+    from torch.distributed.checkpoint import planner, storage
+
+    return planner, storage
+
+
+def _read_chunk(path: Path, entry: fmt.TensorEntry) -> torch.Tensor:
+    dest = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
+    view = _bytes_view(dest)
+    with open(path / entry.file, "rb", buffering=0) as f:
+        f.seek(entry.offsets[0])
+        complete = _readinto_exact(f, view)
+    if not complete or fmt.hash_bytes(view) != entry.hash:
+        raise CheckpointCorruptedError(path, [f"{entry.file}: {entry.name} differs from the index"])
+    return dest
+
+
+def _narrow(t: torch.Tensor, offsets: Any, sizes: Any) -> torch.Tensor:
+    for dim, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
+        t = t.narrow(dim, int(o), int(n))
+    return t
+
+
+def _done(value: Any) -> Any:
+    """A completed ``torch.futures.Future`` (what DCP waits on)."""
+    fut: torch.futures.Future[Any] = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def _writer_class() -> type:
+    planner, storage = _dcp_classes()
+
+    class ChunkWriter(storage.StorageWriter):  # type: ignore[name-defined]
+        """Each rank writes its chunks to one safetensors file and hashes it; rank 0 indexes all."""
+
+        def __init__(self, tmp: Path, subdir: str) -> None:
+            super().__init__()
+            self.tmp, self.subdir = tmp, subdir
+            self.files: dict[str, fmt.FileEntry] = {}
+            self.tensors: dict[str, fmt.TensorEntry] = {}
+            self.layout: dict[str, dict[str, Any]] = {}
+
+        def reset(self, checkpoint_id: Any = None) -> None:
+            pass
+
+        def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kw: Any) -> None:
+            pass
+
+        def prepare_local_plan(self, plan: Any) -> Any:
+            return plan
+
+        def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+            return [
+                dataclasses.replace(p, storage_data=f"{i:05d}.safetensors")
+                for i, p in enumerate(plans)
+            ]
+
+        def write_data(self, plan: Any, planner_: Any) -> Any:
+            members = []
+            for item in plan.items:
+                if item.type == planner.WriteItemType.BYTE_IO:
+                    raise TypeError(f"{item.index.fqn}: only tensors are saved through DCP")
+                t = planner_.resolve_data(item).detach().cpu().contiguous()
+                name = chunk_name(item.index.fqn, item.index.offset)
+                members.append(FlatTensor(name, t, name, False))
+            if not members:
+                return _done([])
+            folder = self.tmp / self.subdir
+            folder.mkdir(exist_ok=True)
+            fentry, tentries = _write_shard(folder / plan.storage_data, members)
+            rel = f"{self.subdir}/{fentry.path}"
+            fentry = dataclasses.replace(fentry, path=rel)
+            index = {e.name: dataclasses.replace(e, file=rel) for e in tentries}
+            return _done(
+                [
+                    storage.WriteResult(
+                        index=item.index,
+                        size_in_bytes=index[m.name].nbytes,
+                        storage_data=(fentry, index[m.name]),
+                    )
+                    for item, m in zip(plan.items, members, strict=True)
+                ]
+            )
+
+        def finish(self, metadata: Any, results: list[list[Any]]) -> None:
+            for rank_results in results:
+                for r in rank_results:
+                    fentry, tentry = r.storage_data
+                    self.files[fentry.path] = fentry
+                    self.tensors[tentry.name] = tentry
+            for fqn, md in metadata.state_dict_metadata.items():
+                self.layout[fqn] = {
+                    "dtype": str(md.properties.dtype).removeprefix("torch."),
+                    "shape": list(md.size),
+                    "chunks": [
+                        {
+                            "name": chunk_name(fqn, c.offsets),
+                            "offsets": list(c.offsets),
+                            "sizes": list(c.sizes),
+                        }
+                        for c in md.chunks
+                    ],
+                }
+            if (self.tmp / self.subdir).is_dir():
+                fmt.fsync_dir(self.tmp / self.subdir)
+
+        @classmethod
+        def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+            return False
+
+    return ChunkWriter
+
+
+def _reader_class() -> type:
+    from torch.distributed.checkpoint import metadata as md
+
+    planner, storage = _dcp_classes()
+
+    class ChunkReader(storage.StorageReader):  # type: ignore[name-defined]
+        """DCP metadata rebuilt from our JSON layout; chunks read by byte range, hash-checked."""
+
+        def __init__(self, path: Path, manifest: fmt.Manifest, layout: Mapping[str, Any]) -> None:
+            super().__init__()
+            self.path, self.manifest, self.layout = path, manifest, layout
+            self.index: dict[Any, str] = {}
+
+        def reset(self, checkpoint_id: Any = None) -> None:
+            pass
+
+        def read_metadata(self, *args: Any, **kw: Any) -> Any:
+            sd_md: dict[str, Any] = {}
+            index: dict[Any, str] = {}
+            for fqn, spec in self.layout.items():
+                chunks = []
+                for c in spec["chunks"]:
+                    off = torch.Size(c["offsets"])
+                    chunks.append(md.ChunkStorageMetadata(off, torch.Size(c["sizes"])))
+                    index[md.MetadataIndex(fqn, off)] = c["name"]
+                props = md.TensorProperties(dtype=getattr(torch, spec["dtype"]))
+                sd_md[fqn] = md.TensorStorageMetadata(props, torch.Size(spec["shape"]), chunks)
+            return md.Metadata(state_dict_metadata=sd_md, storage_data=index)
+
+        def set_up_storage_reader(
+            self, metadata: Any, is_coordinator: bool, *args: Any, **kw: Any
+        ) -> None:
+            self.index = metadata.storage_data
+
+        def prepare_local_plan(self, plan: Any) -> Any:
+            return plan
+
+        def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+            return plans
+
+        def read_data(self, plan: Any, planner_: Any) -> Any:
+            cache: dict[str, torch.Tensor] = {}
+            for item in plan.items:
+                if item.type == planner.LoadItemType.BYTE_IO:
+                    raise TypeError(f"{item.storage_index.fqn}: not a tensor")
+                name = self.index[item.storage_index]
+                if name not in cache:
+                    cache[name] = _read_chunk(self.path, self.manifest.tensors[name])
+                src = _narrow(cache[name], item.storage_offsets, item.lengths)
+                target = planner_.resolve_tensor(item).detach()
+                target.copy_(src)
+                planner_.commit_tensor(item, target)
+            return _done(None)
+
+        @classmethod
+        def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+            return False
+
+    return ChunkReader
+
+
+def chunk_names(meta: Mapping[str, Any]) -> set[str]:
+    return {c["name"] for spec in (meta.get("sharded") or {}).values() for c in spec["chunks"]}
+
+
+def sharded_index(meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Full (unsharded) name -> (global shape, dtype) of every sharded tensor."""
+    return {
+        n: (tuple(spec["shape"]), spec["dtype"]) for n, spec in (meta.get("sharded") or {}).items()
+    }
+
+
+def _optimizer_targets(
+    comp: str, opt: torch.optim.Optimizer, layout: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """A fresh optimizer has no state yet: shard saved state like the parameter it belongs to."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    out = {}
+    prefix = comp + "/state/"
+    for name, spec in layout.items():
+        parts = name[len(prefix) :].split("/") if name.startswith(prefix) else []
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= len(params):
+            continue
+        p = params[int(parts[0])]
+        if is_sharded(p) and tuple(p.shape) == tuple(spec["shape"]):
+            out[name] = torch.empty_like(p, dtype=getattr(torch, spec["dtype"]))
+    return out
+
+
+def load_sharded(
+    path: Path,
+    manifest: fmt.Manifest,
+    meta: Mapping[str, Any],
+    *,
+    live: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any] | None,
+) -> dict[str, torch.Tensor]:
+    """Sharded tensors of the components in ``state`` (all if None).
+
+    Live sharded targets are filled in place through DCP (resharding to the current mesh, one
+    collective call on every rank); anything else gets the full tensor assembled from its chunks.
+    """
+    layout: dict[str, Any] = meta.get("sharded") or {}
+    if state is not None:
+        layout = {n: s for n, s in layout.items() if n.split("/", 1)[0] in state}
+    targets = {n: t for n, t in live.items() if n in layout and is_sharded(t)}
+    for comp, obj in (state or {}).items():
+        if isinstance(obj, torch.optim.Optimizer):
+            for n, t in _optimizer_targets(comp, obj, layout).items():
+                targets.setdefault(n, t)
+    if targets:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(
+            targets,
+            storage_reader=_reader_class()(path, manifest, layout),
+            no_dist=not active(),
+        )
+    out: dict[str, torch.Tensor] = dict(targets)
+    for name, spec in layout.items():
+        if name in out:
+            continue
+        full = torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+        for c in spec["chunks"]:
+            chunk = _read_chunk(path, manifest.tensors[c["name"]])
+            _narrow(full, c["offsets"], c["sizes"]).copy_(chunk)
+        out[name] = full
+    return out
+
+
+# --- save -------------------------------------------------------------------------------------
+
+
+def save(
+    root: Path,
+    state: Mapping[str, Any],
+    *,
+    step: int,
+    epoch: int | None,
+    metrics: Mapping[str, float] | None,
+    extras: Mapping[str, Any] | None,
+) -> fmt.Manifest:
+    """Collective: every rank calls it with the same step; rank 0 commits once all parts are in."""
+    import torch.distributed as dist
+
+    me, world = dist.get_rank(), dist.get_world_size()
+    final = root / fmt.step_dirname(step)
+    # the temp dir carries rank 0's pid, so a restarted rank 0 can tell it is stale
+    token = _broadcast(f"{os.getpid()}-{secrets.token_hex(3)}" if me == 0 else None)
+    tmp = root / f".tmp-{final.name}-{token}"
+    files: dict[str, fmt.FileEntry] = {}
+    tensors: dict[str, fmt.TensorEntry] = {}
+    aliases: dict[str, str] = {}
+    own_error: Exception | None = None
+    parts = _Parts()
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        parts = _split(state)
+        doc = {
+            "rank": me,
+            "world_size": world,
+            "step": step,
+            "rng": capture_rng(),
+            "components": parts.per_rank,
+        }
+        name = rank_file(me)
+        files[name] = _write_small(tmp / name, json.dumps(doc, sort_keys=True).encode())
+        if me == 0:
+            host, aliases = _host_tensors(parts.replicated)
+            for fname, members in _plan_shards(host):
+                fentry, tentries = _write_shard(tmp / fname, members)
+                files[fname] = fentry
+                tensors.update((e.name, e) for e in tentries)
+    except Exception as e:  # reported to every rank, so none waits for a part that never comes
+        own_error = e
+    reports = _all_gather((None if own_error is None else f"rank {me}: {own_error}", files))
+    problems = [r[0] for r in reports if r[0]]
+    if problems:
+        _abort(me, tmp)
+        if own_error is not None:
+            raise own_error
+        raise CheckpointWriteError(final, RuntimeError("; ".join(problems)))
+    layout: dict[str, Any] = {}
+    try:
+        import torch.distributed.checkpoint as dcp
+
+        for comp in sorted(parts.sharded):
+            writer = _writer_class()(tmp, "dcp-" + safe_filename(comp))
+            dcp.save(parts.sharded[comp], storage_writer=writer)
+            files.update(writer.files)
+            tensors.update(writer.tensors)
+            layout.update(writer.layout)
+    except Exception as e:  # DCP raises on every rank when any rank failed
+        _abort(me, tmp)
+        raise CheckpointWriteError(final, e) from e
+    outcome: tuple[str | None, fmt.Manifest | None] = (None, None)
+    if me == 0:
+        for _, rank_files in reports:
+            files.update(rank_files)
+        outcome = _commit(
+            tmp,
+            final,
+            files,
+            tensors,
+            aliases,
+            layout,
+            parts,
+            world,
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            extras=extras,
+        )
+    problem, manifest = _broadcast(outcome)
+    if problem is not None or manifest is None:
+        raise CheckpointWriteError(final, RuntimeError(problem))
+    return manifest
+
+
+def _abort(me: int, tmp: Path) -> None:
+    barrier()  # every rank has stopped writing into tmp
+    if me == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _commit(
+    tmp: Path,
+    final: Path,
+    files: dict[str, fmt.FileEntry],
+    tensors: dict[str, fmt.TensorEntry],
+    aliases: dict[str, str],
+    layout: dict[str, Any],
+    parts: _Parts,
+    world: int,
+    *,
+    step: int,
+    epoch: int | None,
+    metrics: Mapping[str, float] | None,
+    extras: Mapping[str, Any] | None,
+) -> tuple[str | None, fmt.Manifest | None]:
+    """Rank 0: state.json, then the manifest (the commit marker), then the rename."""
+    try:
+        doc = {
+            "format_version": fmt.FORMAT_VERSION,
+            "step": step,
+            "epoch": epoch,
+            "components": parts.components,
+            "aliases": aliases,
+            "rng": capture_rng(),
+            "extras": dict(extras or {}),
+            "sharded": layout,
+            "per_rank": sorted(parts.per_rank),
+            "world_size": world,
+        }
+        payload = json.dumps(doc, sort_keys=True).encode()
+        files[fmt.STATE_FILE] = _write_small(tmp / fmt.STATE_FILE, payload)
+        manifest = fmt.Manifest(
+            step=step,
+            epoch=epoch,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            files=files,
+            tensors=tensors,
+            aliases=aliases,
+            world_size=world,
+            extras=dict(extras or {}),
+        )
+        _write_small(tmp / fmt.MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
+        fmt.fsync_dir(tmp)
+        commit_dir(tmp, final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return str(e), None
+    return None, manifest
+
+
+# --- restore ----------------------------------------------------------------------------------
+
+
+def _choose(root: Path, step: int | None) -> str | None:
+    """Rank 0: the newest checkpoint that verifies completely (hashes of every rank's files)."""
+    from modelver.checkpoint.catalog import list_checkpoints, verify_checkpoint
+
+    for info in reversed(list_checkpoints(root)):
+        if step is not None and info.step != step:
+            continue
+        try:
+            verify_checkpoint(info.path)
+        except CheckpointCorruptedError as e:
+            warnings.warn(
+                f"skipping corrupted checkpoint {info.path}: {'; '.join(e.problems[:3])}",
+                ModelverWarning,
+                stacklevel=3,
+            )
+            continue
+        return str(info.path)
+    return None
+
+
+def restore(root: Path, state: MutableMapping[str, Any], *, step: int | None = None) -> int:
+    """Collective: rank 0 picks the checkpoint, every rank loads shared state and its own file."""
+    import torch.distributed as dist
+
+    me, world = dist.get_rank(), dist.get_world_size()
+    chosen = _broadcast(_choose(root, step) if me == 0 else None)
+    if chosen is None:
+        if step is not None:
+            raise CheckpointCorruptedError(
+                root / fmt.step_dirname(step), ["no committed checkpoint at this step"]
+            )
+        return 0
+    path = Path(chosen)
+    error: Exception | None = None
+    restored = 0
+    try:
+        restored = _restore_one(path, state, me, world)
+    except Exception as e:  # every rank learns of it, so none trains from a mixed state
+        error = e
+    problems = [p for p in _all_gather(None if error is None else f"rank {me}: {error}") if p]
+    if error is not None:
+        raise error
+    if problems:
+        raise CheckpointCorruptedError(path, problems)
+    return restored
+
+
+def _restore_one(path: Path, state: MutableMapping[str, Any], me: int, world: int) -> int:
+    from modelver.checkpoint.catalog import restore_checkpoint
+
+    manifest = fmt.read_manifest(path)
+    meta = read_state_json(path, manifest)
+    saved_per_rank = set(meta.get("per_rank", []))
+    shared = {c: o for c, o in state.items() if c not in saved_per_rank}
+    restore_checkpoint(path, shared, restore_rngs=False)
+    state.update({c: shared[c] for c in shared if not is_stateful(state[c])})
+    name = rank_file(me)
+    if manifest.world_size != world or name not in manifest.files:
+        warnings.warn(
+            f"{path} was saved by {manifest.world_size} ranks, this run has {world}: "
+            "per-rank RNG and data positions are not restored",
+            ModelverWarning,
+            stacklevel=3,
+        )
+        return manifest.step
+    data = (path / name).read_bytes()
+    if fmt.hash_bytes(data) != manifest.files[name].hash:
+        raise CheckpointCorruptedError(path, [f"{name} content hash differs"])
+    doc = json.loads(data)
+    for comp, entry in doc["components"].items():
+        if comp not in state:
+            continue
+        obj = state[comp]
+        value = unflatten(entry["state"], {})
+        if is_stateful(obj):
+            obj.load_state_dict(value)
+        else:
+            state[comp] = value
+    missing = [c for c in state if c in saved_per_rank and c not in doc["components"]]
+    if missing:
+        raise StateMismatchError(missing[0], detail=f"{name} has no such component")
+    restore_rng(doc["rng"])
+    for obj in state.values():
+        hook = getattr(obj, "_modelver_after_restore", None)
+        if callable(hook):
+            hook()
+    return manifest.step

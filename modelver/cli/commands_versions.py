@@ -1,0 +1,182 @@
+"""Registry commands: init, tag, promote, list, show, resume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.table import Table
+
+from modelver import api
+from modelver.cli.output import (
+    console,
+    echo_json,
+    format_metrics,
+    json_option,
+    progress,
+    quiet_option,
+)
+from modelver.errors import ModelverError
+
+
+@click.command("init")
+@click.option("--remote", metavar="URL", help="DVC remote URL (default: a local directory).")
+@quiet_option
+def init_cmd(remote: str | None, quiet: bool) -> None:
+    """Prepare this Git repository: DVC, a default remote, a linking cache."""
+    res = api.init(".", remote=remote)
+    if quiet:
+        return
+    out = console()
+    if res.dvc_initialized:
+        out.print("initialised DVC")
+    state = "set" if res.remote_is_new else "kept"
+    out.print(f"remote {state}: {res.remote_url}")
+    out.print(f"cache link type: {res.cache_type}")
+    out.print("next: git add .dvc && git commit -m 'modelver init'")
+
+
+@click.command("tag")
+@click.argument("ref", metavar="NAME@vX.Y.Z|NAME")
+@click.argument("rev", default="HEAD")
+@click.option("--bump", type=click.Choice(["major", "minor", "patch"]),
+              help="Next version after NAME's latest.")
+@click.option("-m", "--message", help="Tag message (metadata is appended).")
+@json_option
+@quiet_option
+def tag_cmd(
+    ref: str, rev: str, bump: str | None, message: str | None, as_json: bool, quiet: bool
+) -> None:
+    """Register a model version at REV (default HEAD) as a GTO tag."""
+    if bump and "@" in ref:
+        raise click.UsageError("give either NAME@vX.Y.Z or NAME --bump, not both")
+    res = api.tag(ref, rev=rev, bump=bump, message=message, repo_root=".")
+    if as_json:
+        echo_json({
+            "tag": res.tag, "name": res.name, "version": res.version, "commit": res.commit,
+            "step": res.step, "metrics": res.metrics, "checkpoint_hash": res.checkpoint_hash,
+            "parent": res.parent,
+        })
+    elif not quiet:
+        console().print(
+            f"created {res.tag} at {res.commit[:10]}: step {res.step}"
+            + (f", {format_metrics(res.metrics)}" if res.metrics else "")
+        )
+
+
+@click.command("promote")
+@click.argument("ref", metavar="NAME@vX.Y.Z")
+@click.argument("stage")
+@quiet_option
+def promote_cmd(ref: str, stage: str, quiet: bool) -> None:
+    """Assign a version to a stage (GTO NAME#STAGE#N tag)."""
+    res = api.promote(ref, stage, repo_root=".")
+    if quiet:
+        return
+    if res.tag is None:
+        console().print(f"{res.name}@{res.version} already is in stage '{stage}'")
+    else:
+        console().print(f"created {res.tag}: {res.name}@{res.version} is in stage '{stage}'")
+
+
+@click.command("list")
+@click.argument("name", required=False)
+@json_option
+def list_cmd(name: str | None, as_json: bool) -> None:
+    """Versions with stages, commit, date, step and metrics."""
+    rows = api.list_versions(name, repo_root=".")
+    if as_json:
+        echo_json([r.to_json() for r in rows])
+        return
+    out = console()
+    if not rows:
+        out.print("no versions yet (create one with 'modelver tag NAME@v0.1.0')")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("name", "version", "stages", "commit", "date", "step", "metrics"):
+        table.add_column(col, justify="right" if col == "step" else "left")
+    for r in rows:
+        table.add_row(
+            r.name, r.version, ",".join(r.stages), r.commit[:10], r.date[:19].replace("T", " "),
+            "" if r.step is None else str(r.step), format_metrics(r.metrics),
+        )
+    out.print(table)
+
+
+@click.command("show")
+@click.argument("ref")
+@json_option
+def show_cmd(ref: str, as_json: bool) -> None:
+    """One version: metadata, params, files, and whether its data is local / in the remote."""
+    d = api.show(ref, repo_root=".")
+    if as_json:
+        echo_json(d.to_json())
+        return
+    i = d.info
+    out = console()
+    yes_no = {True: "yes", False: "no", None: "unknown"}
+    fields: list[tuple[str, Any]] = [
+        ("version", i.tag), ("commit", i.commit), ("date", i.date),
+        ("stages", ", ".join(i.stages) or "-"), ("parent", i.parent or "-"),
+        ("step", i.step), ("checkpoint", f"{d.path}/{d.step_dir or '?'}  ({i.checkpoint_hash})"),
+        ("metrics", format_metrics(i.metrics) or "-"),
+        ("in cache", yes_no[d.in_cache]), ("in remote", yes_no[d.in_remote]),
+        ("message", i.message),
+    ]
+    for k, val in fields:
+        out.print(f"[bold]{k:>10}[/bold]  {val}")
+    if d.params:
+        out.print("[bold]    params[/bold]")
+        for file, values in d.params.items():  # dvc.lock keys params by file
+            where = "" if file == "params.yaml" else f"  ({file})"
+            for line in _flatten(values):
+                out.print(f"            {line}{where}")
+    if d.files:
+        table = Table(box=None, pad_edge=False, title=None)
+        table.add_column("file")
+        table.add_column("size", justify="right")
+        table.add_column("md5")
+        for f in d.files:
+            table.add_row(f.path, "" if f.size is None else str(f.size), f.md5)
+        out.print(table)
+
+
+def _flatten(d: Any, prefix: str = "") -> list[str]:
+    if isinstance(d, dict) and d:
+        lines = []
+        for k, val in d.items():
+            lines += _flatten(val, f"{prefix}.{k}" if prefix else str(k))
+        return lines
+    return [f"{prefix} = {d}"]
+
+
+@click.command("resume")
+@click.argument("ref")
+@click.option("-S", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a param in params.yaml (dotted key); repeatable.")
+@click.option("--worktree", type=click.Path(file_okay=False),
+              help="Resume in a new Git worktree at DIR instead of this one.")
+@click.option("--no-repro", is_flag=True, help="Prepare the branch but do not run 'dvc repro'.")
+@quiet_option
+def resume_cmd(
+    ref: str, overrides: tuple[str, ...], worktree: str | None, no_repro: bool, quiet: bool
+) -> None:
+    """Continue training from a version: new branch, its checkpoint, param overrides, dvc repro."""
+    try:
+        values = dict(api.parse_override(o) for o in overrides)
+    except ModelverError as e:
+        raise click.BadParameter(e.message, param_hint="'-S'") from e
+    with progress("restoring checkpoint", quiet=quiet) as cb:
+        res = api.resume(
+            ref, overrides=values, worktree=worktree, repro=not no_repro, quiet=quiet,
+            repo_root=".", progress=cb,
+        )
+    if not quiet:
+        where = f" in {res.workdir}" if worktree else ""
+        console().print(
+            f"branch {res.branch}{where}: restored step {res.step}"
+            + (" and ran dvc repro" if res.reproduced else "; run 'dvc repro' to continue")
+        )
+
+
+COMMANDS = [init_cmd, tag_cmd, promote_cmd, list_cmd, show_cmd, resume_cmd]

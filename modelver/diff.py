@@ -1,0 +1,542 @@
+"""Compare two checkpoints (params, metrics, tensors) without loading either into memory.
+
+A tensor whose content hash, dtype and shape are equal on both sides is ``unchanged``: equal
+hashes in the manifests prove it, so its bytes are never read. A changed tensor is streamed in
+chunks straight from its byte range in the safetensors file, so memory stays at a few chunk
+buffers whatever the checkpoint size, and a few threads share the work.
+
+Precision: tensors up to ``EXACT_ELEMENTS`` elements and float64/int32/int64 tensors are widened
+to float64 before any arithmetic. Larger float32/bf16/f16 tensors are computed in float32: a-b is
+exact for values within a factor of 2 of each other, and dot products over chunks of
+``CHUNK_ELEMENTS`` are added up in float64, about 1e-7 relative error on the norms or better, at
+about half the cost of widening every element. The cosine is derived from |a-b| and the two
+norms in a form where their rounding is scaled down by the relative change, so 1 - cos stays
+accurate for tiny changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelver.checkpoint import format as fmt
+from modelver.errors import CheckpointCorruptedError
+
+if TYPE_CHECKING:
+    import torch
+
+ADDED, REMOVED, CHANGED, UNCHANGED = "added", "removed", "changed", "unchanged"
+STATUSES = (ADDED, REMOVED, CHANGED, UNCHANGED)
+CHUNK_ELEMENTS = 1 << 15  # elements per vector op (and progress update): stays in cache
+JOB_ELEMENTS = 1 << 22  # a large tensor is split into ranges this long, shared by the workers
+EXACT_ELEMENTS = 1 << 20  # tensors up to this size are widened to float64 before any product
+# Dtypes whose values float32 cannot hold exactly are always computed in float64.
+_WIDE = frozenset({"float64", "int32", "int64", "uint32", "uint64"})
+WORKERS = max(1, min(4, (os.cpu_count() or 1) // 2))  # threads; half the cores, at most 4
+
+Progress = Callable[[int, int], None]  # (bytes read so far, bytes to read in all)
+
+
+@dataclass(frozen=True)
+class DiffSide:
+    """One side of a diff: a checkpoint step directory and what is known about its version.
+
+    ``manifest`` alone (no ``path``) is enough for a ``--stat`` diff, so a version whose data
+    is only in a remote can be compared without fetching its tensors.
+    """
+
+    path: Path | None
+    label: str
+    params: Mapping[str, Any] | None = None  # params.yaml content; None when not known
+    manifest: fmt.Manifest | None = None  # already parsed; read from ``path`` when None
+
+    def read_manifest(self) -> fmt.Manifest:
+        if self.manifest is not None:
+            return self.manifest
+        if self.path is None:
+            raise ValueError(f"{self.label}: a DiffSide needs a path or a manifest")
+        return fmt.read_manifest(self.path)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    label: str
+    path: Path | None  # None: compared from the manifest alone (not materialised)
+    step: int
+
+    def to_json(self) -> dict[str, Any]:
+        path = None if self.path is None else str(self.path)
+        return {"ref": self.label, "path": path, "step": self.step}
+
+
+@dataclass(frozen=True)
+class ParamChange:
+    key: str  # dotted path into params.yaml, e.g. "train.lr"
+    status: str  # added / removed / changed
+    a: Any = None
+    b: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "a": self.a, "b": self.b}
+
+
+@dataclass(frozen=True)
+class MetricDiff:
+    name: str
+    a: float | None
+    b: float | None
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.a is None or self.b is None else self.b - self.a
+
+    @property
+    def rel_delta(self) -> float | None:
+        d = self.delta
+        return None if d is None or not self.a else d / abs(self.a)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": _finite(self.a),
+            "b": _finite(self.b),
+            "delta": _finite(self.delta),
+            "rel_delta": _finite(self.rel_delta),
+        }
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """How far B is from A; ``None`` where a ratio is undefined (an all-zero side)."""
+
+    l2: float  # ||a - b||
+    rel_change: float | None  # ||a - b|| / ||a||
+    cosine: float | None
+    max_abs: float  # max |a - b|
+    norm_a: float
+    norm_b: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: _finite(getattr(self, k)) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    name: str
+    status: str
+    a: fmt.TensorEntry | None
+    b: fmt.TensorEntry | None
+    stats: TensorStats | None = None  # changed tensors with equal shapes, full diff only
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this tensor accounts for: B's size, or A's when removed."""
+        entry = self.b or self.a
+        return entry.nbytes if entry else 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "status": self.status}
+        for side, e in (("a", self.a), ("b", self.b)):
+            out[f"dtype_{side}"] = e.dtype if e else None
+            out[f"shape_{side}"] = list(e.shape) if e else None
+            out[f"bytes_{side}"] = e.nbytes if e else None
+        if self.stats is not None:
+            out.update(self.stats.to_json())
+        return out
+
+
+@dataclass(frozen=True)
+class DiffSummary:
+    counts: Mapping[str, int]  # status -> number of tensors
+    nbytes: Mapping[str, int]  # status -> tensor bytes
+    bytes_read: int  # tensor bytes actually read (0 for --stat)
+    params_changed: int | None
+    metrics_changed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.counts,
+            "bytes": dict(self.nbytes),
+            "bytes_read": self.bytes_read,
+            "params_changed": self.params_changed,
+            "metrics_changed": self.metrics_changed,
+        }
+
+
+@dataclass(frozen=True)
+class CheckpointDiff:
+    a: Endpoint
+    b: Endpoint
+    stat_only: bool
+    params: tuple[ParamChange, ...] | None  # None when either side's params are unknown
+    metrics: tuple[MetricDiff, ...]
+    tensors: tuple[TensorDiff, ...]  # sorted by name
+    summary: DiffSummary
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": self.a.to_json(),
+            "b": self.b.to_json(),
+            "stat": self.stat_only,
+            "params": None if self.params is None else {p.key: p.to_json() for p in self.params},
+            "metrics": {m.name: m.to_json() for m in self.metrics},
+            "tensors": [t.to_json() for t in self.tensors],
+            "summary": self.summary.to_json(),
+        }
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON has no NaN/Infinity: report those as null."""
+    return x if x is None or math.isfinite(x) else None
+
+
+# --- params and metrics ---------------------------------------------------------------------
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params.yaml content as ``{"train.lr": 0.1, ...}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def diff_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[ParamChange, ...]:
+    fa, fb = flatten_params(a), flatten_params(b)
+    changes = []
+    for key in sorted(fa.keys() | fb.keys()):
+        if key not in fb:
+            changes.append(ParamChange(key, REMOVED, a=fa[key]))
+        elif key not in fa:
+            changes.append(ParamChange(key, ADDED, b=fb[key]))
+        elif fa[key] != fb[key] or type(fa[key]) is not type(fb[key]):
+            changes.append(ParamChange(key, CHANGED, a=fa[key], b=fb[key]))
+    return tuple(changes)
+
+
+def diff_metrics(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[MetricDiff, ...]:
+    return tuple(MetricDiff(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()))
+
+
+# --- tensors --------------------------------------------------------------------------------
+
+
+def _entries(manifest: fmt.Manifest) -> dict[str, fmt.TensorEntry]:
+    """Stored tensors plus tied names (aliases), which share their target's bytes."""
+    entries = dict(manifest.tensors)
+    for alias, target in manifest.aliases.items():
+        if target in manifest.tensors:
+            entries[alias] = replace(manifest.tensors[target], name=alias)
+    return entries
+
+
+def match_tensors(a: fmt.Manifest, b: fmt.Manifest) -> list[TensorDiff]:
+    """Classify every tensor from the manifests alone (no data read)."""
+    ea, eb = _entries(a), _entries(b)
+    out = []
+    for name in sorted(ea.keys() | eb.keys()):
+        ta, tb = ea.get(name), eb.get(name)
+        if ta is None:
+            status = ADDED
+        elif tb is None:
+            status = REMOVED
+        elif (ta.hash, ta.dtype, ta.shape) == (tb.hash, tb.dtype, tb.shape):
+            status = UNCHANGED
+        else:
+            status = CHANGED
+        out.append(TensorDiff(name, status, ta, tb))
+    return out
+
+
+class _Files:
+    """One checkpoint's files, opened once and shared by the workers, mapped range by range.
+
+    A mapping lives as long as the tensors made from it (``torch.frombuffer`` holds it), so
+    at most one job's range per worker is mapped at a time: memory stays bounded, and no byte
+    is copied before the arithmetic reads it.
+    """
+
+    def __init__(self, root: Path, stack: contextlib.ExitStack) -> None:
+        self.root = root
+        self.stack = stack
+        self.files: dict[str, io.BufferedReader] = {}
+        self.lock = threading.Lock()
+
+    def map(self, entry: fmt.TensorEntry, start: int, stop: int, dtype: str) -> torch.Tensor:
+        """Elements ``[start, stop)`` of a stored tensor, read as ``dtype``."""
+        import torch
+
+        with self.lock:
+            f = self.files.get(entry.file)
+            if f is None:
+                raw = open(self.root / entry.file, "rb")  # noqa: SIM115 - the stack closes it
+                f = self.files[entry.file] = self.stack.enter_context(raw)
+        size = fmt.DTYPES[dtype][1]
+        lo, hi = entry.offsets[0] + start * size, entry.offsets[0] + stop * size
+        base = lo - lo % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(f.fileno(), hi - base, access=mmap.ACCESS_COPY, offset=base)
+        except (ValueError, OSError) as e:  # a range past the end of the file
+            problem = f"cannot read tensor {entry.name} from {entry.file}: {e}"
+            raise CheckpointCorruptedError(self.root, [problem]) from e
+        return torch.frombuffer(
+            mapped, dtype=getattr(torch, dtype), offset=lo - base, count=stop - start
+        )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Elements ``[start, stop)`` of one changed tensor pair: the unit a worker thread reads."""
+
+    key: tuple[Any, ...]
+    a: fmt.TensorEntry
+    b: fmt.TensorEntry
+    read_a: str  # torch dtype each side is read as (complex64: float32 pairs)
+    read_b: str
+    work: str  # float32, or float64 for wide dtypes and small tensors
+    start: int
+    stop: int
+
+
+def _read_as(root: Path, entry: fmt.TensorEntry) -> tuple[str, int]:
+    """(torch dtype to read the bytes as, how many of those make one element)."""
+    if entry.dtype not in fmt.DTYPES:
+        problem = f"tensor {entry.name} has unknown dtype {entry.dtype}"
+        raise CheckpointCorruptedError(root, [problem])
+    read_as, per = ("float32", 2) if entry.dtype == "complex64" else (entry.dtype, 1)
+    if math.prod(entry.shape) * per * fmt.DTYPES[read_as][1] != entry.nbytes:
+        problem = f"tensor {entry.name}: byte range does not match its shape and dtype"
+        raise CheckpointCorruptedError(root, [problem])
+    return read_as, per
+
+
+def _jobs(
+    a: Path, b: Path, key: tuple[Any, ...], ea: fmt.TensorEntry, eb: fmt.TensorEntry
+) -> list[_Job]:
+    read_a, per = _read_as(a, ea)
+    read_b, _ = _read_as(b, eb)
+    total = math.prod(ea.shape) * per
+    exact = total <= EXACT_ELEMENTS or ea.dtype in _WIDE or eb.dtype in _WIDE
+    work = "float64" if exact else "float32"
+    starts = range(0, total, JOB_ELEMENTS)
+    return [
+        _Job(key, ea, eb, read_a, read_b, work, i, min(i + JOB_ELEMENTS, total)) for i in starts
+    ]
+
+
+def _run_job(
+    job: _Job, fa: _Files, fb: _Files, *, chunk_elements: int, on_read: Callable[[int], None]
+) -> tuple[float, float, float, float]:
+    """(sum (a-b)², sum a², sum b², max |a-b|) over the job's elements, chunk by chunk.
+
+    Each chunk's sums land in one row of a small table (no Python floats per chunk); the
+    rows are added in float64 at the end.
+    """
+    import torch
+
+    work = getattr(torch, job.work)
+    src_a = fa.map(job.a, job.start, job.stop, job.read_a)
+    src_b = fb.map(job.b, job.start, job.stop, job.read_b)
+    n = job.stop - job.start
+    chunk = max(1, min(chunk_elements, n))
+    diff = torch.empty(chunk, dtype=work)
+    wide_a = None if src_a.dtype == work else torch.empty(chunk, dtype=work)
+    wide_b = None if src_b.dtype == work else torch.empty(chunk, dtype=work)
+    table = torch.zeros(-(-n // chunk), 5, dtype=work)  # sum a², b², (a-b)²; min, max of a-b
+    rows = [row.unbind(0) for row in table.unbind(0)]
+    nbytes = src_a.element_size() + src_b.element_size()
+    for j, i in enumerate(range(0, n, chunk)):
+        m = min(chunk, n - i)
+        x, y = src_a[i : i + m], src_b[i : i + m]
+        if wide_a is not None:
+            x = wide_a[:m].copy_(x)  # widened on the copy, no temporary
+        if wide_b is not None:
+            y = wide_b[:m].copy_(y)
+        d = torch.sub(x, y, out=diff[:m])
+        row = rows[j]
+        torch.dot(x, x, out=row[0])
+        torch.dot(y, y, out=row[1])
+        torch.dot(d, d, out=row[2])
+        torch.aminmax(d, out=(row[3], row[4]))
+        on_read(m * nbytes)
+    saa, sbb, sdd = (math.fsum(col) for col in table[:, :3].double().T.tolist())
+    return sdd, saa, sbb, _max_nan(float(table[:, 4].max()), -float(table[:, 3].min()))
+
+
+def _max_nan(*values: float) -> float:
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
+def _finish(parts: list[tuple[float, float, float, float]]) -> TensorStats:
+    sdd, saa, sbb = (math.fsum(p[i] for p in parts) for i in range(3))
+    max_abs = _max_nan(0.0, *(p[3] for p in parts))
+    l2, na, nb = math.sqrt(sdd), math.sqrt(saa), math.sqrt(sbb)
+    rel = l2 / na if na > 0 else (0.0 if l2 == 0 else None)
+    cosine = None
+    if na > 0 and nb > 0:
+        # 2a·b = |a|² + |b|² - |a-b|², written so the norms' rounding enters only through
+        # (|a| - |b|)², which is at most |a-b|²: 1 - cos stays accurate for tiny changes
+        cosine = max(-1.0, min(1.0, 1.0 - (sdd - (na - nb) ** 2) / (2 * na * nb)))
+    return TensorStats(l2, rel, cosine, max_abs, na, nb)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Chunk-sized ops gain nothing from intra-op threads and stall when cores are busy;
+    the workers here run in parallel instead."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _needs_stats(t: TensorDiff) -> bool:
+    return t.status == CHANGED and t.a is not None and t.b is not None and t.a.shape == t.b.shape
+
+
+def _stat_key(t: TensorDiff) -> tuple[Any, ...]:
+    assert t.a is not None and t.b is not None
+    return (t.a.hash, t.a.dtype, t.b.hash, t.b.dtype, t.a.shape)
+
+
+def _compute_stats(
+    a: Path,
+    b: Path,
+    tensors: list[TensorDiff],
+    *,
+    chunk_elements: int,
+    workers: int,
+    progress: Progress | None,
+) -> tuple[list[TensorDiff], int]:
+    """Fill in stats for changed same-shape tensors; each distinct pair is read once."""
+    todo: dict[tuple[Any, ...], tuple[fmt.TensorEntry, fmt.TensorEntry]] = {}
+    for t in tensors:
+        if _needs_stats(t):
+            assert t.a is not None and t.b is not None
+            todo.setdefault(_stat_key(t), (t.a, t.b))
+    # A's file order, so each worker reads forward through the files
+    order = sorted(todo.items(), key=lambda kv: (kv[1][0].file, kv[1][0].offsets))
+    jobs = [job for key, (ea, eb) in order for job in _jobs(a, b, key, ea, eb)]
+    total = sum(ea.nbytes + eb.nbytes for ea, eb in todo.values())
+    lock = threading.Lock()
+    done = 0
+
+    def on_read(n: int) -> None:
+        nonlocal done
+        with lock:
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+    if progress is not None:
+        progress(0, total)
+    parts: dict[tuple[Any, ...], list[tuple[float, float, float, float]]] = {k: [] for k in todo}
+    pending = iter(jobs)
+
+    stop = threading.Event()  # set on the first error (or Ctrl-C): the other workers quit
+
+    def worker() -> None:
+        while not stop.is_set():
+            with lock:
+                job = next(pending, None)
+            if job is None:
+                return
+            try:
+                part = _run_job(job, fa, fb, chunk_elements=chunk_elements, on_read=on_read)
+            except BaseException:
+                stop.set()
+                raise
+            with lock:
+                parts[job.key].append(part)
+
+    n_workers = max(1, min(workers, len(jobs)))
+    with contextlib.ExitStack() as stack, _one_torch_thread():
+        fa, fb = _Files(a, stack), _Files(b, stack)
+        if n_workers == 1:
+            worker()
+        else:
+            with ThreadPoolExecutor(n_workers, thread_name_prefix="modelver-diff") as pool:
+                futures = [pool.submit(worker) for _ in range(n_workers)]
+                try:
+                    for future in futures:
+                        future.result()
+                finally:
+                    stop.set()
+    stats = {key: _finish(p) for key, p in parts.items()}
+    filled = [replace(t, stats=stats[_stat_key(t)]) if _needs_stats(t) else t for t in tensors]
+    return filled, done
+
+
+def _check_structure(path: Path, manifest: fmt.Manifest) -> None:
+    problems = fmt.check_sizes(path, manifest)
+    if problems:
+        raise CheckpointCorruptedError(path, problems)
+
+
+def diff_checkpoints(
+    a: DiffSide,
+    b: DiffSide,
+    *,
+    stat: bool = False,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    workers: int = WORKERS,
+    progress: Progress | None = None,
+) -> CheckpointDiff:
+    """Compare checkpoint B against A; with ``stat`` only the manifests are read."""
+    ma, mb = a.read_manifest(), b.read_manifest()
+    tensors = match_tensors(ma, mb)
+    bytes_read = 0
+    if not stat:
+        if a.path is None or b.path is None:
+            raise ValueError("a full diff needs both checkpoint directories")
+        _check_structure(a.path, ma)
+        _check_structure(b.path, mb)
+        tensors, bytes_read = _compute_stats(
+            a.path,
+            b.path,
+            tensors,
+            chunk_elements=chunk_elements,
+            workers=workers,
+            progress=progress,
+        )
+    params = None
+    if a.params is not None and b.params is not None:
+        params = diff_params(a.params, b.params)
+    metrics = diff_metrics(ma.metrics, mb.metrics)
+    counts = {s: 0 for s in STATUSES}
+    nbytes = {s: 0 for s in STATUSES}
+    for t in tensors:
+        counts[t.status] += 1
+        nbytes[t.status] += t.nbytes
+    summary = DiffSummary(
+        counts=counts,
+        nbytes=nbytes,
+        bytes_read=bytes_read,
+        params_changed=None if params is None else len(params),
+        metrics_changed=sum(1 for m in metrics if m.a != m.b),
+    )
+    return CheckpointDiff(
+        a=Endpoint(a.label, a.path, ma.step),
+        b=Endpoint(b.label, b.path, mb.step),
+        stat_only=stat,
+        params=params,
+        metrics=metrics,
+        tensors=tuple(tensors),
+        summary=summary,
+    )

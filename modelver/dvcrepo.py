@@ -1,0 +1,376 @@
+"""DVC access for modelver: the only module that imports ``dvc``.
+
+modelver addresses a version's data by the ``md5: ….dir`` that ``dvc.lock`` pins for the
+artifact's output, and moves objects between the local cache and the remote with DVC's own
+object databases, so one step directory can be fetched without pulling a whole output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dvc.exceptions import DvcException, NotDvcRepoError
+from dvc.repo import Repo
+from dvc_data.hashfile.checkout import CheckoutError
+from dvc_data.hashfile.checkout import checkout as _checkout
+from dvc_data.hashfile.hash_info import HashInfo
+from dvc_data.hashfile.transfer import transfer
+from dvc_data.hashfile.tree import Tree
+from fsspec.callbacks import Callback
+
+from modelver.errors import (
+    DataMissingError,
+    ModelverError,
+    NotARepositoryError,
+    RemoteError,
+)
+
+Progress = Callable[[int, int], None]  # (done, total) in files
+# Checkpoints are write-once directories, so linking them from the cache is safe; never copy
+# where the file system can link.
+CACHE_TYPES = "reflink,hardlink,copy"
+DEFAULT_REMOTE = "modelver"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    path: str
+    type: str | None
+
+
+@dataclass(frozen=True)
+class LockedOut:
+    """The ``dvc.lock`` record of a stage output: what a commit pins."""
+
+    stage: str
+    path: str
+    md5: str  # "<hex>.dir" for a directory
+    size: int | None
+    nfiles: int | None
+    params: dict[str, Any]  # params file -> the params the stage ran with
+
+
+@dataclass(frozen=True)
+class TreeFile:
+    relpath: str  # "step-00000030/model.safetensors"
+    md5: str
+    size: int | None
+
+
+# --- dvc.yaml / dvc.lock (plain YAML; no repository needed) --------------------------------
+
+
+def parse_artifacts(dvc_yaml: str | None) -> dict[str, Artifact]:
+    """The ``artifacts:`` section of a ``dvc.yaml`` text."""
+    data = _load_yaml(dvc_yaml)
+    section = data.get("artifacts") or {}
+    if not isinstance(section, dict):
+        return {}
+    found = {}
+    for name, spec in section.items():
+        if isinstance(spec, dict) and spec.get("path"):
+            path = os.path.normpath(str(spec["path"])).replace(os.sep, "/")
+            found[str(name)] = Artifact(str(name), path, spec.get("type"))
+    return found
+
+
+def find_locked_out(dvc_lock: str | None, path: str) -> LockedOut | None:
+    """The locked output at ``path`` (normalised), or None when no stage pins it."""
+    data = _load_yaml(dvc_lock)
+    want = os.path.normpath(path)
+    for stage, info in (data.get("stages") or {}).items():
+        if not isinstance(info, dict):
+            continue
+        for out in info.get("outs") or []:
+            if os.path.normpath(str(out.get("path", ""))) == want and out.get("md5"):
+                return LockedOut(
+                    stage=str(stage),
+                    path=path,
+                    md5=str(out["md5"]),
+                    size=out.get("size"),
+                    nfiles=out.get("nfiles"),
+                    params=dict(info.get("params") or {}),
+                )
+    return None
+
+
+def _load_yaml(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# --- the repository ------------------------------------------------------------------------
+
+
+class _Cb(Callback):
+    def __init__(self, progress: Progress | None) -> None:
+        super().__init__()
+        self._progress = progress
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        if self._progress is not None:
+            self._progress(int(self.value), int(self.size or 0))
+
+
+@contextmanager
+def _quiet_dvc() -> Iterator[None]:
+    """DVC logs warnings itself; modelver reports through its own errors instead."""
+    log = logging.getLogger("dvc")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def init_dvc(root: Path) -> bool:
+    """``dvc init`` unless ``root`` already is a DVC repository; True when it initialised."""
+    if (root / ".dvc").is_dir():
+        return False
+    with _quiet_dvc():
+        Repo.init(os.fspath(root)).close()
+    return True
+
+
+class DvcRepo:
+    """A DVC repository opened at a Git working tree root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            with _quiet_dvc():
+                self._repo = Repo(os.fspath(root), uninitialized=False)
+        except NotDvcRepoError as e:
+            raise NotARepositoryError(root, "DVC") from e
+
+    def close(self) -> None:
+        self._repo.close()
+
+    # --- configuration -------------------------------------------------------------------
+
+    def default_remote(self) -> tuple[str, str] | None:
+        """(name, url) of the default remote, if one is configured."""
+        conf = self._repo.config
+        name = conf["core"].get("remote")
+        if not name or name not in conf["remote"]:
+            return None
+        return name, str(conf["remote"][name]["url"])
+
+    def configure(self, *, remote_url: str | None, local: bool = False) -> None:
+        """Set the cache link type (in ``.dvc/config``) and, when given, the default remote:
+        in ``.dvc/config.local`` with ``local`` (a machine-specific path), else ``.dvc/config``."""
+        with self._repo.config.edit("repo") as conf:
+            conf["cache"]["type"] = CACHE_TYPES
+        if remote_url is None:
+            return
+        if not local:  # a local default from an earlier init would shadow the shared one
+            with self._repo.config.edit("local") as conf:
+                conf["remote"].pop(DEFAULT_REMOTE, None)
+                if conf["core"].get("remote") == DEFAULT_REMOTE:
+                    del conf["core"]["remote"]
+        with self._repo.config.edit("local" if local else "repo") as conf:
+            conf["remote"][DEFAULT_REMOTE] = {"url": remote_url}
+            conf["core"]["remote"] = DEFAULT_REMOTE
+
+    def share_config_with(self, worktree: Path) -> None:
+        """Let a linked Git worktree use this repository's cache and local remote config."""
+        src = self.root / ".dvc" / "config.local"
+        dst = worktree / ".dvc" / "config.local"
+        if src.is_file():
+            dst.write_text(src.read_text())
+        cache_dir = self._repo.cache.local_cache_dir
+        other = Repo(os.fspath(worktree), uninitialized=False)
+        try:
+            with other.config.edit("local") as conf:
+                conf["cache"]["dir"] = cache_dir
+        finally:
+            other.close()
+
+    # --- workspace state -----------------------------------------------------------------
+
+    def output_status(self, path: str) -> str | None:
+        """None when the workspace output matches ``dvc.lock``; else DVC's word for it."""
+        try:
+            with _quiet_dvc():
+                status = self._repo.status(targets=[os.fspath(self.root / path)])
+        except DvcException as e:
+            raise ModelverError(f"dvc status failed: {e}") from e
+        for entries in status.values():  # {stage: [{"changed outs": {path: "modified"}}]}
+            for entry in entries:
+                outs = entry.get("changed outs") if isinstance(entry, dict) else None
+                if isinstance(outs, dict) and outs:
+                    return str(next(iter(outs.values())))
+        return None
+
+    def workspace_saved(self, path: str) -> bool:
+        """Whether every file now at ``path`` is in the cache (replacing it loses nothing)."""
+        target = self.root / path
+        if not target.exists():
+            return True
+        from dvc_data.hashfile.build import build
+
+        cache = self._repo.cache.local
+        with _quiet_dvc():
+            _, _, obj = build(cache, os.fspath(target), cache.fs, "md5", ignore=None)
+        if isinstance(obj, Tree):
+            return all(cache.exists(hi.value) for _, _, hi in obj)
+        return cache.exists(obj.hash_info.value)
+
+    # --- objects -------------------------------------------------------------------------
+
+    def tree(self, md5_dir: str, *, remote: str | None = None) -> list[TreeFile]:
+        """Files of a directory object, fetching just its listing from the remote if needed."""
+        cache = self._repo.cache.local
+        if not cache.exists(md5_dir):
+            self.fetch([md5_dir], remote=remote)
+        tree = Tree.load(cache, HashInfo("md5", md5_dir))
+        return [
+            TreeFile("/".join(key), hi.value, getattr(meta, "size", None))
+            for key, meta, hi in tree
+        ]
+
+    def object_path(self, md5: str) -> Path:
+        return Path(self._repo.cache.local.oid_to_path(md5))
+
+    def missing_in_cache(self, md5s: Iterable[str]) -> list[str]:
+        cache = self._repo.cache.local
+        return [m for m in md5s if not cache.exists(m)]
+
+    def missing_in_remote(self, md5s: Iterable[str], *, remote: str | None = None) -> list[str]:
+        odb = self._remote_odb(remote, "status")
+        wanted = list(md5s)
+        try:
+            return [m for m in wanted if not odb.exists(m)]
+        except Exception as e:
+            raise RemoteError(self._remote_name(remote), _short(e)) from e
+
+    def fetch(
+        self, md5s: Iterable[str], *, remote: str | None = None, progress: Progress | None = None
+    ) -> None:
+        """Copy objects from the remote into the local cache; DataMissingError if absent."""
+        wanted = self.missing_in_cache(md5s)
+        if not wanted:
+            return
+        odb = self._remote_odb(remote, "fetch")
+        cache = self._repo.cache.local
+        try:
+            with _quiet_dvc():
+                result = transfer(
+                    odb, cache, [HashInfo("md5", m) for m in wanted],
+                    callback=_Cb(progress), verify=odb.verify, shallow=True,
+                )
+        except Exception as e:
+            raise RemoteError(self._remote_name(remote), _short(e)) from e
+        still = self.missing_in_cache(wanted)
+        if result.failed or still:
+            raise DataMissingError(
+                f"{len(still) or len(result.failed)} object(s)", missing=still
+            )
+
+    def push(
+        self, md5s: Iterable[str], *, remote: str | None = None, progress: Progress | None = None
+    ) -> int:
+        """Copy objects from the local cache to the remote; returns how many were sent."""
+        wanted = list(dict.fromkeys(md5s))
+        absent = self.missing_in_cache(wanted)
+        if absent:
+            raise DataMissingError(f"{len(absent)} object(s)", missing=absent)
+        odb = self._remote_odb(remote, "push")
+        cache = self._repo.cache.local
+        try:
+            with _quiet_dvc():
+                result = transfer(
+                    cache, odb, [HashInfo("md5", m) for m in wanted],
+                    callback=_Cb(progress), shallow=True,
+                )
+        except Exception as e:
+            raise RemoteError(self._remote_name(remote), _short(e)) from e
+        if result.failed:
+            raise RemoteError(self._remote_name(remote), f"{len(result.failed)} upload(s) failed")
+        return len(result.transferred)
+
+    def materialize(
+        self,
+        md5_dir: str,
+        dest: Path,
+        *,
+        prefix: str | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Write a directory object (or its ``prefix`` subdirectory) to ``dest`` from the cache.
+
+        Uses the cache's link type, so nothing is copied where the file system can link;
+        ``dest`` ends up holding exactly the object's files.
+        """
+        cache = self._repo.cache.local
+        tree = Tree.load(cache, HashInfo("md5", md5_dir))
+        obj = tree.get_obj(cache, (prefix,)) if prefix else tree
+        if obj is None:
+            raise DataMissingError(f"{prefix} in {md5_dir}")
+        for attempt in (1, 2):
+            cb = _Cb(progress)
+            cb.set_size(len(obj) if isinstance(obj, Tree) else 1)
+            try:
+                with _quiet_dvc():
+                    _checkout(
+                        os.fspath(dest), cache.fs, obj, cache, force=True,
+                        progress_callback=cb, state=self._repo.state,
+                    )
+                _remove_empty_dirs(dest)  # DVC removes files it replaces, not their dirs
+                return
+            except CheckoutError as e:
+                # DVC drops cache objects whose md5 no longer matches: fetch them again once
+                oids = [hi.value for _, _, hi in obj] if isinstance(obj, Tree) else [obj.oid]
+                if attempt == 2 or not self.missing_in_cache(oids):
+                    raise DataMissingError(str(dest), missing=[str(p) for p in e.paths]) from e
+                self.fetch(oids, progress=progress)
+
+    def _remote_name(self, remote: str | None) -> str:
+        if remote:
+            return remote
+        found = self.default_remote()
+        return found[0] if found else "(none)"
+
+    def _remote_odb(self, remote: str | None, command: str) -> Any:
+        try:
+            return self._repo.cloud.get_remote_odb(remote, command)
+        except DvcException as e:
+            raise RemoteError(self._remote_name(remote), _short(e)) from e
+
+
+def repro(cwd: Path, *, quiet: bool = False) -> None:
+    """``dvc repro`` in ``cwd``; its output goes straight to the terminal (it can take hours)."""
+    cmd = [sys.executable, "-m", "dvc", "repro"] + (["--quiet"] if quiet else [])
+    proc = subprocess.run(cmd, cwd=cwd, check=False)
+    if proc.returncode != 0:
+        raise ModelverError(
+            f"'dvc repro' failed with exit code {proc.returncode} in {cwd}",
+            hint="fix the stage, then run 'dvc repro' there again; checkpoints so far are kept",
+        )
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        if Path(dirpath) != root and not os.listdir(dirpath):
+            os.rmdir(dirpath)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

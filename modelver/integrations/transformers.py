@@ -1,0 +1,427 @@
+"""Hugging Face ``Trainer`` checkpoints written and read by modelver.
+
+Why a Trainer hook and not a ``TrainerCallback``: by the time ``on_save`` runs, Trainer has already
+written ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` and ``training_args.bin`` with
+``torch.save`` (pickles) and rotated its ``checkpoint-N`` folders itself. So the integration
+replaces the few Trainer methods that save and resume:
+
+- ``_save_checkpoint``: one modelver checkpoint per Trainer save, ``<dir>/step-NNNNNNNN/`` written
+  atomically by :class:`~modelver.CheckpointManager`: the model, optimizer, LR scheduler and
+  gradient scaler as safetensors, ``TrainerState`` as JSON, every RNG captured by modelver.
+  Retention is modelver's (``keep_last`` / ``keep_best``); Trainer's ``checkpoint-N`` folders are
+  never written, so nothing pickled exists to be loaded.
+- ``train(resume_from_checkpoint=True | path)``: ``True`` takes the newest checkpoint that
+  verifies (a corrupted one is skipped with a warning), a path may be a step directory or the
+  checkpoints directory. The checkpoint is verified before anything is loaded, then the model,
+  optimizer, scheduler and scaler are restored in place by modelver and the RNGs are put back at
+  the moment Trainer itself would (after its data skipping), so the resumed run ends with
+  bit-identical weights. A Trainer-native (pickle) checkpoint is refused.
+- ``_load_best_model``: ``load_best_model_at_end`` reads the best modelver checkpoint.
+
+``trainer.save_model()`` is untouched: the exported model stays ``model.safetensors`` + config.
+
+Use either ``ModelverTrainer(model=..., args=..., modelver_dir=..., keep_last=3)`` or
+``patch_trainer(trainer, checkpoint_dir=..., keep_last=3)`` on an existing Trainer (any subclass:
+its class is swapped for a subclass of it with the hooks). Defaults follow ``TrainingArguments``:
+``checkpoint_dir`` = ``<output_dir>/checkpoints``, ``keep_last`` = ``save_total_limit`` (None keeps
+all), and with ``load_best_model_at_end`` the best checkpoint by ``metric_for_best_model`` is kept.
+
+Limits: one process (no torchrun/DDP, DeepSpeed, FSDP, TPU); checkpoints are not pushed to the Hub
+(``save_model``/``push_to_hub`` still are); a custom data collator that draws from the global RNG
+makes the first resumed batch differ, exactly as with Trainer's own checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer
+
+from modelver.checkpoint import format as fmt
+from modelver.checkpoint.catalog import list_checkpoints, restore_checkpoint, verify_checkpoint
+from modelver.checkpoint.manager import CheckpointManager
+from modelver.errors import (
+    CheckpointCorruptedError,
+    CheckpointNotFoundError,
+    ModelverError,
+    ModelverWarning,
+)
+
+TRAINER_STATE_NAME = "trainer_state.json"  # what Trainer.train reads from the resume directory
+EXTRAS_KEY = "transformers"
+_UNSET: Any = object()
+
+__all__ = ["ModelverTrainer", "ModelverTrainerMixin", "TrainerCheckpointing", "patch_trainer"]
+
+
+@dataclass(frozen=True)
+class TrainerCheckpointing:
+    """Where and how many modelver checkpoints a Trainer keeps."""
+
+    checkpoint_dir: Path | None  # None: <output_dir>/checkpoints (per trial in a search)
+    keep_last: int | None
+    keep_best: int
+    monitor: str | None
+    mode: str
+
+
+def _settings(
+    args: Any,
+    *,
+    checkpoint_dir: str | Path | None,
+    keep_last: int | None,
+    keep_best: int,
+    monitor: str | None,
+    mode: str,
+) -> TrainerCheckpointing:
+    """Fill what was left unset from ``TrainingArguments``."""
+    metric = args.metric_for_best_model
+    if metric is not None and not metric.startswith("eval_"):
+        metric = f"eval_{metric}"
+    if keep_last is _UNSET:
+        keep_last = args.save_total_limit
+    if monitor is _UNSET:
+        monitor = metric if args.load_best_model_at_end else None
+    if keep_best is _UNSET:
+        keep_best = 1 if monitor else 0
+    if mode is _UNSET:
+        mode = "max" if args.greater_is_better else "min"
+    if keep_best and not monitor:
+        raise ValueError("keep_best needs monitor= naming a metric (e.g. 'eval_loss')")
+    if mode not in ("min", "max"):
+        raise ValueError("mode must be 'min' or 'max'")
+    return TrainerCheckpointing(
+        Path(checkpoint_dir) if checkpoint_dir is not None else None,
+        keep_last,
+        keep_best,
+        monitor,
+        mode,
+    )
+
+
+class ModelverTrainerMixin:
+    """The Trainer methods that save and resume, routed through modelver (see module docstring).
+
+    Put it before ``Trainer`` (or a Trainer subclass) in the bases and call
+    :meth:`configure_modelver` once.
+    """
+
+    _modelver: TrainerCheckpointing
+    _modelver_managers: dict[Path, CheckpointManager]
+    _modelver_resume: Path | None
+
+    def configure_modelver(
+        self,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        keep_last: int | None = _UNSET,
+        keep_best: int = _UNSET,
+        monitor: str | None = _UNSET,
+        mode: str = _UNSET,
+    ) -> None:
+        trainer: Any = self
+        self._modelver = _settings(
+            trainer.args,
+            checkpoint_dir=checkpoint_dir,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+        )
+        self._modelver_managers = {}
+        self._modelver_resume = None
+        self._modelver_check_supported()
+
+    # --- where ---------------------------------------------------------------------------------
+
+    def modelver_checkpoint_dir(self, trial: Any = None) -> Path:
+        """The directory holding this run's ``step-*`` checkpoints."""
+        trainer: Any = self
+        if self._modelver.checkpoint_dir is not None:
+            return self._modelver.checkpoint_dir
+        return Path(trainer._get_output_dir(trial=trial)) / "checkpoints"
+
+    def _modelver_manager(self, root: Path) -> CheckpointManager:
+        mgr = self._modelver_managers.get(root)
+        if mgr is None:
+            s = self._modelver
+            mgr = CheckpointManager(
+                root, keep_last=s.keep_last, keep_best=s.keep_best, monitor=s.monitor, mode=s.mode
+            )
+            self._modelver_managers[root] = mgr
+        return mgr
+
+    def _modelver_check_supported(self) -> None:
+        trainer: Any = self
+        args = trainer.args
+        unsupported = [
+            name
+            for name, on in (
+                ("several processes", args.world_size > 1),
+                ("DeepSpeed", getattr(trainer, "is_deepspeed_enabled", False)),
+                ("FSDP", getattr(trainer, "is_fsdp_enabled", False)),
+                ("FSDP on XLA", getattr(trainer, "is_fsdp_xla_enabled", False)),
+            )
+            if on
+        ]
+        if unsupported:
+            raise ModelverError(
+                "modelver's Trainer integration supports single-process training only; "
+                f"this Trainer uses {', '.join(unsupported)}",
+                hint="train without the modelver hooks, or in one process",
+            )
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Replaces Trainer's pickle-writing checkpoint with one modelver checkpoint."""
+        trainer: Any = self
+        args = trainer.args
+        if trainer.hp_search_backend is None and trial is None:
+            trainer.store_flos()
+        root = self.modelver_checkpoint_dir(trial)
+        step = int(trainer.state.global_step)
+        best = trainer.state.best_global_step
+        if best:
+            best_dir = root / fmt.step_dirname(int(best))
+            if best == step or best_dir.is_dir():
+                trainer.state.best_model_checkpoint = str(best_dir)
+        if not args.should_save:
+            return
+        self._modelver_update_callback_state()
+        state = self._modelver_components(include_training=not args.save_only_model)
+        state["trainer_state"] = json.loads(json.dumps(dataclasses.asdict(trainer.state)))
+        epoch = trainer.state.epoch
+        self._modelver_manager(root).save(
+            step,
+            state,
+            metrics=self._modelver_metrics(step),
+            epoch=int(epoch) if epoch is not None else None,
+            extras={EXTRAS_KEY: {"components": sorted(state)}},
+        )
+
+    def _modelver_components(self, *, include_training: bool) -> dict[str, Any]:
+        trainer: Any = self
+        state: dict[str, Any] = {"model": trainer.model}
+        if include_training:
+            if trainer.optimizer is not None:
+                state["optimizer"] = trainer.optimizer
+            if trainer.lr_scheduler is not None:
+                state["scheduler"] = trainer.lr_scheduler
+            scaler = getattr(trainer.accelerator, "scaler", None)
+            if scaler is not None:
+                state["scaler"] = scaler
+        return state
+
+    def _modelver_update_callback_state(self) -> None:
+        """Same bookkeeping as Trainer's own save: stateful callbacks go into ``TrainerState``."""
+        from transformers.trainer_callback import ExportableState
+
+        trainer: Any = self
+        for cb in [*trainer.callback_handler.callbacks, trainer.control]:
+            if not isinstance(cb, ExportableState):
+                continue
+            name = cb.__class__.__name__
+            if isinstance(trainer.state.stateful_callbacks.get(name), list):
+                trainer.state.stateful_callbacks[name].append(cb.state())
+            else:
+                trainer.state.stateful_callbacks[name] = cb.state()
+
+    def _modelver_metrics(self, step: int) -> dict[str, float]:
+        """Numbers logged at this step (loss, eval metrics), shown by modelver and keep_best."""
+        trainer: Any = self
+        metrics: dict[str, float] = {}
+        for entry in trainer.state.log_history:
+            if entry.get("step") != step:
+                continue
+            for k, v in entry.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    metrics[k] = float(v)
+        return metrics
+
+    # --- resuming ------------------------------------------------------------------------------
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``Trainer.train``, resuming from a modelver checkpoint (``True``: newest valid one)."""
+        kwargs["ignore_keys_for_eval"] = ignore_keys_for_eval
+        self._modelver_check_supported()
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return super().train(resume_from_checkpoint=None, trial=trial, **kwargs)  # type: ignore[misc]
+        if resume_from_checkpoint is True:
+            path = self._modelver_pick(self.modelver_checkpoint_dir(trial))
+        else:
+            path = self._modelver_pick(Path(resume_from_checkpoint))
+        staging = Path(tempfile.mkdtemp(prefix="modelver-resume-"))
+        try:
+            # Trainer.train reads TrainerState from the resume directory: give it just that JSON.
+            holder: dict[str, Any] = {"trainer_state": None}
+            restore_checkpoint(path, holder, restore_rngs=False)
+            text = json.dumps(holder["trainer_state"], indent=2, sort_keys=True) + "\n"
+            (staging / TRAINER_STATE_NAME).write_text(text, encoding="utf-8")
+            self._modelver_resume = path
+            return super().train(  # type: ignore[misc]
+                resume_from_checkpoint=str(staging), trial=trial, **kwargs
+            )
+        finally:
+            self._modelver_resume = None
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _modelver_pick(self, path: Path) -> Path:
+        """A verified step directory: ``path`` itself, or the newest valid one under it."""
+        if (path / fmt.MANIFEST).is_file():
+            verify_checkpoint(path)
+            return path
+        if (path / TRAINER_STATE_NAME).is_file():
+            raise ModelverError(
+                f"{path} is a Trainer checkpoint (pickled optimizer, scheduler and RNG files); "
+                "modelver resumes only from its own checkpoints",
+                hint="resume once with a plain Trainer, then continue with modelver",
+            )
+        for info in reversed(list_checkpoints(path)):
+            try:
+                verify_checkpoint(info.path)
+            except CheckpointCorruptedError as e:
+                warnings.warn(
+                    f"skipping corrupted checkpoint {info.path}: {'; '.join(e.problems[:3])}",
+                    ModelverWarning,
+                    stacklevel=3,
+                )
+                continue
+            return info.path
+        raise CheckpointNotFoundError(path)
+
+    def _modelver_saved_components(self, path: Path) -> list[str]:
+        extras = fmt.read_manifest(path).extras.get(EXTRAS_KEY, {})
+        return list(extras.get("components", []))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        trainer: Any = self
+        if self._modelver_resume is None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+            return
+        restore_checkpoint(
+            self._modelver_resume,
+            {"model": trainer.model if model is None else model},
+            restore_rngs=False,
+        )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if self._modelver_resume is None:
+            super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+            return
+        path = self._modelver_resume
+        saved = self._modelver_saved_components(path)
+        live = self._modelver_components(include_training=True)
+        wanted = {k: v for k, v in live.items() if k in ("optimizer", "scheduler") and k in saved}
+        if "optimizer" not in saved:
+            warnings.warn(
+                f"{path} holds no optimizer state (saved with save_only_model=True): "
+                "the optimizer and scheduler start afresh",
+                ModelverWarning,
+                stacklevel=2,
+            )
+        if wanted:
+            restore_checkpoint(path, wanted, restore_rngs=False)
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        if self._modelver_resume is None:
+            super()._load_scaler(checkpoint)  # type: ignore[misc]
+            return
+        live = self._modelver_components(include_training=True)
+        if "scaler" in live and "scaler" in self._modelver_saved_components(self._modelver_resume):
+            restore_checkpoint(
+                self._modelver_resume, {"scaler": live["scaler"]}, restore_rngs=False
+            )
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Trainer calls this after skipping the consumed batches: the RNGs come back here."""
+        if self._modelver_resume is None:
+            super()._load_rng_state(checkpoint)  # type: ignore[misc]
+            return
+        restore_checkpoint(self._modelver_resume, {}, restore_rngs=True)
+
+    def _load_best_model(self) -> None:
+        trainer: Any = self
+        best = trainer.state.best_model_checkpoint
+        if best is None or not (Path(best) / fmt.MANIFEST).is_file():
+            super()._load_best_model()  # type: ignore[misc]
+            return
+        restore_checkpoint(Path(best), {"model": trainer.model}, restore_rngs=False)
+
+
+class ModelverTrainer(ModelverTrainerMixin, Trainer):
+    """``Trainer`` whose checkpoints are modelver checkpoints.
+
+    Takes Trainer's arguments plus the keyword-only ``modelver_dir``, ``keep_last``,
+    ``keep_best``, ``monitor`` and ``mode`` (see :func:`patch_trainer`).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        modelver_dir: str | Path | None = None,
+        keep_last: int | None = _UNSET,
+        keep_best: int = _UNSET,
+        monitor: str | None = _UNSET,
+        mode: str = _UNSET,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.configure_modelver(
+            checkpoint_dir=modelver_dir,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+        )
+
+
+_PATCHED: dict[type, type] = {}
+
+
+def patch_trainer(
+    trainer: Trainer,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    keep_last: int | None = _UNSET,
+    keep_best: int = _UNSET,
+    monitor: str | None = _UNSET,
+    mode: str = _UNSET,
+) -> Trainer:
+    """Make an existing Trainer (or subclass) save and resume with modelver; returns it.
+
+    Unset options follow ``TrainingArguments``: ``checkpoint_dir`` = ``<output_dir>/checkpoints``,
+    ``keep_last`` = ``save_total_limit``, and with ``load_best_model_at_end`` ``keep_best=1``
+    on ``metric_for_best_model`` (``mode`` from ``greater_is_better``).
+    """
+    if not isinstance(trainer, Trainer):
+        raise TypeError("patch_trainer needs a transformers.Trainer")
+    cls = type(trainer)
+    if not issubclass(cls, ModelverTrainerMixin):
+        patched = _PATCHED.get(cls)
+        if patched is None:
+            patched = type(f"Modelver{cls.__name__}", (ModelverTrainerMixin, cls), {})
+            _PATCHED[cls] = patched
+        trainer.__class__ = patched
+    hooked: Any = trainer
+    hooked.configure_modelver(
+        checkpoint_dir=checkpoint_dir,
+        keep_last=keep_last,
+        keep_best=keep_best,
+        monitor=monitor,
+        mode=mode,
+    )
+    return trainer

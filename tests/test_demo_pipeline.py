@@ -1,0 +1,313 @@
+"""The demo pipeline (dvc.yaml + examples/digits) run by `dvc repro` in a fresh Git + DVC repo.
+
+The slow tests interrupt `dvc repro` during `train` (SIGKILL of the whole process tree, SIGTERM
+of the training script) and check that the next `dvc repro` resumes from a checkpoint and ends
+with the same bits as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "examples/digits/common.py",
+    "examples/digits/prepare.py",
+    "examples/digits/train.py",
+    "examples/digits/evaluate.py",
+]
+STEP_RE = re.compile(r"^step (\d+)/\d+ loss ")
+RESUMED_RE = re.compile(r"resumed from step (\d+)")
+REPRO_TIMEOUT = 300
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        DVC_SITE_CACHE_DIR=str(home / ".dvc-site"),
+        GIT_CONFIG_GLOBAL=str(home / ".gitconfig"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+        PYTHONUNBUFFERED="1",
+        DVC_NO_ANALYTICS="1",
+        GIT_CONFIG_NOSYSTEM="1",
+        GIT_AUTHOR_NAME="Test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="Test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=REPRO_TIMEOUT, check=False
+    )
+
+
+def _dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def make_pipeline_repo(base: Path) -> tuple[Path, dict[str, str]]:
+    """A fresh Git + DVC repository holding a copy of the demo pipeline, committed."""
+    repo = base / "repo"
+    home = base / "home"
+    home.mkdir(parents=True)
+    for rel in PIPELINE_FILES:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, repo / rel)
+    (repo / ".gitignore").write_text("__pycache__/\n")
+    env = _env(home)
+    for args in (
+        ["git", "init", "-q", "-b", "main"],
+        _dvc("init", "-q"),
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "demo pipeline"],
+    ):
+        r = _run(args, repo, env)
+        assert r.returncode == 0, f"{args}: {r.stdout}{r.stderr}"
+    return repo, env
+
+
+def repro(repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    r = _run(_dvc("repro"), repo, env)
+    assert r.returncode == 0, f"dvc repro failed:\n{r.stdout}{r.stderr}"
+    return r
+
+
+def interrupt_repro(
+    repo: Path, env: dict[str, str], *, after_step: int, sig: signal.Signals, whole_tree: bool
+) -> tuple[int, str]:
+    """Start `dvc repro`; once training logs `after_step`, send `sig` (to everything, or to the
+    training script only). Returns dvc's exit code and its output."""
+    import psutil
+
+    proc = subprocess.Popen(
+        _dvc("repro"),
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    sent = False
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            m = STEP_RE.match(line)
+            if sent or not m or int(m.group(1)) < after_step:
+                continue
+            if whole_tree:
+                os.killpg(proc.pid, sig)
+            else:
+                (trainer,) = [
+                    c
+                    for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "examples/digits/train.py" in c.cmdline()  # not a `sh -c` around it
+                ]
+                trainer.send_signal(sig)
+            sent = True
+        rc = proc.wait(timeout=REPRO_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = "".join(lines)
+    assert sent, f"training finished before step {after_step} was logged:\n{out}"
+    return rc, out
+
+
+def model_tensors(repo: Path) -> dict:
+    from modelver import latest_checkpoint, load_checkpoint
+
+    info = latest_checkpoint(repo / "checkpoints")
+    assert info is not None
+    return load_checkpoint(info.path).state["model"]
+
+
+def assert_same_final_state(repo: Path, reference: Path) -> None:
+    """Bit-identical model tensors, and the same tensor hashes for everything saved (optimizer)."""
+    import torch
+
+    from modelver import latest_checkpoint, verify_checkpoint
+
+    got, want = (
+        latest_checkpoint(repo / "checkpoints"),
+        latest_checkpoint(reference / "checkpoints"),
+    )
+    assert got is not None and want is not None
+    assert got.step == want.step
+    got_model, want_model = model_tensors(repo), model_tensors(reference)
+    assert sorted(got_model) == sorted(want_model)
+    for name, tensor in want_model.items():
+        assert torch.equal(got_model[name], tensor), f"model tensor {name} differs"
+    got_manifest, want_manifest = verify_checkpoint(got.path), verify_checkpoint(want.path)
+    assert {n: t.hash for n, t in got_manifest.tensors.items()} == {
+        n: t.hash for n, t in want_manifest.tensors.items()
+    }
+    assert json.loads((repo / "metrics.json").read_text()) == json.loads(
+        (reference / "metrics.json").read_text()
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, str]:
+    """One uninterrupted `dvc repro`: the repo, its wall time, its output."""
+    repo, env = make_pipeline_repo(tmp_path_factory.mktemp("reference"))
+    t0 = time.perf_counter()
+    r = repro(repo, env)
+    return repo, time.perf_counter() - t0, r.stdout + r.stderr
+
+
+def test_pipeline_declares_resumable_model() -> None:
+    """dvc.yaml wiring the rest relies on: persist checkpoints, uncached metrics, the artifact."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = spec["stages"]
+    assert list(stages) == ["prepare", "train", "evaluate"]
+    assert stages["train"]["outs"] == [{"checkpoints": {"persist": True}}]
+    assert {"data", "examples/digits/train.py"} <= set(stages["train"]["deps"])
+    assert "checkpoints" in stages["evaluate"]["deps"]
+    assert stages["evaluate"]["metrics"] == [{"metrics.json": {"cache": False}}]
+    assert spec["artifacts"]["digits-mlp"]["path"] == "checkpoints"
+    assert spec["artifacts"]["digits-mlp"]["type"] == "model"
+    for stage in stages.values():
+        for key in stage.get("params", []):
+            section, _, field = key.partition(".")
+            assert section in params and (not field or field in params[section]), key
+    for rel in PIPELINE_FILES:  # arrays and checkpoints only: nothing that unpickles
+        text = (ROOT / rel).read_text()
+        for banned in ("import pickle", "torch.load(", "torch.save(", "allow_pickle=True"):
+            assert banned not in text, f"{rel}: {banned}"
+
+
+@pytest.mark.slow
+def test_repro_trains_accurate_model(reference_run: tuple[Path, float, str]) -> None:
+    repo, seconds, out = reference_run
+    assert seconds < 120, f"dvc repro took {seconds:.0f}s"
+    assert "resumed from step" not in out
+    metrics = json.loads((repo / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.95, metrics
+    assert metrics["step"] == yaml.safe_load((repo / "params.yaml").read_text())["train"]["steps"]
+
+    from modelver import list_checkpoints, verify_checkpoint
+
+    infos = list_checkpoints(repo / "checkpoints")
+    assert 1 <= len(infos) <= 3  # keep_last: 3
+    for info in infos:
+        verify_checkpoint(info.path)
+
+    env = _env(repo.parent / "home")
+    shown = _run(_dvc("metrics", "show", "--json"), repo, env)
+    assert shown.returncode == 0, shown.stderr
+    assert '"accuracy"' in shown.stdout
+    status = _run(_dvc("status", "--json"), repo, env)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+    # dvc.lock pins the checkpoints directory; the second repro has nothing to do.
+    assert "checkpoints" in (repo / "dvc.lock").read_text()
+    assert "resumed from step" not in repro(repo, env).stdout
+
+
+@pytest.mark.slow
+def test_sigkill_during_train_then_repro_resumes_bit_identical(
+    tmp_path: Path, reference_run: tuple[Path, float, str]
+) -> None:
+    repo, env = make_pipeline_repo(tmp_path)
+    rc, out = interrupt_repro(repo, env, after_step=650, sig=signal.SIGKILL, whole_tree=True)
+    assert rc == -signal.SIGKILL, out
+    assert not (repo / "metrics.json").exists()
+
+    second = repro(repo, env)
+    m = RESUMED_RE.search(second.stdout)
+    assert m, second.stdout
+    assert 0 < int(m.group(1)) <= 650 + 100
+    assert_same_final_state(repo, reference_run[0])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_final_checkpoint_and_repro_resumes(
+    tmp_path: Path, reference_run: tuple[Path, float, str]
+) -> None:
+    from modelver import latest_checkpoint, verify_checkpoint
+
+    repo, env = make_pipeline_repo(tmp_path)
+    # Logged at step 450: the periodic checkpoint is step 400, so a newer one was made on SIGTERM.
+    rc, out = interrupt_repro(repo, env, after_step=450, sig=signal.SIGTERM, whole_tree=False)
+    assert rc != 0, out
+    assert f"exited with {128 + signal.SIGTERM}" in out, out
+    info = latest_checkpoint(repo / "checkpoints")
+    assert info is not None and info.step >= 450, out
+    assert f"interrupted by signal {int(signal.SIGTERM)}: saved step {info.step};" in out
+    verify_checkpoint(info.path)
+
+    second = repro(repo, env)
+    assert f"resumed from step {info.step}\n" in second.stdout, second.stdout
+    assert_same_final_state(repo, reference_run[0])
+
+
+def set_train_params(repo: Path, **values: float) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["train"].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_raising_steps_continues_finished_run_bit_identical(
+    tmp_path: Path, reference_run: tuple[Path, float, str]
+) -> None:
+    """What `modelver resume -S train.steps=N` relies on: the schedule ignores the total."""
+    from modelver import list_checkpoints
+
+    reference = reference_run[0]
+    params = yaml.safe_load((reference / "params.yaml").read_text())["train"]
+    total, lr = params["steps"], params["lr"]
+    repo, env = make_pipeline_repo(tmp_path)
+    set_train_params(repo, steps=total - 500)
+    repro(repo, env)
+    assert json.loads((repo / "metrics.json").read_text())["step"] == total - 500
+    for args in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "shorter run"]):
+        assert _run(args, repo, env).returncode == 0
+
+    set_train_params(repo, steps=total)
+    second = repro(repo, env)
+    assert f"resumed from step {total - 500}\n" in second.stdout, second.stdout
+    assert "Stage 'prepare' didn't change, skipping" in second.stdout
+    assert_same_final_state(repo, reference)
+    diff = _run(_dvc("metrics", "diff", "--json"), repo, env)
+    assert diff.returncode == 0, diff.stderr
+    assert json.loads(diff.stdout)["metrics.json"]["step"] == {
+        "old": total - 500,
+        "new": total,
+        "diff": 500,
+    }
+
+    # Another learning rate would mix two runs: refused, checkpoints untouched.
+    before = [(i.step, i.created) for i in list_checkpoints(repo / "checkpoints")]
+    set_train_params(repo, lr=lr * 2)
+    refused = _run(_dvc("repro"), repo, env)
+    assert refused.returncode != 0
+    assert f"holds step {total} of a run with other params (lr {lr!r} -> {lr * 2!r})" in (
+        refused.stdout + refused.stderr
+    )
+    assert [(i.step, i.created) for i in list_checkpoints(repo / "checkpoints")] == before
