@@ -572,6 +572,52 @@ def _verify_version(git: GitRepo, r: ResolvedRef) -> VerifyResult:
     return VerifyResult([VerifiedCheckpoint(dest, r.step, problems)])
 
 
+# --- check ---------------------------------------------------------------------------------
+# Self-contained (helper H): imports what it needs inside the functions.
+
+if TYPE_CHECKING:
+    from modelver.check import CheckReport
+    from modelver.integrations.mlflow import SyncResult
+
+
+def check(
+    candidate: str,
+    *,
+    baseline: str,
+    rules: Sequence[str] = (),
+    model: str | None = None,
+    repo_root: str | Path = ".",
+    progress: Progress | None = None,
+) -> CheckReport:
+    """Gate CANDIDATE against BASELINE: ``--fail-if`` rules over both sides' metrics, the
+    candidate's integrity, and a restore of it (into ``model``, MODULE:FACTORY, when given).
+
+    Rules and the factory are checked before any data is read; a failing rule is a result
+    (``report.passed``), not an exception, so the report can still be written.
+    """
+    from modelver.check import load_factory, run_check
+    from modelver.rules import parse_rule
+
+    parsed = [parse_rule(text) for text in rules]
+    root = Path(repo_root).resolve()
+    factory = load_factory(model, root=root) if model else None
+    return run_check(candidate, baseline, rules=parsed, factory=factory, model=model,
+                     repo_root=repo_root, progress=progress)
+
+
+def mlflow_sync(
+    name: str | None = None,
+    *,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+    repo_root: str | Path = ".",
+) -> SyncResult:
+    """Register every version (of ``name``) in an MLflow model registry, stages as aliases."""
+    from modelver.integrations.mlflow import sync
+
+    return sync(name, tracking_uri=tracking_uri, registry_uri=registry_uri, repo_root=repo_root)
+
+
 # --- diff ----------------------------------------------------------------------------------
 # Self-contained: imports what it needs inside the functions.
 
@@ -660,10 +706,14 @@ def _diff_side(
 def _workspace_side(name: str | None, *, repo_root: str | Path) -> DiffSide:
     """The newest checkpoint in the workspace path of artifact ``name`` (or the only one)."""
     from modelver.diff import DiffSide
-    from modelver.errors import UnknownRefError
+    from modelver.errors import NotARepositoryError, UnknownRefError
     from modelver.refs import artifact_at, artifacts_at, local_step_dir, open_git
 
-    git = open_git(repo_root)
+    try:
+        git = open_git(repo_root)
+    except NotARepositoryError as e:
+        hint = "outside a Git repository there is no workspace: give B, a checkpoint directory"
+        raise UnknownRefError("(workspace)", hint=hint) from e
     if name is None:
         arts = artifacts_at(git, None)
         if len(arts) != 1:

@@ -7,13 +7,15 @@ object databases, so one step directory can be fetched without pulling a whole o
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from dvc.repo import Repo
 from dvc_data.hashfile.checkout import CheckoutError
 from dvc_data.hashfile.checkout import checkout as _checkout
 from dvc_data.hashfile.hash_info import HashInfo
+from dvc_data.hashfile.meta import Meta
 from dvc_data.hashfile.transfer import transfer
 from dvc_data.hashfile.tree import Tree
 from fsspec.callbacks import Callback
@@ -348,10 +351,124 @@ class DvcRepo:
         return found[0] if found else "(none)"
 
     def _remote_odb(self, remote: str | None, command: str) -> Any:
+        if remote is not None and self._is_url(remote):
+            return self.remote_store(remote).odb
         try:
             return self._repo.cloud.get_remote_odb(remote, command)
         except DvcException as e:
             raise RemoteError(self._remote_name(remote), _short(e)) from e
+
+    # --- background push and recover ---------------------------------------------------
+
+    def _is_url(self, remote: str) -> bool:
+        """A remote URL or path rather than the name of a configured remote."""
+        if remote in self._repo.config["remote"]:
+            return False
+        return "://" in remote or os.path.isabs(remote)
+
+    def remote_store(self, remote: str | None = None) -> RemoteStore:
+        """The DVC remote ``remote`` (a configured name or a URL; None: the default)."""
+        from dvc.data_cloud import Remote
+        from dvc.fs import get_cloud_fs
+
+        try:
+            if remote is not None and self._is_url(remote):
+                cls, config, fs_path = get_cloud_fs(self._repo.config, url=remote)
+                found = Remote(remote, fs_path, cls(**config), **config)
+            else:
+                found = self._repo.cloud.get_remote(remote, "push")
+            return RemoteStore(found.name, found.fs, found.path, found.odb)
+        except DvcException as e:
+            raise RemoteError(remote or self._remote_name(remote), _short(e)) from e
+
+    def git_head(self) -> tuple[str | None, str | None]:
+        """(HEAD commit, current branch) through DVC's own SCM handle; None where absent."""
+        from scmrepo.exceptions import SCMError
+
+        scm = self._repo.scm
+        found: list[str | None] = []
+        for read in (scm.get_rev, scm.active_branch):
+            try:
+                found.append(str(read()))
+            except (DvcException, SCMError, TypeError):  # no commit yet, detached HEAD
+                found.append(None)
+        return found[0], found[1]
+
+
+class RemoteStore:
+    """A DVC remote as a content-addressed object store (``files/md5/xx/…``, as ``dvc push``
+    lays it out) plus small JSON records under ``modelver/`` beside it."""
+
+    def __init__(self, name: str, fs: Any, root: str, odb: Any) -> None:
+        self.name = name
+        self.fs = fs
+        self.root = root
+        self.odb = odb
+
+    def _call(self, what: Callable[[], Any]) -> Any:
+        try:
+            return what()
+        except (OSError, DvcException) as e:
+            raise RemoteError(self.name, _short(e)) from e
+
+    def missing(self, md5s: Iterable[str]) -> list[str]:
+        wanted = list(md5s)
+        return list(self._call(lambda: [m for m in wanted if not self.odb.exists(m)]))
+
+    def put_file(self, path: Path, md5: str) -> bool:
+        """Upload one file as object ``md5`` unless the remote has it; True when sent.
+
+        Objects appear whole (a temporary name, then a rename; one PUT on object stores)."""
+        from dvc_objects.fs.local import LocalFileSystem
+
+        if self._call(lambda: self.odb.exists(md5)):
+            return False
+        local = LocalFileSystem()
+        self._call(lambda: self.odb.add(os.fspath(path), local, md5, check_exists=False))
+        return True
+
+    def put_bytes(self, md5: str, data: bytes) -> None:
+        if not self._call(lambda: self.odb.exists(md5)):
+            self._call(lambda: self.odb.add_bytes(md5, data))
+
+    def write_record(self, relpath: str, data: bytes) -> None:
+        """Write ``modelver/<relpath>`` in one piece (readers never see part of it)."""
+        path = self.fs.join(self.root, "modelver", *relpath.split("/"))
+        self._call(lambda: self.fs.put_file(io.BytesIO(data), path, size=len(data)))
+
+    def read_records(self, folder: str) -> dict[str, bytes]:
+        """Every record in ``modelver/<folder>``: file name -> content ({} when none)."""
+        base = self.fs.join(self.root, "modelver", *folder.split("/"))
+        try:
+            names = self._call(lambda: self.fs.ls(base, detail=False))
+        except RemoteError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return {}
+            raise
+        found: dict[str, bytes] = {}
+        for path in names:
+            name = str(path).rstrip("/").rsplit("/", 1)[-1]
+            if not name.startswith(".") and name.endswith(".json"):
+                found[name] = bytes(self._call(partial(self.fs.cat_file, path)))
+        return found
+
+
+def dir_object(files: Mapping[str, tuple[str, int]]) -> tuple[str, bytes]:
+    """DVC's ``.dir`` object (its md5 and bytes) listing files ``name -> (md5, size)``; the
+    same bytes ``dvc add`` of that directory writes, so DVC's tools can read it."""
+    tree = Tree()
+    for name, (md5, size) in files.items():
+        tree.add(tuple(name.split("/")), Meta(size=size), HashInfo("md5", md5))
+    tree.digest()
+    return str(tree.oid), tree.as_bytes()
+
+
+def find_root(path: Path) -> Path:
+    """The root of the DVC repository holding ``path``."""
+    try:
+        return Path(Repo.find_root(os.fspath(path)))
+    except NotDvcRepoError as e:
+        raise NotARepositoryError(path, "DVC") from e
 
 
 def repro(cwd: Path, *, quiet: bool = False) -> None:

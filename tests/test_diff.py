@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from modelver.diff import (
     diff_params,
     flatten_params,
 )
-from modelver.errors import CheckpointCorruptedError, CheckpointNotFoundError
+from modelver.errors import CheckpointCorruptedError, CheckpointNotFoundError, UnknownRefError
 
 pytest_plugins = ["tests.registry_fixtures"]  # the `project` fixture (a trained Git + DVC repo)
 
@@ -227,6 +228,17 @@ def test_truncated_file_is_reported_as_corrupted(tmp_path: Path) -> None:
         diff_checkpoints(side(pa), side(pb))
 
 
+def test_tensor_range_outside_its_file_is_reported(tmp_path: Path) -> None:
+    pa = save(tmp_path / "a", 1, {"x": torch.randn(1000)})
+    pb = save(tmp_path / "b", 1, {"x": torch.randn(1000)})
+    raw = json.loads((pb / fmt.MANIFEST).read_text())
+    start, end = raw["tensors"]["w/x"]["offsets"]
+    raw["tensors"]["w/x"]["offsets"] = [start + 10**6, end + 10**6]
+    (pb / fmt.MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(CheckpointCorruptedError, match="cannot read tensor w/x"):
+        diff_checkpoints(side(pa), side(pb))
+
+
 def test_tied_weights_follow_their_target(tmp_path: Path) -> None:
     def model(scale: float) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -294,6 +306,8 @@ def test_api_takes_a_checkpoints_root_outside_git(pair: Any, tmp_path: Path) -> 
     assert result.params is None  # directories carry no params.yaml
     with pytest.raises(CheckpointNotFoundError):
         api.diff(str(pa), str(tmp_path / "nowhere"), repo_root=tmp_path)
+    with pytest.raises(UnknownRefError, match="workspace"):
+        api.diff(str(pa), repo_root=tmp_path)  # no repository, so no workspace for B
 
 
 def test_cli_json_is_pure_and_complete(pair: Any) -> None:
@@ -337,8 +351,8 @@ def test_cli_error_is_one_line(tmp_path: Path) -> None:
 
 
 def test_installed_script(pair: Any) -> None:
-    exe = shutil.which("modelver")
-    if exe is None:
+    exe = shutil.which("modelver") or str(Path(sys.executable).with_name("modelver"))
+    if not Path(exe).is_file():
         pytest.skip("modelver is not installed (pip install -e .)")
     pa, pb, _, _ = pair
     out = subprocess.run(

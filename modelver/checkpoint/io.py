@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.state import (
@@ -172,29 +173,24 @@ def _write_shard(
         planned.append(fmt.PlannedTensor(ft.name, dtype, tuple(ft.tensor.shape), nbytes))
         by_name[ft.name] = ft
     header, ranges = fmt.plan_layout(planned)
-    file_hash = fmt.new_hasher()
+    digests = []
     entries = []
     with open(path, "wb", buffering=0) as f:
         fmt.write_all(f, header)
-        file_hash.update(header)
         base = len(header)
         for pt, start, end in ranges:
             view = _bytes_view(by_name[pt.name].tensor)
             fmt.write_all(f, view)
-            file_hash.update(view)
+            digest = xxhash.xxh3_128_digest(view)
+            digests.append(digest)
             entries.append(
                 fmt.TensorEntry(
-                    pt.name,
-                    path.name,
-                    pt.dtype,
-                    pt.shape,
-                    (base + start, base + end),
-                    fmt.hash_bytes(view),
+                    pt.name, path.name, pt.dtype, pt.shape, (base + start, base + end), digest.hex()
                 )
             )
         os.fsync(f.fileno())
         size = f.tell()
-    return fmt.FileEntry(path.name, size, file_hash.hexdigest()), entries
+    return fmt.FileEntry(path.name, size, fmt.tree_hash(header, digests)), entries
 
 
 def _write_small(path: Path, data: bytes) -> fmt.FileEntry:
@@ -300,11 +296,10 @@ def read_tensors(
         entries = sorted(by_file[fname], key=lambda e: e.offsets[0])
         if names is not None and not any(e.name in names for e in entries):
             continue
-        hasher = fmt.new_hasher()
+        digests = []
         with open(path / fname, "rb", buffering=0) as f:
             header = bytearray(entries[0].offsets[0] if entries else manifest.files[fname].size)
             complete = _readinto_exact(f, memoryview(header))
-            hasher.update(header)
             for e in entries:
                 dtype = getattr(torch, e.dtype)
                 dest = into.get(e.name)
@@ -319,12 +314,13 @@ def read_tensors(
                     dest = torch.empty(e.shape, dtype=dtype)
                 view = _bytes_view(dest)
                 complete = complete and _readinto_exact(f, view)
-                hasher.update(view)
+                if verify:
+                    digests.append(xxhash.xxh3_128_digest(view))
                 out[e.name] = dest
             complete = complete and f.read(1) == b""
         if not complete:
             problems.append(f"{fname} is truncated")
-        elif verify and hasher.hexdigest() != manifest.files[fname].hash:
+        elif verify and fmt.tree_hash(header, digests) != manifest.files[fname].hash:
             problems.append(f"{fname} content hash differs from the manifest")
     if problems:
         raise CheckpointCorruptedError(path, problems)

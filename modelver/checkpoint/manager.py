@@ -13,7 +13,7 @@ from collections.abc import Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelver.checkpoint import distributed
 from modelver.checkpoint import format as fmt
@@ -31,6 +31,9 @@ from modelver.errors import (
     ModelverWarning,
     TrainingInterrupted,
 )
+
+if TYPE_CHECKING:
+    from modelver.publish import Publisher
 
 _TMP_RE = re.compile(r"^\.(?:tmp|trash)-step-\d+-(\d+)-[0-9a-f]+$|^\.trash-step-\d+-[0-9a-f]+$")
 
@@ -68,6 +71,7 @@ class CheckpointManager:
         mode: str = "min",
         handle_signals: bool = False,
         async_save: bool = False,
+        push: bool | str = False,
     ) -> None:
         if every_steps is not None and every_steps <= 0:
             raise ValueError("every_steps must be a positive number of steps")
@@ -97,6 +101,13 @@ class CheckpointManager:
         self._old_handlers: dict[int, Any] = {}
         self._closed = False
         self.last_blocking_seconds = 0.0  # time the caller was blocked by the last save
+        # push=True (the default DVC remote), a remote name or URL: upload each committed
+        # checkpoint from a background thread (modelver.publish; DVC is imported there)
+        self._publisher: Publisher | None = None
+        if push:
+            from modelver.publish import Publisher
+
+            self._publisher = Publisher(self.root, push)
         self._clean_stale()
         if handle_signals:
             self._install_signals()
@@ -260,6 +271,8 @@ class CheckpointManager:
                 mode=self.mode,
             )
             execute_retention(plan)
+            if self._publisher is not None:
+                self._publisher.submit(path, manifest)
         return CheckpointInfo(
             path,
             manifest.step,
@@ -282,6 +295,8 @@ class CheckpointManager:
             raise AsyncSaveError(step, e) from e
 
     def _raise_background_error(self) -> None:
+        if self._publisher is not None:
+            self._publisher.check()
         fut = self._inflight
         if fut is not None and fut.done() and fut.exception() is not None:
             self.wait()
@@ -296,6 +311,8 @@ class CheckpointManager:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            if self._publisher is not None:
+                self._publisher.close()  # uploads the last checkpoint before returning
             for sig, handler in self._old_handlers.items():
                 signal.signal(sig, handler)
             self._old_handlers.clear()

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "modelver.cli.commands_versions",
     "modelver.cli.commands_data",
     "modelver.cli.commands_diff",
+    "modelver.cli.commands_check",
 )
 
 

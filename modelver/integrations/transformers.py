@@ -180,19 +180,20 @@ class ModelverTrainerMixin:
 
     # --- saving --------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """Replaces Trainer's pickle-writing checkpoint with one modelver checkpoint."""
+    def _save_checkpoint(
+        self, model: Any, trial: Any, metrics: dict[str, float] | None = None
+    ) -> None:
+        """Replaces Trainer's pickle-writing checkpoint with one modelver checkpoint.
+
+        ``metrics``: the evaluation results Trainer < 4.47 passes; newer ones log them only.
+        """
         trainer: Any = self
         args = trainer.args
         if trainer.hp_search_backend is None and trial is None:
             trainer.store_flos()
         root = self.modelver_checkpoint_dir(trial)
         step = int(trainer.state.global_step)
-        best = trainer.state.best_global_step
-        if best:
-            best_dir = root / fmt.step_dirname(int(best))
-            if best == step or best_dir.is_dir():
-                trainer.state.best_model_checkpoint = str(best_dir)
+        self._modelver_track_best(root, step, metrics)
         if not args.should_save:
             return
         self._modelver_update_callback_state()
@@ -202,10 +203,33 @@ class ModelverTrainerMixin:
         self._modelver_manager(root).save(
             step,
             state,
-            metrics=self._modelver_metrics(step),
+            metrics={**self._modelver_metrics(step), **(metrics or {})},
             epoch=int(epoch) if epoch is not None else None,
             extras={EXTRAS_KEY: {"components": sorted(state)}},
         )
+
+    def _modelver_track_best(self, root: Path, step: int, metrics: dict[str, float] | None) -> None:
+        """Point ``best_model_checkpoint`` at the modelver directory of the best step."""
+        trainer: Any = self
+        state, args = trainer.state, trainer.args
+        if hasattr(state, "best_global_step"):  # Trainer >= 4.50 picks the best step when evaluating
+            best = state.best_global_step
+            best_dir = root / fmt.step_dirname(int(best or 0))
+            if best and (best == step or best_dir.is_dir()):
+                state.best_model_checkpoint = str(best_dir)
+            return
+        monitor = args.metric_for_best_model
+        if metrics is None or monitor is None:
+            return
+        value = metrics[monitor if monitor.startswith("eval_") else f"eval_{monitor}"]
+        prev = state.best_metric
+        if (
+            prev is None
+            or state.best_model_checkpoint is None
+            or (value > prev if args.greater_is_better else value < prev)
+        ):
+            state.best_metric = value
+            state.best_model_checkpoint = str(root / fmt.step_dirname(step))
 
     def _modelver_components(self, *, include_training: bool) -> dict[str, Any]:
         trainer: Any = self

@@ -1,0 +1,313 @@
+"""Background push of committed checkpoints to the DVC remote, and the run records
+``modelver recover`` reads on a fresh machine.
+
+Each checkpoint is uploaded as DVC objects (one per file, keyed by its md5, plus the ``.dir``
+listing of the step directory), so ``dvc push`` later skips them and ``dvc fetch`` can read
+them. Only after every object is in the remote is the run's record
+``<remote>/modelver/runs/<run id>.json`` (re)written to name it: a record never points at a
+checkpoint the remote does not hold whole.
+
+The training thread only enqueues (:meth:`Publisher.submit`); one thread uploads, newest
+checkpoint first: a checkpoint still waiting when a newer one commits is skipped. Imports of
+DVC happen in that thread, so the checkpoint core never needs DVC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelver.checkpoint import format as fmt
+from modelver.errors import (
+    CheckpointCorruptedError,
+    ModelverError,
+    ModelverWarning,
+    RemoteError,
+)
+
+if TYPE_CHECKING:
+    from modelver.dvcrepo import RemoteStore
+
+RUNS = "runs"
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run's record in the remote says: its newest fully uploaded checkpoint."""
+
+    run: str
+    commit: str | None  # Git HEAD when the run pushed its first checkpoint
+    branch: str | None
+    path: str  # the checkpoints root, relative to the repository root ("checkpoints")
+    step: int
+    step_dir: str
+    dir_md5: str  # DVC ".dir" object of the step directory
+    files: dict[str, str]  # file name -> md5 (DVC object id)
+    created: str  # when the checkpoint was written (its manifest)
+    pushed: str  # when this record was written
+    metrics: dict[str, float]
+    host: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"modelver_run": RECORD_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RunRecord:
+        if int(d.get("modelver_run", 0)) != RECORD_VERSION:
+            raise ValueError("not a modelver run record")
+        return cls(
+            run=str(d["run"]), commit=d.get("commit"), branch=d.get("branch"),
+            path=str(d["path"]), step=int(d["step"]), step_dir=str(d["step_dir"]),
+            dir_md5=str(d["dir_md5"]), files={str(k): str(v) for k, v in d["files"].items()},
+            created=str(d.get("created", "")), pushed=str(d["pushed"]),
+            metrics={str(k): float(v) for k, v in (d.get("metrics") or {}).items()},
+            host=str(d.get("host", "")),
+        )
+
+
+def read_runs(store: RemoteStore) -> list[RunRecord]:
+    """Every readable run record in the remote (records of other tools are ignored)."""
+    found = []
+    for data in store.read_records(RUNS).values():
+        try:
+            found.append(RunRecord.from_json(json.loads(data)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return found
+
+
+def new_run_id() -> str:
+    now = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def file_md5(path: Path) -> str:
+    """md5 of a file: the id DVC stores it under."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb", buffering=0) as f:
+        view = memoryview(bytearray(fmt.CHUNK))
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class CheckpointGone(Exception):
+    """The step directory was removed (retention) before it was uploaded."""
+
+
+@dataclass
+class _Session:
+    store: RemoteStore
+    repo_root: Path
+    commit: str | None
+    branch: str | None
+
+
+class Publisher:
+    """Uploads committed checkpoints from one background thread; at most one upload runs and
+    the newest waiting checkpoint replaces an older waiting one.
+
+    A failed upload is retried with exponential backoff (``backoff`` seconds, doubling up to
+    ``max_backoff``) up to ``attempts`` times, or until a newer checkpoint arrives; then a
+    :class:`ModelverWarning` is issued and training goes on. A configuration error (no DVC
+    repository, unknown remote) stops pushing; :meth:`check` raises it in the training thread.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        target: bool | str = True,
+        *,
+        attempts: int = 6,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        open_store: Callable[[Path, str | None], _Session] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.remote = None if target is True else str(target)
+        self.attempts = attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.run_id = new_run_id()
+        self.published: list[int] = []  # steps whose record was written, in order
+        self.failures = 0  # failed attempts (retried or given up)
+        self._open_store = open_store or _open_session
+        self._cond = threading.Condition()
+        self._pending: tuple[Path, fmt.Manifest] | None = None
+        self._busy = False
+        self._closing = False
+        self._fatal: ModelverError | None = None
+        self._session: _Session | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- training thread ---------------------------------------------------------------
+
+    def submit(self, path: Path, manifest: fmt.Manifest) -> None:
+        """Queue a committed checkpoint for upload; returns at once."""
+        with self._cond:
+            if self._closing or self._fatal is not None:
+                return
+            self._pending = (Path(path), manifest)
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="modelver-push", daemon=True
+                )
+                self._thread.start()
+
+    def check(self) -> None:
+        """Raise a configuration error the background thread hit (once)."""
+        fatal, self._fatal = self._fatal, None
+        if fatal is not None:
+            with self._cond:
+                self._closing = True
+            raise fatal
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or uploading; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._pending is None and not self._busy, timeout=timeout
+            )
+
+    def close(self) -> None:
+        """Upload what is queued (with its retries), then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self.check()
+
+    # --- background thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closing)
+                if self._pending is None:
+                    return
+                job, self._pending = self._pending, None
+                self._busy = True
+            try:
+                self._publish_with_retries(*job)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _publish_with_retries(self, path: Path, manifest: fmt.Manifest) -> None:
+        if self._session is None:
+            try:
+                self._session = self._open_store(self.root, self.remote)
+            except ModelverError as e:  # no repository or no such remote: retrying won't help
+                with self._cond:
+                    self._fatal = e
+                    self._closing = True
+                return
+        delay = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                self.publish(path, manifest)
+                return
+            except CheckpointGone:
+                return  # retention removed it: a newer checkpoint exists
+            except CheckpointCorruptedError as e:
+                warnings.warn(f"not pushing step {manifest.step}: {e}", ModelverWarning,
+                              stacklevel=1)
+                return
+            except (RemoteError, OSError) as e:
+                error = e
+            self.failures += 1
+            if attempt == self.attempts:
+                warnings.warn(
+                    f"could not push checkpoint step {manifest.step} after {attempt} attempts: "
+                    f"{error}; training goes on, the next checkpoint will be pushed",
+                    ModelverWarning, stacklevel=1,
+                )
+                return
+            with self._cond:  # a newer checkpoint makes this retry pointless
+                if self._cond.wait_for(lambda: self._pending is not None, timeout=delay):
+                    return
+            delay = min(delay * 2, self.max_backoff)
+
+    def publish(self, path: Path, manifest: fmt.Manifest) -> RunRecord:
+        """Upload one checkpoint's objects, then write the run record naming it."""
+        assert self._session is not None
+        s = self._session
+        try:
+            entries = dict(manifest.files)
+            files: dict[str, tuple[str, int]] = {}
+            for name, entry in sorted(entries.items()):
+                md5 = entry.md5 or file_md5(path / name)
+                files[name] = (md5, entry.size)
+            mpath = path / fmt.MANIFEST
+            files[fmt.MANIFEST] = (file_md5(mpath), mpath.stat().st_size)
+            from modelver.dvcrepo import dir_object
+
+            dir_md5, listing = dir_object(files)
+            for name, (md5, _) in files.items():
+                s.store.put_file(path / name, md5)
+        except (FileNotFoundError, RemoteError) as e:
+            if not (path / fmt.MANIFEST).is_file():
+                raise CheckpointGone(str(path)) from e
+            raise
+        s.store.put_bytes(dir_md5, listing)
+        missing = s.store.missing([dir_md5, *(m for m, _ in files.values())])
+        if missing:  # never name a checkpoint the remote does not hold whole
+            raise OSError(f"{len(missing)} object(s) absent from the remote after upload")
+        record = RunRecord(
+            run=self.run_id, commit=s.commit, branch=s.branch,
+            path=_relpath(path.parent, s.repo_root), step=manifest.step, step_dir=path.name,
+            dir_md5=dir_md5, files={k: m for k, (m, _) in files.items()},
+            created=manifest.created, pushed=_utcnow(), metrics=dict(manifest.metrics),
+            host=socket.gethostname(),
+        )
+        data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
+        s.store.write_record(f"{RUNS}/{self.run_id}.json", data)
+        self.published.append(manifest.step)
+        return record
+
+
+def _relpath(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError as e:
+        raise ModelverError(
+            f"checkpoints directory {path} is outside the DVC repository {root}",
+            hint="keep checkpoints inside the repository to push them",
+        ) from e
+
+
+def _open_session(root: Path, remote: str | None) -> _Session:
+    from modelver.dvcrepo import DvcRepo, find_root
+
+    try:
+        repo_root = find_root(root.resolve())
+        repo = DvcRepo(repo_root)
+        try:
+            store = repo.remote_store(remote)
+            commit, branch = repo.git_head()
+        finally:
+            repo.close()
+    except ModelverError:
+        raise
+    except Exception as e:  # a broken DVC configuration: say so once, in the training thread
+        raise ModelverError(f"cannot push checkpoints: {e}") from e
+    return _Session(store, repo_root, commit, branch)

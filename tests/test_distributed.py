@@ -1,0 +1,354 @@
+"""torch.distributed: DDP under torchrun (gloo, CPU) and sharded (FSDP2/DTensor) state via DCP.
+
+Multi-process tests start ``python -m torch.distributed.run`` (about 9 s per start on a 2-core
+machine) and are marked slow; the in-process ones use a one-rank gloo group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from modelver import (
+    CheckpointManager,
+    ResumableSampler,
+    load_checkpoint,
+    restore_checkpoint,
+    verify_checkpoint,
+)
+from modelver.cli.main import cli
+from modelver.diff import DiffSide, diff_checkpoints
+from modelver.errors import CheckpointCorruptedError, ModelverWarning
+from tests.conftest import REPO, TESTS
+
+SCRIPT = TESTS / "ddp_train_script.py"
+TOTAL = 60
+
+
+def torchrun_cmd(nproc: int, *args: str | Path) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--standalone", str(SCRIPT), *map(str, args),
+    ]  # fmt: skip
+
+
+def env() -> dict[str, str]:
+    e = os.environ.copy()
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
+    return e
+
+
+def torchrun(nproc: int, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        torchrun_cmd(nproc, *args), capture_output=True, text=True, timeout=300, env=env()
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def weights_equal(a: Path, b: Path) -> bool:
+    wa, wb = load_file(a), load_file(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Final weights of an uninterrupted 2-process run (saving does not change training)."""
+    tmp = tmp_path_factory.mktemp("ddp-ref")
+    out = tmp / "reference.safetensors"
+    torchrun(2, "train", tmp / "ck", out, TOTAL)
+    return out
+
+
+# --- sampler ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sampler_shards_like_distributed_sampler(world: int) -> None:
+    ds = range(23)
+    for r in range(world):
+        ours = ResumableSampler(ds, seed=7, num_replicas=world, rank=r)
+        theirs = DistributedSampler(ds, num_replicas=world, rank=r, seed=7)  # type: ignore[arg-type]
+        for epoch in range(2):
+            theirs.set_epoch(epoch)
+            assert list(ours) == list(theirs)
+        assert len(ours) == len(theirs) and ours.modelver_per_rank
+
+
+def test_sampler_resumes_its_rank_share_and_refuses_another_rank() -> None:
+    ds = list(range(23))
+    sampler = ResumableSampler(ds, seed=1, num_replicas=2, rank=1)
+    loader = DataLoader(ds, batch_size=4, sampler=sampler)
+    it = iter(loader)
+    seen = [next(it).tolist() for _ in range(2)]
+    state = sampler.state_dict()
+    assert state["position"] == 8 and state["rank"] == 1
+    rest = [b.tolist() for b in it]
+    again = ResumableSampler(ds, seed=1, num_replicas=2, rank=1)
+    again.load_state_dict(state)
+    assert [b.tolist() for b in DataLoader(ds, batch_size=4, sampler=again)] == rest
+    mine = [i for batch in seen + rest for i in batch]
+    assert mine == ResumableSampler(ds, seed=1, num_replicas=2, rank=1).order(0)
+    other = ResumableSampler(ds, seed=1, num_replicas=2, rank=0).order(0)
+    assert set(other) | set(mine) == set(ds) and len(other) == len(mine) == 12
+    with pytest.raises(ValueError, match="rank 1 of 2"):
+        ResumableSampler(ds, seed=1, num_replicas=2, rank=0).load_state_dict(state)
+    assert not ResumableSampler(ds).modelver_per_rank
+    assert "num_replicas" not in ResumableSampler(ds).state_dict()  # single-process unchanged
+
+
+# --- one-rank group in this process: the DCP path without torchrun ------------------------------
+
+
+@pytest.fixture
+def one_rank_group() -> Iterator[None]:
+    store = dist.HashStore()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_state(hidden: int = 8) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    return {"model": model, "optimizer": torch.optim.AdamW(model.parameters(), lr=0.1)}
+
+
+def full(state: dict) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    out = {f"model/{k}": v for k, v in state["model"].state_dict().items()}
+    for pid, st in state["optimizer"].state_dict()["state"].items():
+        out.update({f"optimizer/{pid}/{k}": v for k, v in st.items()})
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in out.items()}
+
+
+def test_fsdp2_state_goes_through_dcp_into_the_manifest(
+    tmp_path: Path, one_rank_group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = fsdp_state()
+    for _ in range(2):
+        state["model"](torch.randn(5, 4)).pow(2).mean().backward()
+        state["optimizer"].step()
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    mgr.save(2, state)
+    expected = full(state)
+    path = tmp_path / "step-00000002"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "MANIFEST.json", "dcp-model", "dcp-optimizer", "optimizer-00000.safetensors",
+        "rank-00000.json", "state.json",
+    ]  # fmt: skip
+    assert not list(path.rglob(".metadata"))  # DCP's pickled metadata is never written
+    manifest = verify_checkpoint(path)
+    assert manifest.tensors["model/0.weight@0,0"].file == "dcp-model/00000.safetensors"
+    assert manifest.world_size == 1
+
+    fresh = fsdp_state(hidden=8)  # a fresh optimizer without state: restored sharded anyway
+    with torch.no_grad():
+        for p in fresh["model"].parameters():
+            p.zero_()
+    assert CheckpointManager(tmp_path).restore(fresh) == 2
+    got = full(fresh)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    dist.destroy_process_group()  # now a plain process: full tensors assembled, no pickle
+    try:
+
+        def forbidden(*a: object, **k: object) -> None:
+            raise AssertionError("pickle used on the load path")
+
+        monkeypatch.setattr(pickle, "loads", forbidden)
+        monkeypatch.setattr(pickle, "load", forbidden)
+        monkeypatch.setattr(torch, "load", forbidden)
+        ck = load_checkpoint(path)
+        assert torch.equal(ck.state["model"]["0.weight"], expected["model/0.weight"])
+        assert torch.equal(
+            ck.state["optimizer"]["state"][1]["exp_avg_sq"], expected["optimizer/1/exp_avg_sq"]
+        )
+        plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        restore_checkpoint(path, {"model": plain})
+        assert torch.equal(plain[2].bias, expected["model/2.bias"])
+    finally:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+
+
+def test_corrupted_chunk_is_found_by_verify_and_diff_reads_the_index(
+    tmp_path: Path, one_rank_group: None
+) -> None:
+    state = fsdp_state()
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    mgr.save(1, state)
+    with torch.no_grad():
+        state["model"][2].bias.add_(1.0)
+    mgr.save(2, state)
+    a, b = tmp_path / "step-00000001", tmp_path / "step-00000002"
+    result = diff_checkpoints(DiffSide(a, "a"), DiffSide(b, "b"))
+    changed = {t.name for t in result.tensors if t.status != "unchanged"}
+    assert changed == {"model/2.bias@0"}
+    chunk = b / "dcp-model" / "00000.safetensors"
+    data = bytearray(chunk.read_bytes())
+    data[-3] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptedError, match=r"dcp-model/00000\.safetensors"):
+        verify_checkpoint(b)
+    fresh = fsdp_state()
+    with pytest.warns(ModelverWarning, match="skipping corrupted checkpoint"):
+        assert CheckpointManager(tmp_path).restore(fresh) == 1
+
+
+# --- DDP under torchrun ---------------------------------------------------------------------------
+
+
+def test_ddp_checkpoint_layout_verify_and_cli(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    torchrun(2, "train", ck, tmp_path / "out.safetensors", 12, "--every", "6", "--keep", "0")
+    path = ck / "step-00000012"
+    manifest = verify_checkpoint(path)
+    assert manifest.world_size == 2 and {"rank-00000.json", "rank-00001.json"} <= set(
+        manifest.files
+    )
+    assert [f for f in manifest.files if f.startswith("model-")] == ["model-00000.safetensors"]
+    ranks = [json.loads((path / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
+    data = [r["components"]["data"]["state"] for r in ranks]
+    assert [d["rank"] for d in data] == [0, 1] and data[0]["position"] == data[1]["position"]
+    assert ranks[0]["rng"]["torch"] != ranks[1]["rng"]["torch"]  # per-rank RNG kept apart
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000006", "step-00000012"]
+    assert load_checkpoint(path).state["model"].keys() == {"0.weight", "0.bias", "3.weight",
+                                                            "3.bias"}  # fmt: skip
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["verify", str(path)])
+    assert ok.exit_code == 0, ok.output
+    rank_file = path / "rank-00001.json"
+    rank_file.write_text(rank_file.read_text().replace('"position"', '"positioN"'))
+    bad = runner.invoke(cli, ["verify", str(path)])
+    assert bad.exit_code == 1 and "rank-00001.json" in bad.output
+
+
+@pytest.mark.slow
+def test_ddp_one_rank_dies_and_resume_is_bit_identical(tmp_path: Path, reference: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    args = ["train", tmp_path / "ck", out, TOTAL]
+    first = torchrun(2, *args, "--die-at", "20", "--die-rank", "1", check=False)
+    assert first.returncode != 0 and not out.exists()
+    second = torchrun(2, *args)
+    # every 3 steps: 18 is mid-epoch (102 indices per rank, 13 batches per epoch)
+    assert "START 18 rank 0" in second.stdout and "START 18 rank 1" in second.stdout
+    assert weights_equal(reference, out)
+
+
+def workers_of(proc: subprocess.Popen[str]) -> list[psutil.Process]:
+    for _ in range(100):
+        kids = [p for p in psutil.Process(proc.pid).children() if "python" in p.name()]
+        if len(kids) == 2:
+            return kids
+        time.sleep(0.05)
+    raise AssertionError("torchrun did not start 2 workers")
+
+
+@pytest.mark.slow
+def test_ddp_random_sigkills_end_bit_identical(tmp_path: Path, reference: Path) -> None:
+    """8 SIGKILLs at random moments (all processes, or one rank); at least one inside a save."""
+    out = tmp_path / "killed.safetensors"
+    ck = tmp_path / "ck"
+    cmd = torchrun_cmd(2, "train", ck, out, TOTAL, "--every", "1", "--step-sleep", "0.02")
+    rng = random.Random(4321)
+    kills = inside_save = 0
+    starts = []
+    while True:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, text=True, env=env(), start_new_session=True
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("START"), first
+        starts.append(int(first.split()[1]))
+        if kills >= 8:
+            assert proc.wait(timeout=300) == 0
+            break
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before the kill (exit code {proc.returncode})")
+        if kills % 2:
+            rng.choice(workers_of(proc)).send_signal(signal.SIGKILL)  # torchrun ends the other
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+        kills += 1
+        inside_save += any(p.name.startswith(".tmp-") for p in ck.iterdir())
+    assert inside_save >= 1, (kills, inside_save)
+    assert starts == sorted(starts) and starts[-1] < TOTAL, starts
+    assert weights_equal(reference, out)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_gives_one_coordinated_checkpoint(
+    tmp_path: Path, reference: Path
+) -> None:
+    out = tmp_path / "out.safetensors"
+    ck = tmp_path / "ck"
+    args = ["train", ck, out, TOTAL, "--signals", "--every", "50", "--step-sleep", "0.05"]
+    proc = subprocess.Popen(torchrun_cmd(2, *args), stdout=subprocess.PIPE, text=True, env=env())
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("START 0")
+    time.sleep(1.0)
+    workers_of(proc)[1].send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    steps = sorted(p.name for p in ck.iterdir())
+    assert len(steps) == 1 and steps[0] != "step-00000050", steps  # saved where the signal came
+    manifest = verify_checkpoint(ck / steps[0])
+    assert manifest.world_size == 2 and "rank-00001.json" in manifest.files
+    resumed = torchrun(2, *args)
+    assert f"START {manifest.step} rank 1" in resumed.stdout
+    assert weights_equal(reference, out)
+
+
+@pytest.mark.slow
+def test_sharded_state_saved_by_2_loads_in_1_and_4(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    saved = tmp_path / "saved.safetensors"
+    torchrun(2, "shard-save", ck, saved)
+    expected = load_file(saved)
+    manifest = verify_checkpoint(ck)
+    assert manifest.world_size == 2
+    assert {f for f in manifest.files if f.startswith("dcp-model/")} == {
+        "dcp-model/00000.safetensors", "dcp-model/00001.safetensors"
+    }  # fmt: skip
+    # 1 process, no process group: full tensors assembled from the chunks
+    ck_state = load_checkpoint(ck).state
+    for name, t in expected.items():
+        comp, rest = name.split("/", 1)
+        if comp == "model":
+            assert torch.equal(ck_state["model"][rest], t), name
+        else:
+            pid, key = rest.split("/")
+            assert torch.equal(ck_state["optimizer"]["state"][int(pid)][key], t), name
+    # 4 ranks: DCP reshards into the new mesh (the 5-row layer splits 2/1/1/1)
+    loaded = tmp_path / "loaded4.safetensors"
+    run = torchrun(4, "shard-load", ck, loaded)
+    assert "RESTORED 3" in run.stdout
+    assert weights_equal(saved, loaded)
