@@ -242,7 +242,7 @@ def _resolve(
             manifest = _manifest_metrics(step_dir)
         else:
             step_dir, lock = None, []
-            manifest = _baseline_manifest_metrics(git, dvc, r, fmt.MANIFEST)
+            manifest, r = _baseline_manifest_metrics(git, dvc, r, fmt.MANIFEST)
     finally:
         dvc.close()
     side = _side(r, ref, manifest, files, path=step_dir)
@@ -302,18 +302,21 @@ def _manifest_metrics(step_dir: Path) -> dict[str, float]:
         return {}
 
 
-def _baseline_manifest_metrics(git: GitRepo, dvc: Any, r: ResolvedRef, manifest: str) -> Any:
-    """A version's tag carries its manifest metrics; a commit's manifest is read (fetched)."""
+def _baseline_manifest_metrics(
+    git: GitRepo, dvc: Any, r: ResolvedRef, manifest: str
+) -> tuple[dict[str, float], ResolvedRef]:
+    """A version's tag carries its manifest metrics (no data needed: CI may not have the
+    baseline's checkpoint); a commit's manifest alone is read from the cache or remote."""
     from modelver import versions as v
 
     if r.kind == "version" and r.name and r.version:
         found = v.build_registry(git.list_tags()).get(r.name, v.Semver.parse(r.version))
         if found is not None and "metrics" in found.meta:
-            return found.metrics
-    r2, tree = with_step(dvc, r)
-    md5 = next(f.md5 for f in tree if f.relpath == f"{r2.step_dir}/{manifest}")
+            return found.metrics, r
+    r, tree = with_step(dvc, r)
+    md5 = next(f.md5 for f in tree if f.relpath == f"{r.step_dir}/{manifest}")
     try:
-        return dict(read_object_json(dvc, md5).get("metrics") or {})
+        return dict(read_object_json(dvc, md5).get("metrics") or {}), r
     except (ValueError, AttributeError) as e:
         raise CheckpointCorruptedError(f"{r.ref}:{manifest}", [f"unreadable: {e}"]) from e
 

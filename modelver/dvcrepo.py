@@ -408,7 +408,7 @@ class RemoteStore:
     def _call(self, what: Callable[[], Any]) -> Any:
         try:
             return what()
-        except (OSError, DvcException) as e:
+        except Exception as e:  # each file system raises its own errors (botocore, …)
             raise RemoteError(self.name, _short(e)) from e
 
     def missing(self, md5s: Iterable[str]) -> list[str]:
@@ -469,6 +469,32 @@ def find_root(path: Path) -> Path:
         return Path(Repo.find_root(os.fspath(path)))
     except NotDvcRepoError as e:
         raise NotARepositoryError(path, "DVC") from e
+
+
+def record_hashes(folder: Path, md5s: Mapping[str, str]) -> bool:
+    """Tell DVC the MD5 of files just written in ``folder`` (file name -> md5), so that
+    ``dvc commit``/``dvc repro`` takes them from its hash state instead of reading the files.
+
+    DVC trusts a state entry while the file keeps its inode, mtime and size, exactly as for the
+    hashes it computed itself. Only the state database is written, never the repository lock,
+    so this works from a stage's command while ``dvc repro`` runs. False outside a DVC repo.
+    """
+    folder = Path(os.path.realpath(folder))  # DVC keys paths under the physical cwd
+    try:
+        root = Repo.find_root(os.fspath(folder))
+    except NotDvcRepoError:
+        return False
+    with _quiet_dvc():
+        repo = Repo(root, uninitialized=False)
+        try:
+            items = [
+                (os.fspath(folder / name), HashInfo("md5", md5), None)
+                for name, md5 in md5s.items()
+            ]
+            repo.state.save_many(items, repo.fs)
+        finally:
+            repo.close()
+    return True
 
 
 def repro(cwd: Path, *, quiet: bool = False) -> None:

@@ -311,3 +311,46 @@ def _open_session(root: Path, remote: str | None) -> _Session:
     except Exception as e:  # a broken DVC configuration: say so once, in the training thread
         raise ModelverError(f"cannot push checkpoints: {e}") from e
     return _Session(store, repo_root, commit, branch)
+
+
+# --- recover: pick a run ---------------------------------------------------------------------
+
+
+def runs_of_repo(runs: list[RunRecord], *, known: Callable[[str], bool]) -> list[RunRecord]:
+    """Runs of this repository (their commit is in this clone), newest first: by step, then
+    by the time they pushed."""
+    mine = [r for r in runs if r.commit is not None and known(r.commit)]
+    return sorted(mine, key=lambda r: (r.step, r.pushed), reverse=True)
+
+
+def pick_run(
+    runs: list[RunRecord],
+    *,
+    run: str | None,
+    branch: str | None,
+    known: Callable[[str], bool],
+    remote: str,
+) -> RunRecord:
+    """The run ``run``, else the newest run of this repository on ``branch``."""
+    if run is not None:
+        for r in runs:
+            if r.run == run:
+                return r
+        raise ModelverError(
+            f"no run '{run}' in remote '{remote}'",
+            hint="'modelver recover --list' shows the runs pushed from this repository",
+        )
+    ours = runs_of_repo(runs, known=known)
+    on_branch = [r for r in ours if r.branch == branch]
+    if on_branch:
+        return on_branch[0]
+    where = f" on branch '{branch}'" if branch else ""
+    if ours:
+        hint = (f"runs of other branches exist ({', '.join(sorted({str(r.branch) for r in ours}))})"
+                ": check that branch out, or pick one with --run (see --list)")
+    else:
+        hint = ("train with CheckpointManager(..., push=True) to push checkpoints while "
+                "training; --remote picks another remote")
+    raise ModelverError(
+        f"no checkpoint of this repository{where} was pushed to remote '{remote}'", hint=hint
+    )

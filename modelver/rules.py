@@ -116,6 +116,8 @@ def _validate(node: ast.expr, text: str, operands: list[tuple[str, str]]) -> Non
         parts = dotted(node)
         if parts is None:
             raise InvalidRuleError(text, "attributes are only allowed on metric names")
+        if any(p.startswith("__") for p in parts):
+            raise InvalidRuleError(text, "names starting with '__' are not metrics")
         if parts[0] in _FUNCTIONS and len(parts) == 1:
             raise InvalidRuleError(text, f"'{parts[0]}' is a function: call it")
         if parts[0] in SIDES and len(parts) == 1:

@@ -1,6 +1,6 @@
 """Distributed training scripts run under torchrun by tests/test_distributed.py (gloo, CPU).
 
-    torchrun ... ddp_train_script.py train CKPT OUT TOTAL [--every K] [--signals] [--die-at S]
+    torchrun ... ddp_train_script.py train CKPT OUT TOTAL [--every K] [--graceful] [--die-at S]
     torchrun ... ddp_train_script.py shard-save CKPT FULL_OUT
     torchrun ... ddp_train_script.py shard-load CKPT FULL_OUT
 
@@ -49,7 +49,7 @@ def train(a: argparse.Namespace) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=a.total)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "data": sampler}
     mgr = CheckpointManager(
-        a.ckpt, every_steps=a.every, keep_last=a.keep, handle_signals=a.signals
+        a.ckpt, every_steps=a.every, keep_last=a.keep, handle_signals=a.graceful
     )
     start = mgr.restore(state)
     print(f"START {start} rank {rank}", flush=True)
@@ -141,7 +141,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=3)
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--signals", action="store_true")
+    p.add_argument("--graceful", action="store_true", help="handle SIGTERM")
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--die-at", type=int, default=-1, help="SIGKILL one rank after this step")
     p.add_argument("--die-rank", type=int, default=1)

@@ -582,39 +582,57 @@ def _commit(
 # --- restore ----------------------------------------------------------------------------------
 
 
-def _choose(root: Path, step: int | None) -> str | None:
-    """Rank 0: the newest checkpoint that verifies completely (hashes of every rank's files)."""
-    from modelver.checkpoint.catalog import list_checkpoints, verify_checkpoint
+def _verify_share(path: Path, me: int, world: int) -> list[str]:
+    """This rank's share of a full check: every size, the hashes of every world-th file."""
+    from modelver.checkpoint.catalog import _index_problems
 
-    for info in reversed(list_checkpoints(root)):
-        if step is not None and info.step != step:
-            continue
-        try:
-            verify_checkpoint(info.path)
-        except CheckpointCorruptedError as e:
+    try:
+        manifest = fmt.read_manifest(path)
+        problems = fmt.verify_files(path, manifest, sorted(manifest.files)[me::world])
+        if not problems and me == 0:
+            problems = _index_problems(path, manifest)
+    except (CheckpointCorruptedError, OSError) as e:
+        problems = [str(e)]
+    return problems
+
+
+def _choose(root: Path, step: int | None, me: int, world: int) -> Path | None:
+    """Collective: the newest checkpoint all ranks (each hashing 1/world of it) found intact."""
+    from modelver.checkpoint.catalog import list_checkpoints
+
+    listed = None
+    if me == 0:
+        listed = [
+            str(i.path)
+            for i in reversed(list_checkpoints(root))
+            if step is None or i.step == step
+        ]
+    for candidate in _broadcast(listed):
+        path = Path(candidate)
+        problems = [p for share in _all_gather(_verify_share(path, me, world)) for p in share]
+        if not problems:
+            return path
+        if me == 0:
             warnings.warn(
-                f"skipping corrupted checkpoint {info.path}: {'; '.join(e.problems[:3])}",
+                f"skipping corrupted checkpoint {path}: {'; '.join(problems[:3])}",
                 ModelverWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-            continue
-        return str(info.path)
     return None
 
 
 def restore(root: Path, state: MutableMapping[str, Any], *, step: int | None = None) -> int:
-    """Collective: rank 0 picks the checkpoint, every rank loads shared state and its own file."""
+    """Collective: all ranks agree on the checkpoint, then load shared state and their own file."""
     import torch.distributed as dist
 
     me, world = dist.get_rank(), dist.get_world_size()
-    chosen = _broadcast(_choose(root, step) if me == 0 else None)
-    if chosen is None:
+    path = _choose(root, step, me, world)
+    if path is None:
         if step is not None:
             raise CheckpointCorruptedError(
                 root / fmt.step_dirname(step), ["no committed checkpoint at this step"]
             )
         return 0
-    path = Path(chosen)
     error: Exception | None = None
     restored = 0
     try:

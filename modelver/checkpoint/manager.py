@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -72,6 +74,7 @@ class CheckpointManager:
         handle_signals: bool = False,
         async_save: bool = False,
         push: bool | str = False,
+        dvc_hashes: bool | None = None,
     ) -> None:
         if every_steps is not None and every_steps <= 0:
             raise ValueError("every_steps must be a positive number of steps")
@@ -108,6 +111,12 @@ class CheckpointManager:
             from modelver.publish import Publisher
 
             self._publisher = Publisher(self.root, push)
+        # MD5 of each file, hashed from memory beside the writes, in the manifest and in DVC's
+        # hash state, so DVC does not read every checkpoint byte again to hash it. Default: on
+        # where DVC will hash the files (inside a DVC repository, or with push), else off
+        self.dvc_hashes = (
+            (bool(push) or _in_dvc_repo(self.root)) if dvc_hashes is None else dvc_hashes
+        )
         self._clean_stale()
         if handle_signals:
             self._install_signals()
@@ -258,7 +267,10 @@ class CheckpointManager:
         return None
 
     def _commit(self, snap: Snapshot) -> CheckpointInfo:
-        return self._after_commit(write_checkpoint(self.root, snap))
+        manifest = write_checkpoint(self.root, snap, md5=self.dvc_hashes)
+        if self.dvc_hashes:
+            _record_dvc_hashes(self.root / fmt.step_dirname(manifest.step), manifest)
+        return self._after_commit(manifest)
 
     def _after_commit(self, manifest: fmt.Manifest, *, retain: bool = True) -> CheckpointInfo:
         path = self.root / fmt.step_dirname(manifest.step)
@@ -352,6 +364,34 @@ class CheckpointManager:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old_handlers[sig] = signal.signal(sig, handler)
+
+
+def _in_dvc_repo(directory: Path) -> bool:
+    """Whether ``directory`` lies in a DVC repository and DVC is installed (no DVC import)."""
+    if importlib.util.find_spec("dvc") is None:
+        return False
+    here = Path(os.path.realpath(directory))
+    return any((d / ".dvc").is_dir() for d in (here, *here.parents))
+
+
+def _record_dvc_hashes(path: Path, manifest: fmt.Manifest) -> None:
+    """Pre-fill DVC's hash state with the checkpoint's MD5s; a no-op without DVC."""
+    md5s = {name: e.md5 for name, e in manifest.files.items() if e.md5}
+    if not md5s or importlib.util.find_spec("dvc") is None:
+        return
+    md5s[fmt.MANIFEST] = hashlib.md5(
+        (path / fmt.MANIFEST).read_bytes(), usedforsecurity=False
+    ).hexdigest()
+    from modelver.dvcrepo import record_hashes  # imports DVC: only here, only when present
+
+    try:
+        record_hashes(path, md5s)
+    except Exception as e:  # an optimisation only: DVC then hashes the files itself
+        warnings.warn(
+            f"could not record checkpoint hashes for DVC ({e}); DVC will hash the files",
+            ModelverWarning,
+            stacklevel=3,
+        )
 
 
 def _epoch_of(state: Mapping[str, Any]) -> int | None:

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "modelver.cli.commands_data",
     "modelver.cli.commands_diff",
     "modelver.cli.commands_check",
+    "modelver.cli.commands_recover",
 )
 
 

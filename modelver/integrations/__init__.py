@@ -1,5 +1,5 @@
-"""Adapters that let other training frameworks write and read modelver checkpoints.
+"""Adapters between modelver and other tools (training frameworks, experiment trackers).
 
-Each adapter lives in its own module and imports its framework itself, so importing
+Each adapter lives in its own module and imports its tool itself, so importing
 ``modelver.integrations`` costs nothing: ``from modelver.integrations.transformers import ...``.
 """

@@ -1,34 +1,39 @@
 """Hugging Face ``Trainer`` checkpoints written and read by modelver.
 
 Why a Trainer hook and not a ``TrainerCallback``: by the time ``on_save`` runs, Trainer has already
-written ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` and ``training_args.bin`` with
-``torch.save`` (pickles) and rotated its ``checkpoint-N`` folders itself. So the integration
-replaces the few Trainer methods that save and resume:
+written ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` (``torch.save`` pickles) and
+``training_args.bin`` into a ``checkpoint-N`` folder and rotated those folders itself. So the
+integration replaces the few Trainer methods that save and resume:
 
 - ``_save_checkpoint``: one modelver checkpoint per Trainer save, ``<dir>/step-NNNNNNNN/`` written
   atomically by :class:`~modelver.CheckpointManager`: the model, optimizer, LR scheduler and
-  gradient scaler as safetensors, ``TrainerState`` as JSON, every RNG captured by modelver.
-  Retention is modelver's (``keep_last`` / ``keep_best``); Trainer's ``checkpoint-N`` folders are
-  never written, so nothing pickled exists to be loaded.
+  gradient scaler as safetensors, ``TrainerState`` as JSON (component ``trainer_state``), every RNG
+  captured by modelver, the logged numbers of that step as manifest metrics. Retention is
+  modelver's (``keep_last`` / ``keep_best``). No ``checkpoint-N`` folder is ever written.
 - ``train(resume_from_checkpoint=True | path)``: ``True`` takes the newest checkpoint that
-  verifies (a corrupted one is skipped with a warning), a path may be a step directory or the
-  checkpoints directory. The checkpoint is verified before anything is loaded, then the model,
-  optimizer, scheduler and scaler are restored in place by modelver and the RNGs are put back at
-  the moment Trainer itself would (after its data skipping), so the resumed run ends with
-  bit-identical weights. A Trainer-native (pickle) checkpoint is refused.
+  verifies (a corrupted one is skipped with a warning); a path may be a step directory or a
+  checkpoints directory. The checkpoint is verified first (so a resume reads it twice), then
+  Trainer runs its own resume logic (epochs and batches to skip, callbacks' state) on a temporary
+  directory holding only ``trainer_state.json``, while the loaders it calls are replaced:
+  ``_load_from_checkpoint``, ``_load_optimizer_and_scheduler``, ``_load_scaler`` restore in place
+  through modelver, and ``_load_rng_state`` puts modelver's RNG states back at the moment Trainer
+  would (after skipping the consumed batches), so the resumed run ends with bit-identical
+  weights. A Trainer-native (pickle) checkpoint is refused: no ``torch.load`` on the load path.
 - ``_load_best_model``: ``load_best_model_at_end`` reads the best modelver checkpoint.
 
-``trainer.save_model()`` is untouched: the exported model stays ``model.safetensors`` + config.
+``trainer.save_model()`` is untouched: it exports ``model.safetensors`` + config for
+``from_pretrained`` (and Trainer's ``training_args.bin``, which nothing here reads).
 
 Use either ``ModelverTrainer(model=..., args=..., modelver_dir=..., keep_last=3)`` or
 ``patch_trainer(trainer, checkpoint_dir=..., keep_last=3)`` on an existing Trainer (any subclass:
 its class is swapped for a subclass of it with the hooks). Defaults follow ``TrainingArguments``:
 ``checkpoint_dir`` = ``<output_dir>/checkpoints``, ``keep_last`` = ``save_total_limit`` (None keeps
 all), and with ``load_best_model_at_end`` the best checkpoint by ``metric_for_best_model`` is kept.
+Tested with transformers 4.46 and 5.24.
 
 Limits: one process (no torchrun/DDP, DeepSpeed, FSDP, TPU); checkpoints are not pushed to the Hub
-(``save_model``/``push_to_hub`` still are); a custom data collator that draws from the global RNG
-makes the first resumed batch differ, exactly as with Trainer's own checkpoints.
+(``save_model``/``push_to_hub`` still are); a data collator that draws from the global RNG in the
+main process makes the first resumed batch differ, exactly as with Trainer's own checkpoints.
 """
 
 from __future__ import annotations
@@ -212,7 +217,9 @@ class ModelverTrainerMixin:
         """Point ``best_model_checkpoint`` at the modelver directory of the best step."""
         trainer: Any = self
         state, args = trainer.state, trainer.args
-        if hasattr(state, "best_global_step"):  # Trainer >= 4.50 picks the best step when evaluating
+        if hasattr(
+            state, "best_global_step"
+        ):  # Trainer >= 4.50 picks the best step when evaluating
             best = state.best_global_step
             best_dir = root / fmt.step_dirname(int(best or 0))
             if best and (best == step or best_dir.is_dir()):

@@ -1,0 +1,55 @@
+"""recover: continue an interrupted run on a fresh clone from the checkpoints it pushed."""
+
+from __future__ import annotations
+
+import click
+
+from modelver import api
+from modelver.cli.output import (
+    console,
+    echo_json,
+    format_metrics,
+    json_option,
+    progress,
+    quiet_option,
+)
+
+
+@click.command("recover")
+@click.option("-r", "--remote", help="DVC remote name or URL (default: the default remote).")
+@click.option("--run", "run_id", metavar="ID", help="Recover this run (see --list).")
+@click.option("--list", "list_only", is_flag=True,
+              help="List the runs of this repository that pushed checkpoints, newest first.")
+@click.option("--repro", is_flag=True, help="Run 'dvc repro' right after restoring.")
+@json_option
+@quiet_option
+def recover_cmd(remote: str | None, run_id: str | None, list_only: bool, repro: bool,
+                as_json: bool, quiet: bool) -> None:
+    """Restore the newest checkpoint an interrupted run of this branch pushed (from
+    CheckpointManager(push=True)) into its checkpoints directory, verified; then
+    'dvc repro' continues training from it."""
+    if list_only:
+        runs = api.list_runs(remote=remote, repo_root=".")
+        if as_json:
+            echo_json([r.to_json() for r in runs])
+        elif not quiet:
+            out = console()
+            for r in runs:
+                metrics = format_metrics(r.metrics)
+                out.print(f"{r.run}  {r.branch or '-'}  step {r.step}  pushed {r.pushed}  "
+                          f"{r.host}" + (f"  {metrics}" if metrics else ""))
+        return
+    with progress("recovering", quiet=quiet or as_json) as cb:
+        res = api.recover(remote=remote, run=run_id, repro=repro, quiet=quiet or as_json,
+                          repo_root=".", progress=cb)
+    if as_json:
+        echo_json(res.to_json())
+    elif not quiet:
+        then = "" if repro else "; run 'dvc repro' to continue training"
+        console().print(
+            f"recovered run {res.run.run} (branch {res.run.branch or '-'}): step {res.run.step} "
+            f"in {res.path} (verified, {res.objects} object(s) from '{res.remote}'){then}"
+        )
+
+
+COMMANDS = [recover_cmd]

@@ -1,0 +1,252 @@
+"""Mirror modelver versions into an MLflow model registry (``modelver mlflow sync``).
+
+Git tags stay the source of truth; MLflow gets a read-only copy for teams that browse models
+there. Each ``NAME@vX.Y.Z`` becomes a version of the registered model NAME with its lineage as
+version tags (``modelver.tag``, ``modelver.commit``, ``modelver.checkpoint``, metrics as
+``metric.*``, the stage's params from ``dvc.lock`` as ``param.*``), and each GTO stage becomes
+an alias. The ``modelver.tag`` version tag is the key, so syncing again updates in place and
+never duplicates. Needs ``mlflow`` (or ``mlflow-skinny`` with SQLAlchemy for a SQLite store).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from modelver import versions as v
+from modelver.errors import ArtifactNotFoundError, ModelverError
+from modelver.gitrepo import GitRepo
+from modelver.refs import artifacts_at, load_registry, open_git
+
+TAG = "modelver.tag"  # the version tag that identifies a synced version
+MANAGED_ALIASES = "modelver.aliases"  # registered-model tag: aliases this module set
+_RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SyncedVersion:
+    tag: str
+    model: str  # the registered model's name
+    mlflow_version: str
+    created: bool
+    updated: bool  # tags or description changed on an existing version
+    aliases: list[str]
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    tracking_uri: str
+    registry_uri: str
+    versions: list[SyncedVersion]
+    removed_aliases: list[str]  # "model@alias" of stages no longer assigned
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_name(artifact: str) -> str:
+    """MLflow names cannot contain '/' (modelver names may): 'team/model' -> 'team-model'."""
+    return artifact.replace("/", "-")
+
+
+def alias_name(stage: str) -> str:
+    """A stage as an MLflow alias: [A-Za-z0-9_-] only; 'latest' and 'vN' are reserved."""
+    alias = re.sub(r"[^\w-]", "-", stage)
+    return f"stage-{alias}" if _RESERVED_ALIAS.match(alias) else alias
+
+
+def lineage_tags(ver: v.VersionTag, params: Mapping[str, Any]) -> dict[str, str]:
+    """What reproduces the version: tag, commit, checkpoint hash, metrics, params."""
+    meta = ver.meta
+    tags = {
+        TAG: ver.tag,
+        "modelver.name": ver.name,
+        "modelver.version": str(ver.version),
+        "modelver.commit": ver.commit,
+        "modelver.date": ver.date,
+        "modelver.stages": ",".join(ver.stages),
+    }
+    for key in ("checkpoint", "path", "step", "step_dir", "stage", "parent"):
+        if meta.get(key) is not None:
+            tags[f"modelver.{key}"] = str(meta[key])
+    tags.update({f"metric.{k}": repr(float(x)) for k, x in sorted(ver.metrics.items())})
+    tags.update({f"param.{k}": str(x) for k, x in _flatten(params).items()})
+    return tags
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, x in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(x, Mapping):
+            out.update(_flatten(x, key))
+        else:
+            out[key] = x
+    return out
+
+
+def _params(git: GitRepo, ver: v.VersionTag) -> dict[str, Any]:
+    """The params the producing stage ran with, as dvc.lock records them (file -> values)."""
+    from modelver.dvcrepo import find_locked_out
+
+    path = ver.meta.get("path")
+    if not path:
+        art = artifacts_at(git, ver.commit).get(ver.name)
+        path = art.path if art else None
+    out = find_locked_out(git.read_file(ver.commit, "dvc.lock"), path) if path else None
+    if out is None:
+        return {}
+    params = dict(out.params)
+    main = params.pop("params.yaml", {})  # the default file: keys without a file prefix
+    return {**main, **params}
+
+
+def _description(ver: v.VersionTag) -> str:
+    bits = [f"{ver.tag} at commit {ver.commit[:10]}"]
+    if ver.step is not None:
+        bits.append(f"step {ver.step}")
+    if ver.metrics:
+        bits.append(", ".join(f"{k}={x:.6g}" for k, x in sorted(ver.metrics.items())))
+    return f"{ver.message}\n\n" + "; ".join(bits) + " (synced by modelver)"
+
+
+@contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """MLflow and Alembic log schema migrations at INFO: keep the CLI's output clean."""
+    loggers = [logging.getLogger(n) for n in ("mlflow", "alembic")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def sync(
+    name: str | None = None,
+    *,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+    repo_root: str | Path = ".",
+) -> SyncResult:
+    """Create or update an MLflow model version per modelver version, and stage aliases."""
+    try:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+    except ImportError as e:
+        raise ModelverError(
+            "MLflow is not installed", hint="pip install 'modelver[mlflow]' (or mlflow)"
+        ) from e
+    git = open_git(repo_root)
+    registry = load_registry(git)
+    if name is not None:
+        v.check_name(name, "artifact name")
+        if not registry.of(name):
+            raise ArtifactNotFoundError(name, known=registry.names())
+    wanted = registry.of(name) if name else list(registry.versions)
+    with _quiet_mlflow():
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+        try:
+            synced, removed = [], []
+            for artifact in sorted({x.name for x in wanted}):
+                mine = [x for x in wanted if x.name == artifact]
+                done, gone = _sync_model(client, git, artifact, mine, MlflowException)
+                synced += done
+                removed += gone
+        except MlflowException as e:
+            raise ModelverError(
+                f"MLflow registry error: {e.message}", hint="check --tracking-uri / --registry-uri"
+            ) from e
+    return SyncResult(str(client.tracking_uri), str(client._registry_uri), synced, removed)
+
+
+def _sync_model(
+    client: Any,
+    git: GitRepo,
+    artifact: str,
+    versions: list[v.VersionTag],
+    not_ok: type[Exception],
+) -> tuple[list[SyncedVersion], list[str]]:
+    model = model_name(artifact)
+    try:
+        registered = client.get_registered_model(model)
+    except not_ok as e:
+        if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        registered = client.create_registered_model(
+            model,
+            tags={"modelver.name": artifact},
+            description=f"Model versions of the modelver artifact '{artifact}' (Git tags).",
+        )
+    existing = {
+        mv.tags.get(TAG): mv
+        for mv in client.search_model_versions(f"name='{model}'")
+        if mv.tags.get(TAG)
+    }
+    numbers: dict[str, str] = {}
+    results = []
+    for ver in versions:
+        tags = lineage_tags(ver, _params(git, ver))
+        description = _description(ver)
+        mv = existing.get(ver.tag)
+        created = updated = False
+        if mv is None:
+            mv = client.create_model_version(
+                model, source=f"modelver:{ver.tag}", tags=tags, description=description
+            )
+            created = True
+        else:
+            for k, val in tags.items():
+                if mv.tags.get(k) != val:
+                    client.set_model_version_tag(model, mv.version, k, val)
+                    updated = True
+            for k in set(mv.tags) - set(tags):  # a stage unassigned, a metric renamed
+                if k.startswith(("modelver.", "metric.", "param.")):
+                    client.delete_model_version_tag(model, mv.version, k)
+                    updated = True
+            if (mv.description or "") != description:
+                client.update_model_version(model, mv.version, description=description)
+                updated = True
+        numbers[ver.tag] = str(mv.version)
+        results.append(
+            SyncedVersion(
+                ver.tag,
+                model,
+                str(mv.version),
+                created,
+                updated,
+                [alias_name(s) for s in ver.stages],
+            )
+        )
+    return results, _sync_aliases(client, model, registered, versions, numbers)
+
+
+def _sync_aliases(
+    client: Any,
+    model: str,
+    registered: Any,
+    versions: list[v.VersionTag],
+    numbers: Mapping[str, str],
+) -> list[str]:
+    """Set each stage's alias; drop aliases this module set for stages no longer assigned
+    (aliases made by hand in MLflow are left alone)."""
+    desired = {alias_name(s): numbers[x.tag] for x in versions for s in x.stages}
+    current = {a: str(n) for a, n in (registered.aliases or {}).items()}
+    for alias, number in desired.items():
+        if current.get(alias) != number:
+            client.set_registered_model_alias(model, alias, number)
+    managed = {a for a in (registered.tags or {}).get(MANAGED_ALIASES, "").split(",") if a}
+    removed = sorted(a for a in managed - set(desired) if a in current)
+    for alias in removed:
+        client.delete_registered_model_alias(model, alias)
+    value = ",".join(sorted(desired))
+    if (registered.tags or {}).get(MANAGED_ALIASES) != value:
+        client.set_registered_model_tag(model, MANAGED_ALIASES, value)
+    return [f"{model}@{a}" for a in removed]

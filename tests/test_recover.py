@@ -1,0 +1,416 @@
+"""Background push (CheckpointManager(push=...)) and `modelver recover` on a fresh clone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from modelver import api
+from modelver.checkpoint import CheckpointManager
+from modelver.checkpoint.format import read_manifest
+from modelver.cli.main import cli
+from modelver.dvcrepo import DvcRepo, RemoteStore
+from modelver.errors import ModelverError, RemoteError
+from modelver.publish import Publisher, read_runs
+from tests.registry_helpers import git
+
+TRAIN = '''\
+import os, random, time, yaml, torch
+from torch import nn
+from modelver import CheckpointManager
+
+p = yaml.safe_load(open("params.yaml"))["train"]
+torch.set_num_threads(1)
+random.seed(0)
+torch.manual_seed(p["seed"])
+g = torch.Generator().manual_seed(123)
+x = torch.randn(256, 32, generator=g)
+y = (x.sum(1) > 0).long()
+model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 2))
+opt = torch.optim.AdamW(model.parameters(), lr=p["lr"])
+state = {"model": model, "optimizer": opt}
+push = os.environ.get("TEST_PUSH") == "1"
+mgr = CheckpointManager("checkpoints", every_steps=p["every"], keep_last=2, push=push)
+start = mgr.restore(state)
+print("START", start, flush=True)
+sleep = float(os.environ.get("TEST_STEP_SLEEP", "0"))
+for step in range(start, p["steps"]):
+    idx = torch.randint(0, 256, (32,))
+    loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    mgr.maybe_save(step + 1, state, metrics={"loss": loss.item()})
+    time.sleep(sleep)
+mgr.close()
+'''
+
+DVC_YAML = """\
+stages:
+  train:
+    cmd: {python} train.py
+    deps: [train.py]
+    params: [train]
+    outs:
+      - checkpoints:
+          persist: true
+"""
+
+STEPS = 60
+
+
+def _dvc(cwd: Path, *args: str, env: dict[str, str] | None = None,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
+                          text=True, check=check, env={**os.environ, **(env or {})})
+
+
+def _origin(tmp: Path, remote: str, endpoint: str | None = None) -> Path:
+    """A project pushed to a bare Git repository; its DVC remote is in .dvc/config."""
+    src = tmp / "src"
+    src.mkdir()
+    git(src, "init", "-q")
+    (src / "train.py").write_text(TRAIN)
+    (src / "dvc.yaml").write_text(DVC_YAML.format(python=sys.executable))
+    (src / "params.yaml").write_text(f"train:\n  seed: 0\n  steps: {STEPS}\n  every: 5\n"
+                                     "  lr: 0.01\n")
+    api.init(src, remote=remote)
+    if endpoint:
+        _dvc(src, "remote", "modify", "modelver", "endpointurl", endpoint)
+    git(src, "add", "-A")
+    git(src, "commit", "-q", "-m", "project")
+    origin = tmp / "origin.git"
+    git(tmp, "init", "-q", "--bare", str(origin))
+    git(src, "push", "-q", str(origin), "main")
+    shutil.rmtree(src)
+    return origin
+
+
+def _clone(origin: Path, dest: Path) -> Path:
+    git(origin.parent, "clone", "-q", str(origin), str(dest))
+    return dest
+
+
+def _tensor_hashes(step_dir: Path) -> dict[str, str]:
+    """Every saved tensor (model and optimizer state) by content hash."""
+    return {k: t.hash for k, t in read_manifest(step_dir).tensors.items()}
+
+
+def _wait_for_record(work: Path, min_step: int, proc: subprocess.Popen[str]) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "training ended before a checkpoint was pushed"
+        steps = [r.step for r in api.list_runs(repo_root=work)]
+        if steps and max(steps) >= min_step:
+            return max(steps)
+        time.sleep(0.2)
+    raise AssertionError("no pushed checkpoint appeared")
+
+
+def _records_complete(work: Path) -> None:
+    """Every record visible in the remote names objects that are all there."""
+    dvc = DvcRepo(work)
+    try:
+        store = dvc.remote_store()
+        for rec in read_runs(store):
+            assert store.missing([rec.dir_md5, *rec.files.values()]) == []
+    finally:
+        dvc.close()
+
+
+def _kill_recover_finish(tmp_path: Path, origin: Path, *, use_cli: bool) -> None:
+    # an uninterrupted run, for reference (not pushing, so it leaves no record)
+    ref = _clone(origin, tmp_path / "reference")
+    _dvc(ref, "repro", "-q", env={"TEST_PUSH": "0"})
+    expected = _tensor_hashes(ref / "checkpoints" / f"step-{STEPS:08d}")
+
+    work = _clone(origin, tmp_path / "machine1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"], cwd=work, text=True, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TEST_PUSH": "1", "TEST_STEP_SLEEP": "0.15"},
+    )
+    try:
+        _wait_for_record(work, 15, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the machine dies, mid-training, maybe mid-push
+        proc.wait(timeout=30)
+    _records_complete(work)
+    shutil.rmtree(work)  # workspace and DVC cache are gone
+    shutil.rmtree(Path(os.environ["DVC_SITE_CACHE_DIR"]), ignore_errors=True)
+
+    fresh = _clone(origin, tmp_path / "machine2")
+    if use_cli:
+        runner = CliRunner()
+        cwd = os.getcwd()
+        os.chdir(fresh)
+        try:
+            res = runner.invoke(cli, ["recover", "--json"], catch_exceptions=False)
+        finally:
+            os.chdir(cwd)
+        assert res.exit_code == 0, res.output
+        step = int(json.loads(res.output)["step"])
+    else:
+        step = api.recover(repo_root=fresh).run.step
+    assert 15 <= step < STEPS
+    restored = fresh / "checkpoints" / f"step-{step:08d}"
+    assert restored.is_dir()
+    out = _dvc(fresh, "repro", env={"TEST_PUSH": "0"})
+    assert f"START {step}" in out.stdout  # training continued from the recovered checkpoint
+    assert _tensor_hashes(fresh / "checkpoints" / f"step-{STEPS:08d}") == expected
+
+
+@pytest.mark.slow
+def test_kill_clone_recover_finish_local_remote(tmp_path: Path) -> None:
+    origin = _origin(tmp_path, str(tmp_path / "dvc-remote"))
+    _kill_recover_finish(tmp_path, origin, use_cli=True)
+
+
+# --- S3 (moto_server), the fixture pattern of tests/test_storage_s3.py ------------------------
+
+BUCKET = "recover"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[str]:
+    import urllib.request
+
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        if os.environ.get("CI"):
+            pytest.fail("moto_server is not installed")
+        pytest.skip("moto_server is not installed")
+    port = _free_port()
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3(moto: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    for k, val in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, val)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
+    if BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+        client.create_bucket(Bucket=BUCKET)
+    return moto
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_kill_clone_recover_finish_s3(tmp_path: Path, s3: str) -> None:
+    origin = _origin(tmp_path, f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint=s3)
+    _kill_recover_finish(tmp_path, origin, use_cli=False)
+
+
+@pytest.mark.s3
+def test_recover_unreachable_s3(tmp_path: Path, s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    origin = _origin(tmp_path, f"s3://{BUCKET}/x", endpoint=f"http://127.0.0.1:{_free_port()}")
+    fresh = _clone(origin, tmp_path / "fresh")
+    started = time.monotonic()
+    with pytest.raises(RemoteError):
+        api.recover(repo_root=fresh)
+    assert time.monotonic() - started < 60
+    assert not (fresh / "checkpoints").exists()
+
+
+# --- the publisher in-process ------------------------------------------------------------------
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A committed Git + DVC repository with a local-directory default remote."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q")
+    api.init(root, remote=str(tmp_path / "remote"))
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+def _state() -> dict[str, object]:
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    return {"model": model, "optimizer": torch.optim.Adam(model.parameters())}
+
+
+def _write(root: Path, steps: list[int]) -> list[Path]:
+    state = _state()
+    mgr = CheckpointManager(root / "checkpoints", keep_last=None)
+    for step in steps:
+        state["model"].weight.data += 1  # type: ignore[attr-defined]
+        mgr.save(step, state)
+    mgr.close()
+    return [root / "checkpoints" / f"step-{s:08d}" for s in steps]
+
+
+def _store(root: Path) -> RemoteStore:
+    dvc = DvcRepo(root)
+    try:
+        return dvc.remote_store()
+    finally:
+        dvc.close()
+
+
+def test_interrupted_upload_never_shows_a_record_and_retry_completes(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (path,) = _write(repo, [10])
+    store = _store(repo)
+    real = RemoteStore.put_file
+    calls = {"n": 0}
+    seen_at_failure: list[list[int]] = []
+
+    def flaky(self: RemoteStore, p: Path, md5: str) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the remote dies after one file of the first attempt
+            seen_at_failure.append([r.step for r in read_runs(store)])
+            raise RemoteError(self.name, "connection reset")
+        return real(self, p, md5)
+
+    monkeypatch.setattr(RemoteStore, "put_file", flaky)
+    pub = Publisher(path.parent, True, backoff=0.01)
+    pub.submit(path, read_manifest(path))
+    pub.close()
+    assert seen_at_failure == [[]]  # nothing named the half-uploaded checkpoint
+    assert pub.failures == 1 and pub.published == [10]
+    (rec,) = read_runs(store)
+    assert rec.step == 10 and rec.path == "checkpoints" and rec.branch == "main"
+    assert store.missing([rec.dir_md5, *rec.files.values()]) == []
+
+
+def test_upload_that_keeps_failing_leaves_no_record(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (path,) = _write(repo, [10])
+
+    def dead(self: RemoteStore, p: Path, md5: str) -> bool:
+        raise RemoteError(self.name, "unreachable")
+
+    monkeypatch.setattr(RemoteStore, "put_file", dead)
+    pub = Publisher(path.parent, True, attempts=3, backoff=0.01)
+    with pytest.warns(UserWarning, match="could not push checkpoint step 10 after 3 attempts"):
+        pub.submit(path, read_manifest(path))
+        pub.close()
+    assert pub.failures == 3 and pub.published == []
+    assert read_runs(_store(repo)) == []
+    with pytest.raises(ModelverError, match="no checkpoint of this repository"):
+        api.recover(repo_root=repo)
+
+
+def test_newer_checkpoint_supersedes_a_queued_one(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _write(repo, [1, 2, 3])
+    entered, release = threading.Event(), threading.Event()
+    real = RemoteStore.put_file
+
+    def gated(self: RemoteStore, p: Path, md5: str) -> bool:
+        entered.set()
+        assert release.wait(30)
+        return real(self, p, md5)
+
+    monkeypatch.setattr(RemoteStore, "put_file", gated)
+    pub = Publisher(paths[0].parent, True)
+    pub.submit(paths[0], read_manifest(paths[0]))
+    assert entered.wait(60)  # step 1 is uploading
+    pub.submit(paths[1], read_manifest(paths[1]))
+    pub.submit(paths[2], read_manifest(paths[2]))
+    release.set()
+    pub.close()
+    assert pub.published == [1, 3]
+    assert [r.step for r in read_runs(_store(repo))] == [3]
+
+
+def test_push_does_not_block_training(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = RemoteStore.put_file
+
+    def slow(self: RemoteStore, p: Path, md5: str) -> bool:
+        time.sleep(0.3)  # a slow link: each file takes 0.3 s
+        return real(self, p, md5)
+
+    monkeypatch.setattr(RemoteStore, "put_file", slow)
+    blocked: dict[bool, list[float]] = {False: [], True: []}
+    for push in (False, True):
+        state = _state()
+        mgr = CheckpointManager(repo / f"ck-{push}", every_steps=1, keep_last=2, push=push)
+        for step in range(1, 9):
+            mgr.maybe_save(step, state)
+            blocked[push].append(mgr.last_blocking_seconds)
+        started = time.monotonic()
+        mgr.close()
+        if push:  # close waits for the last upload (3 files at 0.3 s)
+            assert time.monotonic() - started >= 0.6
+            assert mgr._publisher is not None and mgr._publisher.published[-1] == 8
+    # enqueueing costs nothing next to the 0.9 s upload of each checkpoint
+    assert max(blocked[True]) < max(blocked[False]) + 0.1
+    assert max(blocked[True]) < 0.3
+
+
+def test_push_to_unknown_remote_is_raised_in_the_training_thread(repo: Path) -> None:
+    state = _state()
+    mgr = CheckpointManager(repo / "checkpoints", every_steps=1, push="no-such-remote")
+    mgr.maybe_save(1, state)
+    assert mgr._publisher is not None
+    mgr._publisher.flush(timeout=60)
+    with pytest.raises(RemoteError, match="no-such-remote"):
+        mgr.maybe_save(2, state)
+    mgr.close()
+
+
+def test_push_to_a_url_then_recover_from_it(repo: Path, tmp_path: Path) -> None:
+    url = str(tmp_path / "other-remote")
+    (path,) = _write(repo, [7])
+    pub = Publisher(path.parent, url)
+    pub.submit(path, read_manifest(path))
+    pub.close()
+    assert pub.published == [7]
+    shutil.rmtree(repo / "checkpoints")
+    with pytest.raises(ModelverError, match="no checkpoint of this repository"):
+        api.recover(repo_root=repo)  # the default remote has nothing
+    res = api.recover(remote=url, repo_root=repo)
+    assert res.run.step == 7 and res.objects == len(res.run.files) + 1
+    assert read_manifest(res.path).step == 7
+    again = api.recover(remote=url, repo_root=repo)  # already there: nothing changes
+    assert again.path == res.path and again.objects == 0
