@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,7 +254,7 @@ def _modelver_calls(workflow: dict) -> list[list[str]]:
         for step in job["steps"]:
             script = step.get("run", "")
             for line in script.replace("\\\n", " ").splitlines():
-                words = shlex.split(line, comments=True)
+                words = shlex.split(re.sub(r"(^|\s)#.*$", "", line))  # bash comments
                 if words[:1] == ["modelver"]:
                     calls.append(words[1:])
     return calls
@@ -286,3 +288,49 @@ def test_help_lists_check_and_mlflow(tmp_path: Path) -> None:
     res = run(tmp_path, "--help")
     assert "check" in res.stdout and "mlflow" in res.stdout
     assert run(tmp_path, "mlflow", "sync", "--help").exit_code == 0
+
+
+# --- the demo pipeline, as the GitHub Actions example runs it ---------------------------------
+
+
+@pytest.mark.slow
+def test_demo_pipeline_gate_with_training_state(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from tests.test_demo_pipeline import make_pipeline_repo, repro, set_train_params
+
+    repo, env = make_pipeline_repo(tmp_path)
+    (repo / "examples" / "ci").mkdir()
+    shutil.copy(ROOT / "examples" / "ci" / "digits_state.py", repo / "examples" / "ci")
+
+    def sh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+    def modelver(*args: str) -> subprocess.CompletedProcess[str]:
+        return sh(sys.executable, "-m", "modelver.cli.main", *args)
+
+    set_train_params(repo, steps=300)
+    repro(repo, env)
+    assert sh("git", "add", "-A").returncode == 0
+    assert sh("git", "commit", "-qm", "300 steps").returncode == 0
+    for args in (("tag", "digits-mlp@v1.0.0", "-q"), ("promote", "digits-mlp@v1.0.0",
+                                                       "production", "-q")):
+        done = modelver(*args)
+        assert done.returncode == 0, done.stderr
+    set_train_params(repo, steps=400)
+    repro(repo, env)
+    gate = ["check", "workspace", "--baseline", "digits-mlp#production",
+            "--model", "examples/ci/digits_state.py:build_state", "--md", "report.md"]
+    res = modelver(*gate, "--fail-if", "accuracy < baseline.accuracy - 0.05")
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = (repo / "report.md").read_text()
+    assert ("✅ restored config, data, model, optimizer, scheduler into what "
+            "examples/ci/digits_state.py:build_state builds") in text
+    assert "| step | 300 | 400 | +100 |" in text
+    res = modelver(*gate, "--fail-if", "accuracy < baseline.accuracy + 0.5")
+    assert res.returncode == 1 and res.stderr.startswith("error: check failed: rule ")
+    set_train_params(repo, hidden=64)  # the factory now builds another architecture
+    res = modelver(*gate)
+    assert res.returncode == 1 and "candidate cannot be resumed" in res.stderr

@@ -23,7 +23,12 @@ import torch
 import transformers
 
 from modelver import list_checkpoints, load_checkpoint, verify_checkpoint
-from modelver.errors import CheckpointNotFoundError, ModelverError, ModelverWarning
+from modelver.errors import (
+    CheckpointNotFoundError,
+    ModelverError,
+    ModelverWarning,
+    TrainingInterrupted,
+)
 from modelver.integrations.transformers import (
     ModelverTrainer,
     ModelverTrainerMixin,
@@ -348,6 +353,35 @@ def test_unsupported_setups_are_refused(tmp_path: Path, monkeypatch: pytest.Monk
         patch_trainer(t)
     with pytest.raises(TypeError):
         patch_trainer(object())  # type: ignore[arg-type]
+
+
+class SignalAt(transformers.TrainerCallback):
+    """Delivers a real SIGTERM to this process while optimizer step ``step`` runs."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step + 1 == self.step:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    t = make_trainer(out, handle_signals=True)
+    t.add_callback(SignalAt(7))
+    with pytest.raises(TrainingInterrupted) as info:
+        t.train()
+    assert (info.value.signum, info.value.step, info.value.code) == (signal.SIGTERM, 7, 143)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [i.step for i in list_checkpoints(out / "checkpoints")] == [4, 7]
+    resumed = make_trainer(out, handle_signals=True)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 30
+    assert_same(weights(resumed), reference(tmp_path_factory))
 
 
 KILL_ARGS: dict[str, Any] = {"num_train_epochs": 12, "logging_steps": 50}

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.distributed import chunk_names, load_sharded, sharded_index
 from modelver.checkpoint.io import read_state_json, read_tensors
+from modelver.checkpoint.sharded import chunk_names, load_sharded, sharded_index
 from modelver.checkpoint.state import (
     component_state,
     flatten,

@@ -7,18 +7,16 @@ its part, so a checkpoint is either complete for all ranks or invisible:
 - per-rank state (global RNGs, a rank-aware :class:`ResumableSampler`) goes to
   ``rank-NNNNN.json``, written by every rank and listed, with its hash, in the manifest;
 - sharded tensors (DTensor / ShardedTensor, e.g. FSDP2 ``fully_shard``) go through
-  ``torch.distributed.checkpoint`` with a storage writer of ours: each rank writes its chunks as
-  one safetensors file under ``dcp-<component>/``; chunks are indexed in the manifest as
-  ``<tensor>@<offsets>`` and the global layout is kept in ``state.json``. DCP's pickled
-  ``.metadata`` is never written: the reader rebuilds DCP's metadata from that JSON, so loading
-  with any number of ranks (resharding) or in a plain process never unpickles a file.
+  ``torch.distributed.checkpoint`` into ``dcp-<component>/`` (see :mod:`.sharded`).
+
+Restoring, the ranks agree on the newest checkpoint that is intact (each rank hashes 1/world of
+its files), then each loads the shared state and its own rank file.
 
 torch.distributed itself is imported lazily: single-process users never pay for it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import secrets
@@ -34,15 +32,16 @@ import torch
 
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.io import (
-    _bytes_view,
     _plan_shards,
-    _readinto_exact,
     _storage_key,
     _write_shard,
     _write_small,
     commit_dir,
     read_state_json,
 )
+from modelver.checkpoint.sharded import chunk_names as chunk_names  # re-exported
+from modelver.checkpoint.sharded import is_sharded, writer_class
+from modelver.checkpoint.sharded import sharded_index as sharded_index  # re-exported
 from modelver.checkpoint.state import (
     FlatTensor,
     capture_rng,
@@ -77,23 +76,6 @@ def rank() -> int:
 
 def rank_file(r: int) -> str:
     return f"rank-{r:05d}.json"
-
-
-def chunk_name(fqn: str, offsets: Any) -> str:
-    return fqn + "@" + ",".join(str(int(o)) for o in offsets)
-
-
-def is_sharded(t: object) -> bool:
-    """A tensor each rank holds only part of (DCP saves and reshards it)."""
-    if not isinstance(t, torch.Tensor) or type(t) is torch.Tensor:
-        return False
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        return True
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    return isinstance(t, ShardedTensor)
 
 
 def per_rank(obj: object) -> bool:
@@ -186,253 +168,6 @@ def _host_tensors(flat: list[FlatTensor]) -> tuple[list[FlatTensor], dict[str, s
     return out, aliases
 
 
-# --- DCP storage: safetensors chunks, JSON layout, no pickle ----------------------------------
-
-
-def _dcp_classes() -> Any:
-    from torch.distributed.checkpoint import planner, storage
-
-    return planner, storage
-
-
-def _read_chunk(path: Path, entry: fmt.TensorEntry) -> torch.Tensor:
-    dest = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
-    view = _bytes_view(dest)
-    with open(path / entry.file, "rb", buffering=0) as f:
-        f.seek(entry.offsets[0])
-        complete = _readinto_exact(f, view)
-    if not complete or fmt.hash_bytes(view) != entry.hash:
-        raise CheckpointCorruptedError(path, [f"{entry.file}: {entry.name} differs from the index"])
-    return dest
-
-
-def _narrow(t: torch.Tensor, offsets: Any, sizes: Any) -> torch.Tensor:
-    for dim, (o, n) in enumerate(zip(offsets, sizes, strict=True)):
-        t = t.narrow(dim, int(o), int(n))
-    return t
-
-
-def _done(value: Any) -> Any:
-    """A completed ``torch.futures.Future`` (what DCP waits on)."""
-    fut: torch.futures.Future[Any] = torch.futures.Future()
-    fut.set_result(value)
-    return fut
-
-
-def _writer_class() -> type:
-    planner, storage = _dcp_classes()
-
-    class ChunkWriter(storage.StorageWriter):  # type: ignore[name-defined]
-        """Each rank writes its chunks to one safetensors file and hashes it; rank 0 indexes all."""
-
-        def __init__(self, tmp: Path, subdir: str) -> None:
-            super().__init__()
-            self.tmp, self.subdir = tmp, subdir
-            self.files: dict[str, fmt.FileEntry] = {}
-            self.tensors: dict[str, fmt.TensorEntry] = {}
-            self.layout: dict[str, dict[str, Any]] = {}
-
-        def reset(self, checkpoint_id: Any = None) -> None:
-            pass
-
-        def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kw: Any) -> None:
-            pass
-
-        def prepare_local_plan(self, plan: Any) -> Any:
-            return plan
-
-        def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
-            return [
-                dataclasses.replace(p, storage_data=f"{i:05d}.safetensors")
-                for i, p in enumerate(plans)
-            ]
-
-        def write_data(self, plan: Any, planner_: Any) -> Any:
-            members = []
-            for item in plan.items:
-                if item.type == planner.WriteItemType.BYTE_IO:
-                    raise TypeError(f"{item.index.fqn}: only tensors are saved through DCP")
-                t = planner_.resolve_data(item).detach().cpu().contiguous()
-                name = chunk_name(item.index.fqn, item.index.offset)
-                members.append(FlatTensor(name, t, name, False))
-            if not members:
-                return _done([])
-            folder = self.tmp / self.subdir
-            folder.mkdir(exist_ok=True)
-            fentry, tentries = _write_shard(folder / plan.storage_data, members)
-            rel = f"{self.subdir}/{fentry.path}"
-            fentry = dataclasses.replace(fentry, path=rel)
-            index = {e.name: dataclasses.replace(e, file=rel) for e in tentries}
-            return _done(
-                [
-                    storage.WriteResult(
-                        index=item.index,
-                        size_in_bytes=index[m.name].nbytes,
-                        storage_data=(fentry, index[m.name]),
-                    )
-                    for item, m in zip(plan.items, members, strict=True)
-                ]
-            )
-
-        def finish(self, metadata: Any, results: list[list[Any]]) -> None:
-            for rank_results in results:
-                for r in rank_results:
-                    fentry, tentry = r.storage_data
-                    self.files[fentry.path] = fentry
-                    self.tensors[tentry.name] = tentry
-            for fqn, md in metadata.state_dict_metadata.items():
-                self.layout[fqn] = {
-                    "dtype": str(md.properties.dtype).removeprefix("torch."),
-                    "shape": list(md.size),
-                    "chunks": [
-                        {
-                            "name": chunk_name(fqn, c.offsets),
-                            "offsets": list(c.offsets),
-                            "sizes": list(c.sizes),
-                        }
-                        for c in md.chunks
-                    ],
-                }
-            if (self.tmp / self.subdir).is_dir():
-                fmt.fsync_dir(self.tmp / self.subdir)
-
-        @classmethod
-        def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-            return False
-
-    return ChunkWriter
-
-
-def _reader_class() -> type:
-    from torch.distributed.checkpoint import metadata as md
-
-    planner, storage = _dcp_classes()
-
-    class ChunkReader(storage.StorageReader):  # type: ignore[name-defined]
-        """DCP metadata rebuilt from our JSON layout; chunks read by byte range, hash-checked."""
-
-        def __init__(self, path: Path, manifest: fmt.Manifest, layout: Mapping[str, Any]) -> None:
-            super().__init__()
-            self.path, self.manifest, self.layout = path, manifest, layout
-            self.index: dict[Any, str] = {}
-
-        def reset(self, checkpoint_id: Any = None) -> None:
-            pass
-
-        def read_metadata(self, *args: Any, **kw: Any) -> Any:
-            sd_md: dict[str, Any] = {}
-            index: dict[Any, str] = {}
-            for fqn, spec in self.layout.items():
-                chunks = []
-                for c in spec["chunks"]:
-                    off = torch.Size(c["offsets"])
-                    chunks.append(md.ChunkStorageMetadata(off, torch.Size(c["sizes"])))
-                    index[md.MetadataIndex(fqn, off)] = c["name"]
-                props = md.TensorProperties(dtype=getattr(torch, spec["dtype"]))
-                sd_md[fqn] = md.TensorStorageMetadata(props, torch.Size(spec["shape"]), chunks)
-            return md.Metadata(state_dict_metadata=sd_md, storage_data=index)
-
-        def set_up_storage_reader(
-            self, metadata: Any, is_coordinator: bool, *args: Any, **kw: Any
-        ) -> None:
-            self.index = metadata.storage_data
-
-        def prepare_local_plan(self, plan: Any) -> Any:
-            return plan
-
-        def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
-            return plans
-
-        def read_data(self, plan: Any, planner_: Any) -> Any:
-            cache: dict[str, torch.Tensor] = {}
-            for item in plan.items:
-                if item.type == planner.LoadItemType.BYTE_IO:
-                    raise TypeError(f"{item.storage_index.fqn}: not a tensor")
-                name = self.index[item.storage_index]
-                if name not in cache:
-                    cache[name] = _read_chunk(self.path, self.manifest.tensors[name])
-                src = _narrow(cache[name], item.storage_offsets, item.lengths)
-                target = planner_.resolve_tensor(item).detach()
-                target.copy_(src)
-                planner_.commit_tensor(item, target)
-            return _done(None)
-
-        @classmethod
-        def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-            return False
-
-    return ChunkReader
-
-
-def chunk_names(meta: Mapping[str, Any]) -> set[str]:
-    return {c["name"] for spec in (meta.get("sharded") or {}).values() for c in spec["chunks"]}
-
-
-def sharded_index(meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Full (unsharded) name -> (global shape, dtype) of every sharded tensor."""
-    return {
-        n: (tuple(spec["shape"]), spec["dtype"]) for n, spec in (meta.get("sharded") or {}).items()
-    }
-
-
-def _optimizer_targets(
-    comp: str, opt: torch.optim.Optimizer, layout: Mapping[str, Any]
-) -> dict[str, torch.Tensor]:
-    """A fresh optimizer has no state yet: shard saved state like the parameter it belongs to."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    out = {}
-    prefix = comp + "/state/"
-    for name, spec in layout.items():
-        parts = name[len(prefix) :].split("/") if name.startswith(prefix) else []
-        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= len(params):
-            continue
-        p = params[int(parts[0])]
-        if is_sharded(p) and tuple(p.shape) == tuple(spec["shape"]):
-            out[name] = torch.empty_like(p, dtype=getattr(torch, spec["dtype"]))
-    return out
-
-
-def load_sharded(
-    path: Path,
-    manifest: fmt.Manifest,
-    meta: Mapping[str, Any],
-    *,
-    live: Mapping[str, torch.Tensor],
-    state: Mapping[str, Any] | None,
-) -> dict[str, torch.Tensor]:
-    """Sharded tensors of the components in ``state`` (all if None).
-
-    Live sharded targets are filled in place through DCP (resharding to the current mesh, one
-    collective call on every rank); anything else gets the full tensor assembled from its chunks.
-    """
-    layout: dict[str, Any] = meta.get("sharded") or {}
-    if state is not None:
-        layout = {n: s for n, s in layout.items() if n.split("/", 1)[0] in state}
-    targets = {n: t for n, t in live.items() if n in layout and is_sharded(t)}
-    for comp, obj in (state or {}).items():
-        if isinstance(obj, torch.optim.Optimizer):
-            for n, t in _optimizer_targets(comp, obj, layout).items():
-                targets.setdefault(n, t)
-    if targets:
-        import torch.distributed.checkpoint as dcp
-
-        dcp.load(
-            targets,
-            storage_reader=_reader_class()(path, manifest, layout),
-            no_dist=not active(),
-        )
-    out: dict[str, torch.Tensor] = dict(targets)
-    for name, spec in layout.items():
-        if name in out:
-            continue
-        full = torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
-        for c in spec["chunks"]:
-            chunk = _read_chunk(path, manifest.tensors[c["name"]])
-            _narrow(full, c["offsets"], c["sizes"]).copy_(chunk)
-        out[name] = full
-    return out
-
-
 # --- save -------------------------------------------------------------------------------------
 
 
@@ -490,7 +225,7 @@ def save(
         import torch.distributed.checkpoint as dcp
 
         for comp in sorted(parts.sharded):
-            writer = _writer_class()(tmp, "dcp-" + safe_filename(comp))
+            writer = writer_class()(tmp, "dcp-" + safe_filename(comp))
             dcp.save(parts.sharded[comp], storage_writer=writer)
             files.update(writer.files)
             tensors.update(writer.tensors)
@@ -571,7 +306,7 @@ def _commit(
             extras=dict(extras or {}),
         )
         _write_small(tmp / fmt.MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
-        fmt.fsync_dir(tmp)
+        fmt.fsync_path(tmp)
         commit_dir(tmp, final)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -603,9 +338,7 @@ def _choose(root: Path, step: int | None, me: int, world: int) -> Path | None:
     listed = None
     if me == 0:
         listed = [
-            str(i.path)
-            for i in reversed(list_checkpoints(root))
-            if step is None or i.step == step
+            str(i.path) for i in reversed(list_checkpoints(root)) if step is None or i.step == step
         ]
     for candidate in _broadcast(listed):
         path = Path(candidate)

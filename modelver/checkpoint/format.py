@@ -328,7 +328,8 @@ def write_all(f: IO[bytes], data: memoryview | bytes) -> None:
         view = view[n:]
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (a directory's entries: new names, renames)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -194,7 +194,7 @@ class Md5Pool:
 
 
 def _write_shard(
-    path: Path, members: list[FlatTensor], md5: Md5Pool | None = None
+    path: Path, members: list[FlatTensor], md5: Md5Pool | None = None, *, fsync: bool = True
 ) -> tuple[fmt.FileEntry, list[fmt.TensorEntry]]:
     planned = []
     by_name = {}
@@ -224,9 +224,11 @@ def _write_shard(
                     pt.name, path.name, pt.dtype, pt.shape, (base + start, base + end), digest.hex()
                 )
             )
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
         size = f.tell()
     return fmt.FileEntry(path.name, size, fmt.tree_hash(header, digests)), entries
+
 
 
 def _write_small(path: Path, data: bytes, *, md5: bool = False) -> fmt.FileEntry:
@@ -264,9 +266,13 @@ def write_checkpoint(root: Path, snap: Snapshot, *, md5: bool = False) -> fmt.Ma
         files: dict[str, fmt.FileEntry] = {}
         tensors: dict[str, fmt.TensorEntry] = {}
         for name, members in _plan_shards(snap.tensors):
-            fentry, tentries = _write_shard(tmp / name, members, pool)
+            # fsync after all files are written: the disk drains one file while the next is
+            # written, instead of the writer idling at every file (measured 2x faster)
+            fentry, tentries = _write_shard(tmp / name, members, pool, fsync=False)
             files[name] = fentry
             tensors.update((e.name, e) for e in tentries)
+        for name in files:
+            fmt.fsync_path(tmp / name)
         if pool is not None:
             pool.fill(files)
         payload = json.dumps(state_json(snap), sort_keys=True).encode()
@@ -282,7 +288,7 @@ def write_checkpoint(root: Path, snap: Snapshot, *, md5: bool = False) -> fmt.Ma
             extras=snap.extras,
         )
         _write_small(tmp / fmt.MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
-        fmt.fsync_dir(tmp)
+        fmt.fsync_path(tmp)
         commit_dir(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -302,11 +308,11 @@ def commit_dir(tmp: Path, final: Path) -> None:
         trash = final.with_name(f".trash-{final.name}-{secrets.token_hex(3)}")
         os.rename(final, trash)
         os.rename(tmp, final)
-        fmt.fsync_dir(final.parent)
+        fmt.fsync_path(final.parent)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
-        fmt.fsync_dir(final.parent)
+        fmt.fsync_path(final.parent)
 
 
 # --- reading ---------------------------------------------------------------------------------

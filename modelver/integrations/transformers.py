@@ -41,13 +41,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.catalog import list_checkpoints, restore_checkpoint, verify_checkpoint
@@ -57,6 +62,7 @@ from modelver.errors import (
     CheckpointNotFoundError,
     ModelverError,
     ModelverWarning,
+    TrainingInterrupted,
 )
 
 TRAINER_STATE_NAME = "trainer_state.json"  # what Trainer.train reads from the resume directory
@@ -75,6 +81,7 @@ class TrainerCheckpointing:
     keep_best: int
     monitor: str | None
     mode: str
+    handle_signals: bool
 
 
 def _settings(
@@ -85,6 +92,7 @@ def _settings(
     keep_best: int,
     monitor: str | None,
     mode: str,
+    handle_signals: bool,
 ) -> TrainerCheckpointing:
     """Fill what was left unset from ``TrainingArguments``."""
     metric = args.metric_for_best_model
@@ -108,7 +116,21 @@ def _settings(
         keep_best,
         monitor,
         mode,
+        handle_signals,
     )
+
+
+class _SignalStop(TrainerCallback):
+    """After SIGTERM/SIGINT: finish the optimizer step, save it, stop training."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 class ModelverTrainerMixin:
@@ -121,6 +143,7 @@ class ModelverTrainerMixin:
     _modelver: TrainerCheckpointing
     _modelver_managers: dict[Path, CheckpointManager]
     _modelver_resume: Path | None
+    _modelver_stop: _SignalStop | None = None
 
     def configure_modelver(
         self,
@@ -130,6 +153,7 @@ class ModelverTrainerMixin:
         keep_best: int = _UNSET,
         monitor: str | None = _UNSET,
         mode: str = _UNSET,
+        handle_signals: bool = False,
     ) -> None:
         trainer: Any = self
         self._modelver = _settings(
@@ -139,10 +163,17 @@ class ModelverTrainerMixin:
             keep_best=keep_best,
             monitor=monitor,
             mode=mode,
+            handle_signals=handle_signals,
         )
         self._modelver_managers = {}
         self._modelver_resume = None
         self._modelver_check_supported()
+        if handle_signals and self._modelver_stop is None:
+            self._modelver_stop = _SignalStop()
+            trainer.add_callback(self._modelver_stop)
+        elif not handle_signals and self._modelver_stop is not None:
+            trainer.remove_callback(self._modelver_stop)
+            self._modelver_stop = None
 
     # --- where ---------------------------------------------------------------------------------
 
@@ -286,29 +317,73 @@ class ModelverTrainerMixin:
         ignore_keys_for_eval: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """``Trainer.train``, resuming from a modelver checkpoint (``True``: newest valid one)."""
+        """``Trainer.train``, resuming from a modelver checkpoint (``True``: newest valid one).
+
+        With ``handle_signals``, SIGTERM/SIGINT end training after one more step and its
+        checkpoint, then raise :class:`~modelver.errors.TrainingInterrupted` (a clean exit).
+        """
+        trainer: Any = self
         kwargs["ignore_keys_for_eval"] = ignore_keys_for_eval
         self._modelver_check_supported()
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return super().train(resume_from_checkpoint=None, trial=trial, **kwargs)  # type: ignore[misc]
-        if resume_from_checkpoint is True:
-            path = self._modelver_pick(self.modelver_checkpoint_dir(trial))
-        else:
-            path = self._modelver_pick(Path(resume_from_checkpoint))
-        staging = Path(tempfile.mkdtemp(prefix="modelver-resume-"))
-        try:
-            # Trainer.train reads TrainerState from the resume directory: give it just that JSON.
-            holder: dict[str, Any] = {"trainer_state": None}
-            restore_checkpoint(path, holder, restore_rngs=False)
-            text = json.dumps(holder["trainer_state"], indent=2, sort_keys=True) + "\n"
-            (staging / TRAINER_STATE_NAME).write_text(text, encoding="utf-8")
-            self._modelver_resume = path
-            return super().train(  # type: ignore[misc]
-                resume_from_checkpoint=str(staging), trial=trial, **kwargs
+        staging: Path | None = None
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            root = self.modelver_checkpoint_dir(trial)
+            path = self._modelver_pick(
+                root if resume_from_checkpoint is True else Path(resume_from_checkpoint)
             )
+            staging = self._modelver_stage(path)
+            self._modelver_resume = path
+        try:
+            with self._modelver_signals():
+                result = super().train(  # type: ignore[misc]
+                    resume_from_checkpoint=None if staging is None else str(staging),
+                    trial=trial,
+                    **kwargs,
+                )
         finally:
             self._modelver_resume = None
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        stop = self._modelver_stop
+        if stop is not None and stop.signum is not None:
+            signum, stop.signum = stop.signum, None
+            raise TrainingInterrupted(signum, int(trainer.state.global_step))
+        return result
+
+    @staticmethod
+    def _modelver_stage(path: Path) -> Path:
+        """Trainer.train reads TrainerState from the resume directory: a temp one with just that."""
+        holder: dict[str, Any] = {"trainer_state": None}
+        restore_checkpoint(path, holder, restore_rngs=False)
+        staging = Path(tempfile.mkdtemp(prefix="modelver-resume-"))
+        text = json.dumps(holder["trainer_state"], indent=2, sort_keys=True) + "\n"
+        (staging / TRAINER_STATE_NAME).write_text(text, encoding="utf-8")
+        return staging
+
+    @contextmanager
+    def _modelver_signals(self) -> Iterator[None]:
+        stop = self._modelver_stop
+        if stop is None:
+            yield
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("handle_signals=True needs train() to run in the main thread")
+        old: dict[int, Any] = {}
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if stop.signum is not None:  # second signal: behave as if we were not there
+                signal.signal(signum, old.get(signum, signal.SIG_DFL))
+                signal.raise_signal(signum)
+                return
+            stop.signum = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for signum, previous in old.items():
+                signal.signal(signum, previous)
 
     def _modelver_pick(self, path: Path) -> Path:
         """A verified step directory: ``path`` itself, or the newest valid one under it."""
@@ -397,7 +472,7 @@ class ModelverTrainer(ModelverTrainerMixin, Trainer):
     """``Trainer`` whose checkpoints are modelver checkpoints.
 
     Takes Trainer's arguments plus the keyword-only ``modelver_dir``, ``keep_last``,
-    ``keep_best``, ``monitor`` and ``mode`` (see :func:`patch_trainer`).
+    ``keep_best``, ``monitor``, ``mode`` and ``handle_signals`` (see :func:`patch_trainer`).
     """
 
     def __init__(
@@ -408,6 +483,7 @@ class ModelverTrainer(ModelverTrainerMixin, Trainer):
         keep_best: int = _UNSET,
         monitor: str | None = _UNSET,
         mode: str = _UNSET,
+        handle_signals: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -417,6 +493,7 @@ class ModelverTrainer(ModelverTrainerMixin, Trainer):
             keep_best=keep_best,
             monitor=monitor,
             mode=mode,
+            handle_signals=handle_signals,
         )
 
 
@@ -431,12 +508,14 @@ def patch_trainer(
     keep_best: int = _UNSET,
     monitor: str | None = _UNSET,
     mode: str = _UNSET,
+    handle_signals: bool = False,
 ) -> Trainer:
     """Make an existing Trainer (or subclass) save and resume with modelver; returns it.
 
     Unset options follow ``TrainingArguments``: ``checkpoint_dir`` = ``<output_dir>/checkpoints``,
     ``keep_last`` = ``save_total_limit``, and with ``load_best_model_at_end`` ``keep_best=1``
-    on ``metric_for_best_model`` (``mode`` from ``greater_is_better``).
+    on ``metric_for_best_model`` (``mode`` from ``greater_is_better``). ``handle_signals``: on
+    SIGTERM/SIGINT, save after the current step and raise ``TrainingInterrupted``.
     """
     if not isinstance(trainer, Trainer):
         raise TypeError("patch_trainer needs a transformers.Trainer")
@@ -454,5 +533,6 @@ def patch_trainer(
         keep_best=keep_best,
         monitor=monitor,
         mode=mode,
+        handle_signals=handle_signals,
     )
     return trainer
