@@ -6,7 +6,8 @@ A Git + DVC repository in a temporary directory with a local-directory DVC remot
 training loop (sleeps --step-ms per step, training work that holds no lock) saves every 5 steps
 with CheckpointManager(push=False) and then push=True, sync and async saves. Reported per
 mode: median/max time ``maybe_save`` blocked the caller, the wall time of the loop, and (push)
-how long the last checkpoint took to reach the remote after ``maybe_save`` returned.
+how long the last checkpoint took to reach the remote after ``maybe_save`` returned, and the
+longest time spent in the push hook itself (enqueueing).
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ import torch
 from torch import nn
 
 from modelver import CheckpointManager, api
+from modelver.publish import Publisher
+
+SUBMIT: list[float] = []  # time the training thread spent in Publisher.submit (the hook)
+_submit = Publisher.submit
+
+
+def timed_submit(self: Publisher, *args: object) -> None:
+    t0 = time.perf_counter()
+    _submit(self, *args)  # type: ignore[arg-type]
+    SUBMIT.append(time.perf_counter() - t0)
+
+
+Publisher.submit = timed_submit  # type: ignore[method-assign,assignment]
 
 
 def build_state(mib: float) -> dict[str, object]:
@@ -57,8 +71,10 @@ def run(root: Path, state: dict[str, object], *, push: bool, async_save: bool, s
     drain = time.perf_counter() - t0
     published = len(mgr._publisher.published) if mgr._publisher is not None else 0
     mgr.close()
+    hook = max(SUBMIT) if push else 0.0
+    SUBMIT.clear()
     return {"median": statistics.median(blocked), "max": max(blocked), "loop": loop,
-            "drain": drain, "published": published}
+            "drain": drain, "published": published, "hook": hook}
 
 
 def main() -> None:
@@ -76,14 +92,15 @@ def main() -> None:
         print(f"state {a.mib:.0f} MiB, {a.saves} saves, {a.step_ms:.0f} ms per step, "
               f"torch {torch.__version__}")
         print(f"{'mode':<14} {'blocked median':>15} {'blocked max':>12} {'loop s':>8} "
-              f"{'drain s':>8} {'pushed':>7}")
+              f"{'drain s':>8} {'pushed':>7} {'hook max':>9}")
         for async_save in (False, True):
             for push in (False, True):
                 r = run(root, state, push=push, async_save=async_save, saves=a.saves,
                         step_s=a.step_ms / 1000)
                 mode = f"{'async' if async_save else 'sync'} {'push' if push else 'no push'}"
                 print(f"{mode:<14} {r['median'] * 1000:>12.1f} ms {r['max'] * 1000:>9.1f} ms "
-                      f"{r['loop']:>8.2f} {r['drain']:>8.2f} {int(r['published']):>7}")
+                      f"{r['loop']:>8.2f} {r['drain']:>8.2f} {int(r['published']):>7} "
+                      f"{r['hook'] * 1e6:>6.0f} us")
 
 
 if __name__ == "__main__":

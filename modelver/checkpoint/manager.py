@@ -117,6 +117,13 @@ class CheckpointManager:
         self.dvc_hashes = (
             (bool(push) or _in_dvc_repo(self.root)) if dvc_hashes is None else dvc_hashes
         )
+        self._dvc_warm: threading.Thread | None = None
+        if self.dvc_hashes and importlib.util.find_spec("dvc") is not None:
+            # importing DVC and opening the repository once takes seconds: not in the first save
+            self._dvc_warm = threading.Thread(
+                target=_warm_dvc, args=(self.root,), name="modelver-dvc-warm", daemon=True
+            )
+            self._dvc_warm.start()
         self._clean_stale()
         if handle_signals:
             self._install_signals()
@@ -269,6 +276,8 @@ class CheckpointManager:
     def _commit(self, snap: Snapshot) -> CheckpointInfo:
         manifest = write_checkpoint(self.root, snap, md5=self.dvc_hashes)
         if self.dvc_hashes:
+            if self._dvc_warm is not None:
+                self._dvc_warm.join()
             _record_dvc_hashes(self.root / fmt.step_dirname(manifest.step), manifest)
         return self._after_commit(manifest)
 
@@ -372,6 +381,17 @@ def _in_dvc_repo(directory: Path) -> bool:
         return False
     here = Path(os.path.realpath(directory))
     return any((d / ".dvc").is_dir() for d in (here, *here.parents))
+
+
+def _warm_dvc(directory: Path) -> None:
+    here = Path(os.path.realpath(directory))
+    existing = next((d for d in (here, *here.parents) if d.is_dir()), here)
+    try:
+        from modelver.dvcrepo import record_hashes
+
+        record_hashes(existing, {})
+    except Exception:  # the first real record reports any problem
+        pass
 
 
 def _record_dvc_hashes(path: Path, manifest: fmt.Manifest) -> None:

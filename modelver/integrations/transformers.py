@@ -101,7 +101,8 @@ def _settings(
     if keep_last is _UNSET:
         keep_last = args.save_total_limit
     if monitor is _UNSET:
-        monitor = metric if args.load_best_model_at_end else None
+        wants_best = args.load_best_model_at_end or keep_best not in (_UNSET, 0)
+        monitor = metric if wants_best else None
     if keep_best is _UNSET:
         keep_best = 1 if monitor else 0
     if mode is _UNSET:
