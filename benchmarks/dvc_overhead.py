@@ -1,6 +1,6 @@
 """What ``dvc repro`` of a training stage costs on top of the training command itself.
 
-    python benchmarks/dvc_overhead.py [--mib 1024] [--rounds 3] [--profile]
+    python benchmarks/dvc_overhead.py [--mib 1024] [--rounds 3] [--profile] [--cache-type T]
 
 A temporary Git + DVC repository (``cache.type reflink,hardlink,copy`` as ``modelver init`` sets)
 with one stage: ``python train.py`` restores from ``checkpoints/`` (a ``persist: true`` output),
@@ -68,12 +68,12 @@ def write_params(repo: Path, **params: object) -> None:
     (repo / "params.yaml").write_text(json.dumps(params, sort_keys=True) + "\n")
 
 
-def make_repo(work: Path, name: str, params: dict[str, object]) -> Path:
+def make_repo(work: Path, name: str, params: dict[str, object], cache_type: str) -> Path:
     repo = work / name
     repo.mkdir()
     sh(["git", "init", "-q"], repo)
     sh([sys.executable, "-m", "dvc", "init", "-q"], repo)
-    sh([sys.executable, "-m", "dvc", "config", "cache.type", "reflink,hardlink,copy"], repo)
+    sh([sys.executable, "-m", "dvc", "config", "cache.type", cache_type], repo)
     (repo / "train.py").write_text(TRAIN)
     write_params(repo, **params)
     (repo / "dvc.yaml").write_text(
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024, help="checkpoint size (model + AdamW)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cache-type", default="reflink,hardlink,copy", help="DVC cache.type")
     a = ap.parse_args()
     width = 4096
     layers = max(1, round(a.mib * 2**20 / (12 * (width * width + width))))
@@ -125,10 +126,10 @@ def main() -> None:
 
     lr = 1e-3
     try:
-        main_repo = make_repo(work, "main", base)
+        main_repo = make_repo(work, "main", base, a.cache_type)
         for r in range(a.rounds):
             print(f"round {r + 1}/{a.rounds}", flush=True)
-            first = make_repo(work, f"first{r}", base)
+            first = make_repo(work, f"first{r}", base, a.cache_type)
             record("cmd-first", sh([*env_python, "train.py"], first))
             shutil.rmtree(first / "checkpoints")
             record("repro-first", sh([*dvc, "repro", "-q"], first))
@@ -152,7 +153,8 @@ def main() -> None:
         ckpt_bytes = sum(p.stat().st_size for p in (main_repo / "checkpoints").rglob("*"))
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"\ncheckpoint {ckpt_bytes / 2**30:.2f} GiB, {layers} x Linear({width}) + AdamW; "
-              f"medians of {a.rounds}; dvc status clean: {status.returncode == 0}")
+              f"cache.type {a.cache_type}; medians of {a.rounds}; "
+              f"dvc status clean: {status.returncode == 0 and not status.stdout.strip()}")
         print(f"{'case':14s} {'seconds':>8s} {'ratio':>6s}  baseline")
         for label, baseline in (
             ("cmd-first", None), ("repro-first", "cmd-first"), ("cmd", None),

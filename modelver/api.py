@@ -573,7 +573,7 @@ def _verify_version(git: GitRepo, r: ResolvedRef) -> VerifyResult:
 
 
 # --- check ---------------------------------------------------------------------------------
-# Self-contained (helper H): imports what it needs inside the functions.
+# Self-contained: imports what it needs inside the functions.
 
 if TYPE_CHECKING:
     from modelver.check import CheckReport

@@ -21,9 +21,9 @@ from typing import Any
 from modelver.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
+    InvalidModelSpecError,
     ModelverError,
     NotARepositoryError,
-    StateMismatchError,
     UnknownRefError,
 )
 from modelver.gitrepo import GitRepo
@@ -45,26 +45,6 @@ from modelver.rules import Rule, RuleEvaluationError, operand_label
 
 Progress = Callable[[int, int], None]
 WORKSPACE = "workspace"  # the CANDIDATE/BASELINE word for the working tree's newest checkpoint
-
-
-class InvalidModelSpecError(ModelverError, ValueError):
-    exit_code = 2
-
-    def __init__(self, spec: str, reason: str) -> None:
-        self.spec = spec
-        super().__init__(
-            f"invalid --model '{spec}': {reason}",
-            hint="give MODULE:FACTORY or path/to/file.py:FACTORY, a callable returning "
-            "{'model': ..., 'optimizer': ...}",
-        )
-
-
-class CheckFailedError(ModelverError):
-    """Raised by the CLI once the report is out: the one-line reason, exit 1."""
-
-    def __init__(self, reason: str, *, report: str | None = None) -> None:
-        super().__init__(f"check failed: {reason}",
-                         hint=f"see {report}" if report else "run with --md FILE for a report")
 
 
 # --- results -------------------------------------------------------------------------------
@@ -445,8 +425,10 @@ def check_resumable(
     rng = capture_rng()
     try:
         restore_checkpoint(step_dir, state)
-    except (StateMismatchError, CheckpointCorruptedError, CheckpointNotFoundError) as e:
+    except ModelverError as e:  # a shape mismatch, a hash mismatch found while reading
         return Resumability("failed", mode, model, [], saved, e.message)
+    except Exception as e:  # the user's objects refused their state (a sampler, a scheduler)
+        return Resumability("failed", mode, model, [], saved, f"{type(e).__name__}: {e}")
     finally:
         restore_rng(rng)
     restored = [c for c in saved if c in state]
@@ -528,6 +510,7 @@ def to_markdown(report: CheckReport) -> str:
         "",
         "**Integrity:** " + (f"✅ {i.files} files match their manifest hashes{lock}" if i.ok
                              else "❌ " + "; ".join(i.problems[:5])),
+        "",
         "**Resumable:** " + _RESUME_MARK[r.status] + " " + resume_summary(r),
     ]
     if report.rules:

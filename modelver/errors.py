@@ -207,3 +207,41 @@ class DataMissingError(ModelverError, FileNotFoundError):
             f"data for {what} is in neither the local cache nor the remote",
             hint="push it from the machine that produced it ('modelver push')",
         )
+
+
+# --- CI gate ---------------------------------------------------------------------------
+
+
+class InvalidRuleError(ModelverError, ValueError):
+    """A ``--fail-if`` expression outside the rule language (a usage error: exit 2)."""
+
+    exit_code = 2
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        super().__init__(
+            f"invalid rule '{text}': {reason}",
+            hint='write a comparison of metrics, e.g. "accuracy < baseline.accuracy - 0.01"',
+        )
+
+
+class InvalidModelSpecError(ModelverError, ValueError):
+    exit_code = 2
+
+    def __init__(self, spec: str, reason: str) -> None:
+        self.spec = spec
+        super().__init__(
+            f"invalid --model '{spec}': {reason}",
+            hint="give MODULE:FACTORY or path/to/file.py:FACTORY, a callable returning "
+            "{'model': ..., 'optimizer': ...}",
+        )
+
+
+class CheckFailedError(ModelverError):
+    """Raised by the CLI once the report is out: the one-line reason, exit 1."""
+
+    def __init__(self, reason: str, *, report: str | None = None) -> None:
+        super().__init__(
+            f"check failed: {reason}",
+            hint=f"see {report}" if report else "run with --md FILE for a report",
+        )

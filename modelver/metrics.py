@@ -14,7 +14,7 @@ import yaml
 
 from modelver.errors import ModelverError
 from modelver.gitrepo import GitRepo
-from modelver.refs import open_dvc, read_object_json
+from modelver.refs import open_dvc
 
 CHECKPOINT_PREFIX = "checkpoint."  # manifest metrics are always reachable under this prefix
 
@@ -65,10 +65,12 @@ def metrics_files(git: GitRepo, commit: str | None) -> dict[str, dict[str, float
 
 
 def _cached_text(git: GitRepo, md5: str) -> str | None:
+    """A metrics file DVC caches (``cache: true``, the default): its object, fetched if needed."""
     dvc = open_dvc(git.root)
     try:
-        return json.dumps(read_object_json(dvc, md5))
-    except (ModelverError, ValueError):
+        dvc.fetch([md5])
+        return dvc.object_path(md5).read_text()
+    except (ModelverError, OSError):
         return None
     finally:
         dvc.close()

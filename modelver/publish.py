@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from modelver.checkpoint import format as fmt
 from modelver.errors import (
-    CheckpointCorruptedError,
     ModelverError,
     ModelverWarning,
     RemoteError,
@@ -110,10 +109,10 @@ class CheckpointGone(Exception):
     """The step directory was removed (retention) before it was uploaded."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Session:
     store: RemoteStore
-    repo_root: Path
+    path: str  # the checkpoints root relative to the repository root
     commit: str | None
     branch: str | None
 
@@ -136,7 +135,6 @@ class Publisher:
         attempts: int = 6,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
-        open_store: Callable[[Path, str | None], _Session] | None = None,
     ) -> None:
         self.root = Path(root)
         self.remote = None if target is True else str(target)
@@ -146,7 +144,6 @@ class Publisher:
         self.run_id = new_run_id()
         self.published: list[int] = []  # steps whose record was written, in order
         self.failures = 0  # failed attempts (retried or given up)
-        self._open_store = open_store or _open_session
         self._cond = threading.Condition()
         self._pending: tuple[Path, fmt.Manifest] | None = None
         self._busy = False
@@ -172,10 +169,11 @@ class Publisher:
 
     def check(self) -> None:
         """Raise a configuration error the background thread hit (once)."""
-        fatal, self._fatal = self._fatal, None
+        if self._fatal is None:  # the common case, on every step: no lock
+            return
+        with self._cond:
+            fatal, self._fatal = self._fatal, None
         if fatal is not None:
-            with self._cond:
-                self._closing = True
             raise fatal
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -215,7 +213,7 @@ class Publisher:
     def _publish_with_retries(self, path: Path, manifest: fmt.Manifest) -> None:
         if self._session is None:
             try:
-                self._session = self._open_store(self.root, self.remote)
+                self._session = _open_session(self.root, self.remote)
             except ModelverError as e:  # no repository or no such remote: retrying won't help
                 with self._cond:
                     self._fatal = e
@@ -228,11 +226,7 @@ class Publisher:
                 return
             except CheckpointGone:
                 return  # retention removed it: a newer checkpoint exists
-            except CheckpointCorruptedError as e:
-                warnings.warn(f"not pushing step {manifest.step}: {e}", ModelverWarning,
-                              stacklevel=1)
-                return
-            except (RemoteError, OSError) as e:
+            except Exception as e:  # remote down, a file system's own error: retry, then warn
                 error = e
             self.failures += 1
             if attempt == self.attempts:
@@ -274,7 +268,7 @@ class Publisher:
             raise OSError(f"{len(missing)} object(s) absent from the remote after upload")
         record = RunRecord(
             run=self.run_id, commit=s.commit, branch=s.branch,
-            path=_relpath(path.parent, s.repo_root), step=manifest.step, step_dir=path.name,
+            path=s.path, step=manifest.step, step_dir=path.name,
             dir_md5=dir_md5, files={k: m for k, (m, _) in files.items()},
             created=manifest.created, pushed=_utcnow(), metrics=dict(manifest.metrics),
             host=socket.gethostname(),
@@ -300,6 +294,7 @@ def _open_session(root: Path, remote: str | None) -> _Session:
 
     try:
         repo_root = find_root(root.resolve())
+        path = _relpath(root, repo_root)
         repo = DvcRepo(repo_root)
         try:
             store = repo.remote_store(remote)
@@ -310,7 +305,7 @@ def _open_session(root: Path, remote: str | None) -> _Session:
         raise
     except Exception as e:  # a broken DVC configuration: say so once, in the training thread
         raise ModelverError(f"cannot push checkpoints: {e}") from e
-    return _Session(store, repo_root, commit, branch)
+    return _Session(store, path, commit, branch)
 
 
 # --- recover: pick a run ---------------------------------------------------------------------

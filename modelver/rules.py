@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from modelver.errors import ModelverError
+from modelver.errors import InvalidRuleError
 
 SIDES = ("candidate", "baseline")
 _BINARY: dict[type[ast.operator], Callable[[float, float], float]] = {
@@ -27,19 +27,6 @@ _COMPARE: dict[type[ast.cmpop], Callable[[float, float], bool]] = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne,
 }
 _FUNCTIONS: dict[str, Callable[..., float]] = {"abs": abs, "min": min, "max": max}
-
-
-class InvalidRuleError(ModelverError, ValueError):
-    """A ``--fail-if`` expression outside the rule language (a usage error: exit 2)."""
-
-    exit_code = 2
-
-    def __init__(self, text: str, reason: str) -> None:
-        self.text = text
-        super().__init__(
-            f"invalid rule '{text}': {reason}",
-            hint="write a comparison of metrics, e.g. \"accuracy < baseline.accuracy - 0.01\"",
-        )
 
 
 class RuleEvaluationError(Exception):

@@ -8,6 +8,7 @@
 rank-aware ResumableSampler; every rank's RNGs are seeded differently. Rank 0 writes the final
 weights. ``shard-save``/``shard-load``: an FSDP2 (``fully_shard``) model and AdamW saved with one
 world size and restored with another; rank 0 writes the full (gathered) state as safetensors.
+``--cuda``: NCCL and one GPU per rank (for the device checks); gloo on the CPU otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def train(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(16, a.hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(a.hidden, 2)
-    )
+    ).to(a.device)
     ddp = DistributedDataParallel(model)
     random.seed(rank)
     np.random.seed(rank)
@@ -61,6 +62,7 @@ def train(a: argparse.Namespace) -> None:
         except StopIteration:
             it = iter(loader)
             xb, yb = next(it)
+        xb, yb = xb.to(a.device), yb.to(a.device)
         noise = torch.randn_like(xb) * 0.01 * random.random() * float(np.random.rand())
         loss = nn.functional.cross_entropy(ddp(xb + noise), yb)
         opt.zero_grad()
@@ -76,17 +78,17 @@ def train(a: argparse.Namespace) -> None:
     mgr.save(a.total, state, metrics=metrics)
     mgr.close()
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.out)
+        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, a.out)
     print(f"DONE rank {rank}", flush=True)
 
 
-def sharded_state(hidden: int) -> dict[str, object]:
+def sharded_state(hidden: int, device: str) -> dict[str, object]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 5))
+    model = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 5)).to(device)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return {"model": model, "optimizer": opt}
@@ -104,16 +106,16 @@ def full_state(state: dict[str, object]) -> dict[str, torch.Tensor]:
     for pid, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             out[f"optimizer/{pid}/{k}"] = v.full_tensor() if isinstance(v, DTensor) else v
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+    return {k: v.detach().cpu().clone().contiguous() for k, v in out.items()}
 
 
 def shard_save(a: argparse.Namespace) -> None:
-    state = sharded_state(a.hidden)
+    state = sharded_state(a.hidden, a.device)
     model, opt = state["model"], state["optimizer"]
     assert isinstance(model, nn.Module) and isinstance(opt, torch.optim.Optimizer)
     torch.manual_seed(1)
     for _ in range(3):
-        loss = model(torch.randn(4, 16)).pow(2).mean()
+        loss = model(torch.randn(4, 16).to(a.device)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -124,7 +126,7 @@ def shard_save(a: argparse.Namespace) -> None:
 
 
 def shard_load(a: argparse.Namespace) -> None:
-    state = sharded_state(a.hidden)
+    state = sharded_state(a.hidden, a.device)
     start = CheckpointManager(a.ckpt, keep_last=None).restore(state)
     full = full_state(state)
     if dist.get_rank() == 0:
@@ -145,9 +147,14 @@ def main() -> None:
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--die-at", type=int, default=-1, help="SIGKILL one rank after this step")
     p.add_argument("--die-rank", type=int, default=1)
+    p.add_argument("--cuda", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    a.device = "cpu"
+    if a.cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        a.device = "cuda"
+    dist.init_process_group("nccl" if a.cuda else "gloo")
     {"train": train, "shard-save": shard_save, "shard-load": shard_load}[a.mode](a)
     dist.destroy_process_group()
 

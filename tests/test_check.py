@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from modelver.check import CheckReport
+from modelver.errors import InvalidRuleError
 from modelver.metrics import metrics_paths, parse_metrics
-from modelver.rules import InvalidRuleError, parse_rule
+from modelver.rules import parse_rule
 from tests.registry_helpers import git, set_params, train_and_commit
 from tests.test_cli import one_error_line, run
 
@@ -33,6 +34,16 @@ def build_state(hidden=16):
 
 def wider():
     return build_state(hidden=32)
+
+class Picky:
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, value):
+        raise ValueError("saved with another learning rate")
+
+def picky():
+    return {"model": build_state()["model"], "optimizer": Picky()}
 """
 
 
@@ -208,6 +219,27 @@ def test_version_candidate_against_lock_and_commit_baseline(gated: Path) -> None
     assert rows["loss"]["baseline"] is not None  # the commit's manifest was read
 
 
+def test_cached_metrics_file_is_read_from_dvc_cache(gated: Path) -> None:
+    with open(gated / "dvc.yaml") as f:
+        spec = yaml.safe_load(f)
+    spec["stages"]["score"] = {
+        "cmd": f"{sys.executable} -c \"open('score.yaml', 'w').write('f1: 0.7\\n')\"",
+        "metrics": ["score.yaml"],  # cached by DVC, not in Git
+    }
+    (gated / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    train_and_commit(gated, "score stage")
+    assert "score.yaml" in (gated / ".gitignore").read_text()
+    commit = git(gated, "rev-parse", "HEAD")
+    (gated / "score.yaml").unlink()  # the commit's value comes from the DVC cache
+    res = check(gated, "workspace", "-b", commit, "--fail-if", "f1 < 0.5 or baseline.f1 < 0.5",
+                "--json")
+    assert res.exit_code == 1  # the workspace lost its metrics file
+    data = report_of(res)
+    assert data["baseline"]["metrics"]["f1"] == 0.7 and data["baseline"]["sources"]["f1"] == (
+        "score.yaml")
+    assert "candidate has no metric 'f1'" in data["reason"]
+
+
 def test_model_factory_restores_or_explains(gated: Path) -> None:
     (gated / "factory.py").write_text(FACTORY)
     res = check(gated, "workspace", "-b", "tiny#production", "--model", "factory.py:build_state",
@@ -220,6 +252,9 @@ def test_model_factory_restores_or_explains(gated: Path) -> None:
     assert res.exit_code == 1
     line = one_error_line(res)
     assert "candidate cannot be resumed: cannot restore 'model'" in line and "0.weight" in line
+    res = check(gated, "workspace", "-b", "tiny#production", "--model", "factory:picky")
+    assert res.exit_code == 1
+    assert "resumed: ValueError: saved with another learning rate" in one_error_line(res)
     res = check(gated, "workspace", "-b", "tiny#production", "--model", "factory:nothing")
     assert res.exit_code == 2 and "no callable 'nothing'" in one_error_line(res)
 

@@ -325,9 +325,11 @@ def test_ddp_random_sigkills_end_bit_identical(tmp_path: Path, reference: Path) 
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_rank_gives_one_coordinated_checkpoint(
-    tmp_path: Path, reference: Path
+@pytest.mark.parametrize("target", ["one-rank", "torchrun"])
+def test_sigterm_gives_one_coordinated_checkpoint(
+    tmp_path: Path, reference: Path, target: str
 ) -> None:
+    """SIGTERM to one rank, or to torchrun (which passes it to every rank, as on preemption)."""
     out = tmp_path / "out.safetensors"
     ck = tmp_path / "ck"
     args = ["train", ck, out, TOTAL, "--graceful", "--every", "50", "--step-sleep", "0.05"]
@@ -335,7 +337,10 @@ def test_sigterm_on_one_rank_gives_one_coordinated_checkpoint(
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("START 0")
     time.sleep(1.0)
-    workers_of(proc)[1].send_signal(signal.SIGTERM)
+    if target == "one-rank":
+        workers_of(proc)[1].send_signal(signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
     steps = sorted(p.name for p in ck.iterdir())
     assert len(steps) == 1 and steps[0] != "step-00000050", steps  # saved where the signal came

@@ -13,7 +13,7 @@ from tests.test_cli import one_error_line, run
 pytest.importorskip("mlflow")
 pytest.importorskip("sqlalchemy")
 
-from mlflow import MlflowClient  # noqa: E402
+from mlflow import MlflowClient
 
 pytest_plugins = ["tests.registry_fixtures"]
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")  # MLflow's

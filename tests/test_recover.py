@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -132,7 +131,10 @@ def _records_complete(work: Path) -> None:
         dvc.close()
 
 
-def _kill_recover_finish(tmp_path: Path, origin: Path, *, use_cli: bool) -> None:
+def _kill_recover_finish(
+    tmp_path: Path, origin: Path, *, capfd: pytest.CaptureFixture[str] | None
+) -> None:
+    """With ``capfd``: `modelver recover --repro` (the CLI); else api.recover, then dvc repro."""
     # an uninterrupted run, for reference (not pushing, so it leaves no record)
     ref = _clone(origin, tmp_path / "reference")
     _dvc(ref, "repro", "-q", env={"TEST_PUSH": "0"})
@@ -154,30 +156,31 @@ def _kill_recover_finish(tmp_path: Path, origin: Path, *, use_cli: bool) -> None
     shutil.rmtree(Path(os.environ["DVC_SITE_CACHE_DIR"]), ignore_errors=True)
 
     fresh = _clone(origin, tmp_path / "machine2")
-    if use_cli:
-        runner = CliRunner()
+    if capfd is not None:  # the caller set TEST_PUSH=0 for the finishing run
         cwd = os.getcwd()
         os.chdir(fresh)
         try:
-            res = runner.invoke(cli, ["recover", "--json"], catch_exceptions=False)
+            res = CliRunner().invoke(cli, ["recover", "--repro"], catch_exceptions=False)
         finally:
             os.chdir(cwd)
         assert res.exit_code == 0, res.output
-        step = int(json.loads(res.output)["step"])
+        step = int(res.output.split(": step ")[1].split()[0])
+        started = capfd.readouterr().out  # dvc repro writes to the terminal itself
     else:
         step = api.recover(repo_root=fresh).run.step
+        started = _dvc(fresh, "repro", env={"TEST_PUSH": "0"}).stdout
     assert 15 <= step < STEPS
-    restored = fresh / "checkpoints" / f"step-{step:08d}"
-    assert restored.is_dir()
-    out = _dvc(fresh, "repro", env={"TEST_PUSH": "0"})
-    assert f"START {step}" in out.stdout  # training continued from the recovered checkpoint
+    assert f"START {step}" in started  # training continued from the recovered checkpoint
     assert _tensor_hashes(fresh / "checkpoints" / f"step-{STEPS:08d}") == expected
 
 
 @pytest.mark.slow
-def test_kill_clone_recover_finish_local_remote(tmp_path: Path) -> None:
+def test_kill_clone_recover_finish_local_remote(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_PUSH", "0")
     origin = _origin(tmp_path, str(tmp_path / "dvc-remote"))
-    _kill_recover_finish(tmp_path, origin, use_cli=True)
+    _kill_recover_finish(tmp_path, origin, capfd=capfd)
 
 
 # --- S3 (moto_server), the fixture pattern of tests/test_storage_s3.py ------------------------
@@ -239,7 +242,7 @@ def s3(moto: str, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.mark.s3
 def test_kill_clone_recover_finish_s3(tmp_path: Path, s3: str) -> None:
     origin = _origin(tmp_path, f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint=s3)
-    _kill_recover_finish(tmp_path, origin, use_cli=False)
+    _kill_recover_finish(tmp_path, origin, capfd=None)
 
 
 @pytest.mark.s3
@@ -414,3 +417,27 @@ def test_push_to_a_url_then_recover_from_it(repo: Path, tmp_path: Path) -> None:
     assert read_manifest(res.path).step == 7
     again = api.recover(remote=url, repo_root=repo)  # already there: nothing changes
     assert again.path == res.path and again.objects == 0
+
+
+def test_checkpoint_removed_by_retention_mid_upload_is_skipped(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (path,) = _write(repo, [4])
+    manifest = read_manifest(path)
+    entered, release = threading.Event(), threading.Event()
+    real = RemoteStore.put_file
+
+    def gated(self: RemoteStore, p: Path, md5: str) -> bool:
+        entered.set()
+        assert release.wait(30)
+        return real(self, p, md5)
+
+    monkeypatch.setattr(RemoteStore, "put_file", gated)
+    pub = Publisher(path.parent, True, backoff=0.01)
+    pub.submit(path, manifest)
+    assert entered.wait(60)
+    shutil.rmtree(path)  # keep_last deleted it: a newer checkpoint is on its way
+    release.set()
+    pub.close()
+    assert pub.published == [] and pub.failures == 0  # skipped, not retried
+    assert read_runs(_store(repo)) == []

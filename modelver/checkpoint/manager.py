@@ -118,7 +118,7 @@ class CheckpointManager:
             (bool(push) or _in_dvc_repo(self.root)) if dvc_hashes is None else dvc_hashes
         )
         self._dvc_warm: threading.Thread | None = None
-        if self.dvc_hashes and importlib.util.find_spec("dvc") is not None:
+        if self.dvc_hashes and not self._distributed and importlib.util.find_spec("dvc"):
             # importing DVC and opening the repository once takes seconds: not in the first save
             self._dvc_warm = threading.Thread(
                 target=_warm_dvc, args=(self.root,), name="modelver-dvc-warm", daemon=True

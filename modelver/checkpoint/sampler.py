@@ -17,6 +17,7 @@ randomness a function of the index and epoch if it must be exact.
 Under torch.distributed (or with explicit ``num_replicas``/``rank``) each rank gets every
 ``num_replicas``-th index of the epoch's permutation, padded like ``DistributedSampler`` so all
 ranks take the same number of steps; the position is then per rank and checkpointed per rank.
+Pass ``num_replicas=1, rank=0`` to give every rank the whole dataset.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ def check_cmd(
     fires, the checkpoint is corrupted or cannot be restored; exit 2 for a malformed rule.
     """
     from modelver import api
-    from modelver.check import CheckFailedError, to_markdown
+    from modelver.check import to_markdown
+    from modelver.errors import CheckFailedError
 
     with progress("fetching candidate", quiet=quiet or as_json) as cb:
         report = api.check(candidate, baseline=baseline, rules=rules, model=model,

@@ -152,17 +152,23 @@ def sync(
             raise ArtifactNotFoundError(name, known=registry.names())
     wanted = registry.of(name) if name else list(registry.versions)
     with _quiet_mlflow():
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
         try:
+            client = MlflowClient(
+                tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri
+            )
             synced, removed = [], []
             for artifact in sorted({x.name for x in wanted}):
                 mine = [x for x in wanted if x.name == artifact]
                 done, gone = _sync_model(client, git, artifact, mine, MlflowException)
                 synced += done
                 removed += gone
-        except MlflowException as e:
+        except ModelverError:
+            raise
+        except Exception as e:  # MLflow raises its own, SQLAlchemy's and OS errors alike
+            text = e.message if isinstance(e, MlflowException) else str(e)
+            line = (text.strip().splitlines() or [type(e).__name__])[0]
             raise ModelverError(
-                f"MLflow registry error: {e.message}", hint="check --tracking-uri / --registry-uri"
+                f"MLflow registry error: {line}", hint="check --tracking-uri / --registry-uri"
             ) from e
     return SyncResult(str(client.tracking_uri), str(client._registry_uri), synced, removed)
 
