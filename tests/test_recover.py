@@ -370,7 +370,7 @@ def test_push_does_not_block_training(repo: Path, monkeypatch: pytest.MonkeyPatc
     real = RemoteStore.put_file
 
     def slow(self: RemoteStore, p: Path, md5: str) -> bool:
-        time.sleep(0.3)  # a slow link: each file takes 0.3 s
+        time.sleep(1.0)  # a slow link: each file takes 1 s, a checkpoint (3 files) 3 s
         return real(self, p, md5)
 
     monkeypatch.setattr(RemoteStore, "put_file", slow)
@@ -383,12 +383,12 @@ def test_push_does_not_block_training(repo: Path, monkeypatch: pytest.MonkeyPatc
             blocked[push].append(mgr.last_blocking_seconds)
         started = time.monotonic()
         mgr.close()
-        if push:  # close waits for the last upload (3 files at 0.3 s)
-            assert time.monotonic() - started >= 0.6
+        if push:  # close waits for the last upload
+            assert time.monotonic() - started >= 2.0
             assert mgr._publisher is not None and mgr._publisher.published[-1] == 8
-    # enqueueing costs nothing next to the 0.9 s upload of each checkpoint
-    assert max(blocked[True]) < max(blocked[False]) + 0.1
-    assert max(blocked[True]) < 0.3
+    # enqueueing costs nothing next to the 3 s upload of each checkpoint (margins for a busy CI)
+    assert max(blocked[True]) < max(blocked[False]) + 0.5
+    assert max(blocked[True]) < 1.0
 
 
 def test_push_to_unknown_remote_is_raised_in_the_training_thread(repo: Path) -> None:

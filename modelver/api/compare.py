@@ -1,0 +1,124 @@
+"""modelver diff: two checkpoints, versions or the workspace, tensor by tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+Progress = Callable[[int, int], None]
+
+
+# --- diff ----------------------------------------------------------------------------------
+# Self-contained: imports what it needs inside the functions.
+
+if TYPE_CHECKING:
+    from modelver.diff import CheckpointDiff, DiffSide
+
+
+def diff(
+    a: str,
+    b: str | None = None,
+    *,
+    stat: bool = False,
+    repo_root: str | Path = ".",
+    progress: Progress | None = None,
+) -> CheckpointDiff:
+    """Compare B (default: the workspace's newest checkpoint) against A, tensor by tensor.
+
+    A and B are versions, commits or checkpoint directories; directories also work outside
+    a Git repository. Params come from each version's ``params.yaml`` at its commit.
+    """
+    from modelver.diff import diff_checkpoints
+
+    side_a, name = _diff_side(a, stat=stat, repo_root=repo_root, progress=progress)
+    if b is None:
+        side_b = _workspace_side(name, repo_root=repo_root)
+    else:
+        side_b = _diff_side(b, stat=stat, repo_root=repo_root, progress=progress)[0]
+    return diff_checkpoints(side_a, side_b, stat=stat, progress=progress)
+
+
+def _diff_side(
+    ref: str, *, stat: bool, repo_root: str | Path, progress: Progress | None
+) -> tuple[DiffSide, str | None]:
+    """The checkpoint REF names, with its params when it is a version or commit. For
+    ``stat`` a version's manifest alone is read from the DVC cache (or fetched)."""
+    from modelver.checkpoint import format as ckfmt
+    from modelver.diff import DiffSide
+    from modelver.errors import (
+        CheckpointCorruptedError,
+        CheckpointNotFoundError,
+        NotARepositoryError,
+    )
+    from modelver.refs import (
+        local_step_dir,
+        materialize_step,
+        open_dvc,
+        open_git,
+        read_object_json,
+        resolve_ref,
+        with_step,
+    )
+
+    try:
+        r = resolve_ref(repo_root, ref)
+    except NotARepositoryError:
+        if "@" in ref or "#" in ref:  # meant a version: say there is no repository
+            raise
+        path = Path(repo_root, ref).resolve()  # outside Git only a directory makes sense
+        if not path.is_dir():
+            raise CheckpointNotFoundError(path, reason="no such directory") from None
+        return DiffSide(local_step_dir(path), ref), None
+    if r.kind == "path":
+        assert r.path is not None
+        return DiffSide(local_step_dir(r.path), ref), None
+    assert r.commit is not None
+    git = open_git(repo_root)
+    params = _params_yaml(git.read_file(r.commit, "params.yaml"))
+    label = r.tag or ref
+    dvc = open_dvc(git.root)
+    try:
+        if stat:
+            r, files = with_step(dvc, r)
+            wanted = f"{r.step_dir}/{ckfmt.MANIFEST}"
+            md5 = next(f.md5 for f in files if f.relpath == wanted)
+            try:
+                manifest = ckfmt.Manifest.from_json(read_object_json(dvc, md5))
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointCorruptedError(wanted, [f"unreadable manifest: {e}"]) from e
+            return DiffSide(None, label, params=params, manifest=manifest), r.name
+        path = materialize_step(dvc, r, progress=progress)[0]
+    finally:
+        dvc.close()
+    return DiffSide(path, label, params=params), r.name
+
+
+def _workspace_side(name: str | None, *, repo_root: str | Path) -> DiffSide:
+    """The newest checkpoint in the workspace path of artifact ``name`` (or the only one)."""
+    from modelver.diff import DiffSide
+    from modelver.errors import NotARepositoryError, UnknownRefError
+    from modelver.refs import artifact_at, artifacts_at, local_step_dir, open_git
+
+    try:
+        git = open_git(repo_root)
+    except NotARepositoryError as e:
+        hint = "outside a Git repository there is no workspace: give B, a checkpoint directory"
+        raise UnknownRefError("(workspace)", hint=hint) from e
+    if name is None:
+        arts = artifacts_at(git, None)
+        if len(arts) != 1:
+            raise UnknownRefError("(workspace)", hint="give B explicitly: a version or a path")
+        art = next(iter(arts.values()))
+    else:
+        art = artifact_at(git, name, None)
+    params_file = git.root / "params.yaml"
+    params = _params_yaml(params_file.read_text() if params_file.is_file() else None)
+    return DiffSide(local_step_dir(git.root / art.path), "workspace", params=params)
+
+
+def _params_yaml(text: str | None) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(text) if text else None
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,258 @@
+"""Data of versions: checkout, resume, push, pull and verify."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelver.api.registry import CheckoutResult, ResumeResult, TransferResult
+from modelver.errors import (
+    ArtifactNotFoundError,
+    CheckpointNotFoundError,
+    DataMissingError,
+    DirtyWorkspaceError,
+    UnknownRefError,
+)
+from modelver.gitrepo import GitRepo
+from modelver.integrity import VerifiedCheckpoint, VerifyResult, verify_dir, verify_one
+from modelver.params import apply_overrides
+from modelver.refs import (
+    ResolvedRef,
+    artifacts_at,
+    load_registry,
+    materialize_step,
+    open_dvc,
+    open_git,
+    pin_problems,
+    resolve_ref,
+    version_ref,
+    with_step,
+)
+
+if TYPE_CHECKING:
+    from modelver.dvcrepo import DvcRepo, TreeFile
+
+Progress = Callable[[int, int], None]
+
+
+# --- checkout, resume --------------------------------------------------------------------------
+
+
+def _data_ref(git: GitRepo, ref: str, what: str) -> ResolvedRef:
+    r = resolve_ref(git.root, ref)
+    if r.kind == "path":
+        raise UnknownRefError(ref, hint=f"{what} takes a version or a commit, not a directory")
+    return r
+
+
+def checkout(
+    ref: str,
+    *,
+    to: str | Path | None = None,
+    force: bool = False,
+    repo_root: str | Path = ".",
+    progress: Progress | None = None,
+) -> CheckoutResult:
+    """Materialise REF's checkpoint: into ``to``/<step dir>, or its whole pinned output into
+    the workspace path. Verified; nothing but that directory changes."""
+    from modelver.checkpoint import verify_checkpoint
+
+    git = open_git(repo_root)
+    r = _data_ref(git, ref, "checkout")
+    dvc = open_dvc(git.root)
+    try:
+        staged, r, files = materialize_step(dvc, r, progress=progress)
+        verify_checkpoint(staged)  # corrupted data stops us before the destination changes
+        assert r.checkpoint_hash and r.step_dir and r.path_in_repo and r.step is not None
+        if to is not None:
+            dest = Path(to) / r.step_dir
+            if dest.exists() and any(dest.iterdir()) and not force:
+                raise DirtyWorkspaceError(f"{dest} exists", hint="choose another --to or --force")
+            dvc.materialize(r.checkpoint_hash, dest, prefix=r.step_dir, progress=progress)
+        else:
+            _replace_output(dvc, r, files, force=force, progress=progress)
+            dest = dvc.root / r.path_in_repo / r.step_dir
+    finally:
+        dvc.close()
+    verify_checkpoint(dest)
+    return CheckoutResult(r, dest, r.step)
+
+
+def _replace_output(
+    dvc: DvcRepo,
+    r: ResolvedRef,
+    files: Sequence[TreeFile],
+    *,
+    force: bool,
+    progress: Progress | None,
+) -> None:
+    assert r.path_in_repo and r.checkpoint_hash
+    if not force and not dvc.workspace_saved(r.path_in_repo):
+        raise DirtyWorkspaceError(
+            f"'{r.path_in_repo}' holds checkpoints that are not in the DVC cache",
+            hint="run 'dvc commit' first, use --to DIR, or --force to discard them",
+        )
+    dvc.fetch([f.md5 for f in files], progress=progress)
+    dvc.materialize(r.checkpoint_hash, dvc.root / r.path_in_repo, progress=progress)
+
+
+def resume(
+    ref: str,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    worktree: str | Path | None = None,
+    repro: bool = True,
+    quiet: bool = False,
+    repo_root: str | Path = ".",
+    progress: Progress | None = None,
+) -> ResumeResult:
+    """Rebuild REF's commit on a new branch, restore its checkpoint, override params, repro."""
+    from modelver.checkpoint import verify_checkpoint
+    from modelver.dvcrepo import repro as run_repro
+
+    git = open_git(repo_root)
+    r = _data_ref(git, ref, "resume")
+    assert r.commit and r.path_in_repo
+    overrides = dict(overrides or {})
+    base = "modelver/resume/" + (f"{r.name}-{r.version}" if r.version else r.commit[:10])
+    branch, n = base, 1
+    while git.branch_exists(branch):
+        n += 1
+        branch = f"{base}-{n}"
+    main = open_dvc(git.root)
+    try:
+        r, files = with_step(main, r)
+        main.fetch([f.md5 for f in files], progress=progress)
+        staged, r, _ = materialize_step(main, r, progress=progress)
+        verify_checkpoint(staged)  # a bad checkpoint stops us before any branch exists
+        assert r.commit and r.path_in_repo and r.step is not None
+        if worktree is None:
+            if git.is_dirty():
+                raise DirtyWorkspaceError("the Git workspace has uncommitted changes")
+            if not main.workspace_saved(r.path_in_repo):
+                raise DirtyWorkspaceError(
+                    f"'{r.path_in_repo}' holds checkpoints that are not in the DVC cache",
+                    hint="run 'dvc commit' first, or resume with --worktree DIR",
+                )
+            git.create_branch_checkout(branch, r.commit)
+            workdir = git.root
+        else:
+            workdir = Path(worktree).resolve()
+            if workdir.exists() and any(workdir.iterdir()):
+                raise DirtyWorkspaceError(
+                    f"{workdir} exists and is not empty", hint="choose a new --worktree directory"
+                )
+            git.add_worktree(workdir, branch, r.commit)
+            main.share_config_with(workdir)
+    finally:
+        main.close()
+    dvc = open_dvc(workdir)
+    try:
+        _replace_output(dvc, r, files, force=True, progress=progress)
+    finally:
+        dvc.close()
+    if overrides:
+        apply_overrides(workdir / "params.yaml", overrides)
+    if repro:
+        run_repro(workdir, quiet=quiet)
+    return ResumeResult(r, branch, workdir, r.step, overrides, repro)
+
+
+# --- push, pull, verify ------------------------------------------------------------------------
+
+
+def _version_refs(git: GitRepo, refs: Sequence[str]) -> list[ResolvedRef]:
+    if refs:
+        return [_data_ref(git, ref, "push/pull") for ref in refs]
+    return [version_ref(git, x.tag, x) for x in load_registry(git).versions]
+
+
+def push(
+    refs: Sequence[str] = (), *, repo_root: str | Path = ".", progress: Progress | None = None
+) -> TransferResult:
+    """Send versions' data to the DVC remote (all versions when none are named) and their
+    tags to the Git remote 'origin' when there is one."""
+    git = open_git(repo_root)
+    resolved = _version_refs(git, refs)
+    dvc = open_dvc(git.root)
+    try:
+        wanted: list[str] = []
+        for r in resolved:
+            assert r.checkpoint_hash
+            wanted += [r.checkpoint_hash] + [f.md5 for f in dvc.tree(r.checkpoint_hash)]
+        wanted = list(dict.fromkeys(wanted))
+        absent = dvc.missing_in_cache(wanted)
+        if absent and dvc.missing_in_remote(absent):
+            raise DataMissingError(f"{len(absent)} object(s) of {', '.join(refs) or 'versions'}")
+        sent = dvc.push([m for m in wanted if m not in set(absent)], progress=progress)
+    finally:
+        dvc.close()
+    tags: list[str] = []
+    if git.has_remote("origin"):
+        names = {r.name for r in resolved}
+        stage_tags = [
+            t.name for t in git.list_tags() if "#" in t.name and t.name.split("#")[0] in names
+        ]  # stages are the names' history
+        tags = [r.tag for r in resolved if r.tag] + stage_tags
+        git.push_tags(tags)
+    return TransferResult([r.tag or r.ref for r in resolved], sent, tags)
+
+
+def pull(
+    ref: str, *, repo_root: str | Path = ".", progress: Progress | None = None
+) -> TransferResult:
+    """Fetch tags from 'origin' (when there is one) and REF's data into the local cache."""
+    git = open_git(repo_root)
+    before = {t.name for t in git.list_tags()}
+    if git.has_remote("origin"):
+        git.fetch_tags()
+    fetched = sorted({t.name for t in git.list_tags()} - before)
+    r = _data_ref(git, ref, "pull")
+    assert r.checkpoint_hash
+    dvc = open_dvc(git.root)
+    try:
+        files = dvc.tree(r.checkpoint_hash)
+        missing = dvc.missing_in_cache(f.md5 for f in files)
+        dvc.fetch(missing, progress=progress)
+    finally:
+        dvc.close()
+    return TransferResult([r.tag or r.ref], len(missing), fetched)
+
+
+def verify(target: str | None = None, *, repo_root: str | Path = ".") -> VerifyResult:
+    """Check checkpoints byte for byte: a version against dvc.lock and its manifest, a
+    directory (one checkpoint or a root of them) against the manifests."""
+    git = open_git(repo_root) if target is None or not Path(target).is_dir() else None
+    if git is not None and target is not None:
+        r = resolve_ref(git.root, target)
+        if r.kind != "path":
+            return _verify_version(git, r)
+        assert r.path is not None
+        return verify_dir(r.path)
+    if target is not None:
+        return verify_dir(Path(target))
+    assert git is not None
+    arts = artifacts_at(git, None)
+    if not arts:
+        raise ArtifactNotFoundError("(workspace)", known=[])
+    checked: list[VerifiedCheckpoint] = []
+    for art in arts.values():
+        if (git.root / art.path).is_dir():
+            checked += verify_dir(git.root / art.path).checked
+    if not checked:
+        raise CheckpointNotFoundError(git.root, reason="no checkpoint in the artifacts' paths")
+    return VerifyResult(checked)
+
+
+def _verify_version(git: GitRepo, r: ResolvedRef) -> VerifyResult:
+    dvc = open_dvc(git.root)
+    try:
+        dest, r, files = materialize_step(dvc, r, progress=None)
+    finally:
+        dvc.close()
+    assert r.step_dir
+    mine = [f for f in files if f.relpath.startswith(r.step_dir + "/")]
+    one = verify_one(dest)
+    problems = one.problems + pin_problems(dest, r.step_dir, mine, full=True)
+    return VerifyResult([VerifiedCheckpoint(dest, r.step, problems)])

@@ -1,0 +1,360 @@
+"""Versions: init, tag, promote, list and show."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelver import versions as v
+from modelver.errors import (
+    ArtifactNotFoundError,
+    DataMissingError,
+    DirtyWorkspaceError,
+    RemoteError,
+    UnknownRefError,
+    VersionExistsError,
+)
+from modelver.gitrepo import GitRepo
+from modelver.refs import (
+    ResolvedRef,
+    artifact_at,
+    artifacts_at,
+    load_registry,
+    locked_out,
+    newest_step_dir,
+    open_dvc,
+    open_git,
+    read_object_json,
+    resolve_ref,
+    with_step,
+)
+
+if TYPE_CHECKING:
+    from modelver.dvcrepo import Artifact, DvcRepo, TreeFile
+
+Progress = Callable[[int, int], None]
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    tag: str
+    commit: str
+    date: str
+    step: int | None
+    metrics: dict[str, float]
+    stages: list[str]
+    checkpoint_hash: str | None
+    parent: str | None
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    size: int | None
+    md5: str
+
+
+@dataclass(frozen=True)
+class VersionDetails:
+    info: VersionInfo
+    path: str
+    step_dir: str | None
+    params: dict[str, Any]
+    files: list[FileInfo]
+    in_cache: bool
+    in_remote: bool | None  # None: no remote configured or unreachable
+
+    def to_json(self) -> dict[str, Any]:
+        d = self.info.to_json()
+        d.update(
+            path=self.path,
+            step_dir=self.step_dir,
+            params=self.params,
+            files=[asdict(f) for f in self.files],
+            in_cache=self.in_cache,
+            in_remote=self.in_remote,
+        )
+        return d
+
+
+@dataclass(frozen=True)
+class InitResult:
+    root: Path
+    dvc_initialized: bool
+    remote_url: str
+    remote_is_new: bool
+    cache_type: str
+
+
+@dataclass(frozen=True)
+class TagResult:
+    tag: str
+    name: str
+    version: str
+    commit: str
+    step: int
+    metrics: dict[str, float]
+    checkpoint_hash: str
+    parent: str | None
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    tag: str | None  # None when the version already was in that stage
+    name: str
+    version: str
+    stage: str
+
+
+@dataclass(frozen=True)
+class CheckoutResult:
+    ref: ResolvedRef
+    path: Path  # the materialised checkpoint (step) directory
+    step: int
+
+
+@dataclass(frozen=True)
+class ResumeResult:
+    ref: ResolvedRef
+    branch: str
+    workdir: Path
+    step: int
+    overrides: dict[str, Any]
+    reproduced: bool
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    refs: list[str]
+    objects: int  # objects copied
+    tags: list[str] = field(default_factory=list)  # tags sent to / fetched from the Git remote
+
+
+def _info(ver: v.VersionTag) -> VersionInfo:
+    return VersionInfo(
+        name=ver.name,
+        version=str(ver.version),
+        tag=ver.tag,
+        commit=ver.commit,
+        date=ver.date,
+        step=ver.step,
+        metrics=ver.metrics,
+        stages=list(ver.stages),
+        checkpoint_hash=ver.meta.get("checkpoint"),
+        parent=ver.meta.get("parent"),
+        message=ver.message,
+    )
+
+
+# --- init, tag, promote ----------------------------------------------------------------------
+
+
+def default_remote_dir(root: Path) -> Path:
+    """The embedded default remote: a directory outside the repository, per repository."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha1(str(root.resolve()).encode(), usedforsecurity=False).hexdigest()[:8]
+    return base / "modelver" / "remotes" / f"{root.name}-{digest}"
+
+
+def init(path: str | Path = ".", *, remote: str | None = None) -> InitResult:
+    """Make a Git repository ready for modelver: DVC, a default remote, a linking cache."""
+    from modelver.dvcrepo import CACHE_TYPES, init_dvc
+
+    git = open_git(path)
+    created = init_dvc(git.root)
+    dvc = open_dvc(git.root)
+    try:
+        current = dvc.default_remote()
+        if remote is not None:
+            url, is_new = remote, current is None or current[1] != remote
+        elif current is not None:
+            url, is_new = current[1], False
+        else:
+            url, is_new = str(default_remote_dir(git.root)), True
+            Path(url).mkdir(parents=True, exist_ok=True)
+        dvc.configure(remote_url=url if is_new else None, local=remote is None)
+    finally:
+        dvc.close()
+    return InitResult(git.root, created, url, is_new, CACHE_TYPES)
+
+
+def tag(
+    ref: str,
+    *,
+    rev: str = "HEAD",
+    bump: str | None = None,
+    message: str | None = None,
+    repo_root: str | Path = ".",
+) -> TagResult:
+    """Register ``NAME@vX.Y.Z`` (or NAME with ``bump``) at REV, after checking what it pins."""
+    from modelver.checkpoint import format as fmt
+
+    git = open_git(repo_root)
+    registry = load_registry(git)
+    if bump is not None:
+        name = v.check_name(ref, "artifact name")
+        latest = registry.latest(name)
+        version = latest.version.bump(bump) if latest else v.Semver(0, 0, 0).bump(bump)
+    else:
+        name, version = v.parse_version_ref(ref)
+    tag_name = v.version_tag(name, version)
+    commit = git.resolve_commit(rev)
+    art = artifact_at(git, name, commit)
+    out = locked_out(git, art, commit)
+    existing = registry.of(name)
+    if git.tag_exists(tag_name) or registry.get(name, version):
+        raise VersionExistsError(tag_name)
+    same_commit = [x.tag for x in existing if x.commit == commit]
+    if same_commit:  # GTO refuses two versions of one artifact on one commit
+        raise VersionExistsError(
+            tag_name, reason=f"cannot share commit {commit[:10]} with {same_commit[0]}"
+        )
+    if existing and existing[-1].version >= version:
+        raise VersionExistsError(tag_name, reason=f"is not above the latest {existing[-1].tag}")
+    if commit == git.head_commit():
+        _check_workspace_matches(git, art)
+    dvc = open_dvc(git.root)
+    try:
+        files = dvc.tree(out.md5)
+        step_dir, step = newest_step_dir(files, f"{art.path} at {commit[:10]}")
+        manifest_md5 = next(f.md5 for f in files if f.relpath == f"{step_dir}/{fmt.MANIFEST}")
+        manifest = fmt.Manifest.from_json(read_object_json(dvc, manifest_md5))
+    finally:
+        dvc.close()
+    parent = str(existing[-1].version) if existing else None
+    meta = {
+        "modelver": 1,
+        "step": step,
+        "step_dir": step_dir,
+        "metrics": manifest.metrics,
+        "checkpoint": out.md5,
+        "path": art.path,
+        "stage": out.stage,
+        "parent": parent,
+    }
+    summary = message or f"Registering artifact {name} version {version}"
+    git.create_tag(tag_name, commit, v.format_message(summary, meta))
+    return TagResult(tag_name, name, str(version), commit, step, manifest.metrics, out.md5, parent)
+
+
+def _check_workspace_matches(git: GitRepo, art: Artifact) -> None:
+    if git.is_modified("dvc.lock"):
+        raise DirtyWorkspaceError(
+            "dvc.lock has uncommitted changes", hint="commit dvc.lock, then tag the new commit"
+        )
+    dvc = open_dvc(git.root)
+    try:
+        status = dvc.output_status(art.path)
+    finally:
+        dvc.close()
+    if status not in (None, "deleted"):
+        raise DirtyWorkspaceError(
+            f"workspace '{art.path}' differs from what dvc.lock pins ({status})",
+            hint="run 'dvc commit' (or 'dvc repro'), commit dvc.lock, then tag",
+        )
+
+
+def promote(ref: str, stage: str, *, repo_root: str | Path = ".") -> PromoteResult:
+    """Assign a version to a stage with a GTO ``NAME#STAGE#N`` tag."""
+    v.check_name(stage, "stage name")
+    git = open_git(repo_root)
+    r = resolve_ref(git.root, ref)
+    if r.kind != "version" or r.name is None or r.version is None or r.commit is None:
+        raise UnknownRefError(ref, hint="promote takes a version: NAME@vX.Y.Z")
+    registry = load_registry(git)
+    current = registry.in_stage(r.name, stage)
+    if current is not None and str(current.version) == r.version:
+        return PromoteResult(None, r.name, r.version, stage)
+    tag_name = v.stage_tag(r.name, stage, registry.stage_counters.get(r.name, 0) + 1)
+    summary = f"Assigning stage {stage} to artifact {r.name} version {r.version}"
+    git.create_tag(tag_name, r.commit, v.format_message(summary, {"version": r.version}))
+    return PromoteResult(tag_name, r.name, r.version, stage)
+
+
+# --- list, show ------------------------------------------------------------------------------
+
+
+def list_versions(name: str | None = None, *, repo_root: str | Path = ".") -> list[VersionInfo]:
+    """Every version (of ``name``), oldest first; one ``git for-each-ref`` call."""
+    git = open_git(repo_root)
+    registry = load_registry(git)
+    if name is not None:
+        v.check_name(name, "artifact name")
+        found = registry.of(name)
+        if not found and name not in artifacts_at(git, None):
+            raise ArtifactNotFoundError(name, known=sorted(artifacts_at(git, None)))
+        return [_info(x) for x in found]
+    return [_info(x) for x in registry.versions]
+
+
+def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) -> VersionDetails:
+    """One version with its params, files and where its data is."""
+    from modelver.dvcrepo import find_locked_out
+
+    git = open_git(repo_root)
+    r = resolve_ref(git.root, ref)
+    if r.kind != "version" or r.name is None or r.version is None or r.commit is None:
+        raise UnknownRefError(ref, hint="show takes a version: NAME, NAME@vX.Y.Z or NAME#STAGE")
+    ver = load_registry(git).get(r.name, v.Semver.parse(r.version))
+    assert ver is not None and r.checkpoint_hash is not None and r.path_in_repo is not None
+    out = find_locked_out(git.read_file(r.commit, "dvc.lock"), r.path_in_repo)
+    dvc = open_dvc(git.root)
+    try:
+        try:
+            r, files = with_step(dvc, r)
+        except (DataMissingError, RemoteError):
+            files = []
+        assert r.checkpoint_hash is not None and r.path_in_repo is not None
+        prefix = f"{r.step_dir}/"
+        mine = [f for f in files if f.relpath.startswith(prefix)]
+        hashes = [r.checkpoint_hash] + [f.md5 for f in mine]
+        in_cache = not dvc.missing_in_cache(hashes)
+        sizes = _sizes(dvc, [f for f in mine if f.relpath == prefix + "MANIFEST.json"])
+        in_remote: bool | None = None
+        if check_remote and dvc.default_remote() is not None:
+            try:
+                in_remote = not dvc.missing_in_remote(hashes)
+            except RemoteError:
+                in_remote = None
+    finally:
+        dvc.close()
+    return VersionDetails(
+        info=_info(ver),
+        path=r.path_in_repo,
+        step_dir=r.step_dir,
+        params=dict(out.params) if out else {},
+        files=[
+            FileInfo(f.relpath[len(prefix) :], sizes.get(f.relpath[len(prefix) :], f.size), f.md5)
+            for f in mine
+        ],
+        in_cache=in_cache,
+        in_remote=in_remote,
+    )
+
+
+def _sizes(dvc: DvcRepo, manifest: Sequence[TreeFile]) -> dict[str, int]:
+    """File sizes from the version's manifest when it is in the cache (DVC's listing has none)."""
+    if not manifest or dvc.missing_in_cache([manifest[0].md5]):
+        return {}
+    path = dvc.object_path(manifest[0].md5)
+    try:
+        files = json.loads(path.read_text())["files"]
+        sizes = {str(k): int(e["size"]) for k, e in files.items()}
+    except (ValueError, KeyError, TypeError):
+        return {}
+    sizes["MANIFEST.json"] = path.stat().st_size
+    return sizes
