@@ -376,3 +376,47 @@ def test_sharded_state_saved_by_2_loads_in_1_and_4(tmp_path: Path) -> None:
     run = torchrun(4, "shard-load", ck, loaded)
     assert "RESTORED 3" in run.stdout
     assert weights_equal(saved, loaded)
+
+
+@pytest.mark.slow
+def test_cli_tags_shows_checks_out_and_diffs_a_ddp_checkpoint(tmp_path: Path) -> None:
+    """A 2-rank checkpoint as a DVC stage output goes through the registry like any other."""
+    from tests.registry_helpers import dvc, git
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    git(root, "init", "-q")
+    cmd = " ".join(torchrun_cmd(2, "train", "checkpoints", tmp_path / "w.safetensors", 12,
+                                "--every", "6", "--keep", "0"))
+    (root / "dvc.yaml").write_text(
+        f"stages:\n  train:\n    cmd: {cmd}\n    outs:\n      - checkpoints:\n"
+        "          persist: true\nartifacts:\n  ddp:\n    path: checkpoints\n    type: model\n"
+    )
+    runner = CliRunner()
+    from modelver import api
+
+    api.init(root)
+    dvc(root, "repro", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "ddp run")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        tagged = runner.invoke(cli, ["tag", "ddp@v0.1.0"])
+        assert tagged.exit_code == 0, tagged.output
+        shown = runner.invoke(cli, ["show", "ddp@v0.1.0", "--json"])
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.output)["step"] == 12
+        out = tmp_path / "out"
+        got = runner.invoke(cli, ["checkout", "ddp@v0.1.0", "--to", str(out)])
+        assert got.exit_code == 0, got.output
+        restored = out / "step-00000012"
+        assert verify_checkpoint(restored).world_size == 2
+        assert runner.invoke(cli, ["verify", "ddp@v0.1.0"]).exit_code == 0
+        d = runner.invoke(cli, ["diff", "ddp@v0.1.0", str(root / "checkpoints" / "step-00000006"),
+                                "--json"])
+        assert d.exit_code == 0, d.output
+        statuses = {t["status"] for t in json.loads(d.output)["tensors"]}
+        assert statuses == {"changed"}  # six more steps moved every weight and moment
+    finally:
+        os.chdir(cwd)
