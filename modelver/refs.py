@@ -21,6 +21,14 @@ from modelver.errors import (
     UnknownRefError,
 )
 from modelver.gitrepo import GitRepo
+from modelver.storage import (
+    CONFIG,
+    Storage,
+    backend_of,
+    hash_file_for,
+    open_storage,
+    scratch_dir,
+)
 
 if TYPE_CHECKING:
     from modelver.dvcrepo import Artifact, DvcRepo, LockedOut, TreeFile
@@ -59,13 +67,17 @@ def open_dvc(root: Path) -> DvcRepo:
 
 
 def artifacts_at(git: GitRepo, rev: str | None) -> dict[str, Artifact]:
-    """Artifacts declared in dvc.yaml at ``rev`` (None: the workspace file)."""
+    """Artifacts declared in dvc.yaml at ``rev`` (None: the workspace file), else in
+    modelver.yaml (a Git LFS repository without a DVC pipeline)."""
     from modelver.dvcrepo import parse_artifacts
 
-    if rev is None:
-        f = git.root / "dvc.yaml"
-        return parse_artifacts(f.read_text() if f.is_file() else None)
-    return parse_artifacts(git.read_file(rev, "dvc.yaml"))
+    def read(name: str) -> str | None:
+        if rev is None:
+            f = git.root / name
+            return f.read_text() if f.is_file() else None
+        return git.read_file(rev, name)
+
+    return parse_artifacts(read("dvc.yaml")) or parse_artifacts(read(CONFIG))
 
 
 def artifact_at(git: GitRepo, name: str, rev: str | None) -> Artifact:
@@ -84,6 +96,18 @@ def locked_out(git: GitRepo, art: Artifact, commit: str) -> LockedOut:
             art.name, commit[:10], reason=f"dvc.lock does not pin its path '{art.path}'"
         )
     return out
+
+
+def pinned_hash(git: GitRepo, art: Artifact, commit: str) -> str:
+    """The checkpoint hash a commit pins: dvc.lock's md5, or the Git tree of the path (LFS)."""
+    if backend_of(git.root) != "lfs":
+        return locked_out(git, art, commit).md5
+    from modelver.lfsrepo import tree_hash
+
+    found = tree_hash(git.root, commit, art.path)
+    if found is None:
+        raise NotPinnedError(art.name, commit[:10], reason=f"its tree has no '{art.path}'")
+    return found
 
 
 def step_dirs(files: Sequence[TreeFile]) -> dict[str, int]:
@@ -152,10 +176,9 @@ def resolve_ref(repo_root: str | Path, ref: str) -> ResolvedRef:
             ref, hint="the commit declares several artifacts (or none): use NAME@vX.Y.Z"
         )
     art = next(iter(arts.values()))
-    out = locked_out(git, art, commit)
     return ResolvedRef(
         kind="commit", ref=ref, name=art.name, commit=commit, path_in_repo=art.path,
-        checkpoint_hash=out.md5,
+        checkpoint_hash=pinned_hash(git, art, commit),
     )
 
 
@@ -164,7 +187,7 @@ def version_ref(git: GitRepo, ref: str, ver: v.VersionTag) -> ResolvedRef:
     md5 = ver.meta.get("checkpoint")
     if not path or not md5:  # a tag made by another tool: read what its commit pins
         art = artifact_at(git, ver.name, ver.commit)
-        path, md5 = art.path, locked_out(git, art, ver.commit).md5
+        path, md5 = art.path, pinned_hash(git, art, ver.commit)
     return ResolvedRef(
         kind="version", ref=ref, name=ver.name, version=str(ver.version), tag=ver.tag,
         commit=ver.commit, path_in_repo=path, checkpoint_hash=md5,
@@ -172,7 +195,7 @@ def version_ref(git: GitRepo, ref: str, ver: v.VersionTag) -> ResolvedRef:
     )
 
 
-def with_step(dvc: DvcRepo, r: ResolvedRef) -> tuple[ResolvedRef, list[TreeFile]]:
+def with_step(dvc: Storage, r: ResolvedRef) -> tuple[ResolvedRef, list[TreeFile]]:
     """Fill in the step directory from the pinned listing (fetching the listing if needed)."""
     assert r.checkpoint_hash is not None
     files = dvc.tree(r.checkpoint_hash)
@@ -188,7 +211,8 @@ def checkpoint_dir_for(
     """A local step directory holding REF's checkpoint, for reading (diff, verify).
 
     A version or commit is linked from the DVC cache (fetching only that step's objects from
-    the remote when missing) into ``.dvc/tmp/modelver/<hash>/<step dir>``, reused afterwards.
+    the remote when missing) into ``.dvc/tmp/modelver/<hash>/<step dir>`` (Git LFS: under
+    ``.git/modelver/checkouts``), reused afterwards.
     None means the newest checkpoint of the workspace's (single) artifact.
     """
     git = open_git(repo_root)
@@ -201,7 +225,7 @@ def checkpoint_dir_for(
     if r.kind == "path":
         assert r.path is not None
         return local_step_dir(r.path)
-    dvc = open_dvc(git.root)
+    dvc = open_storage(git.root)
     try:
         return materialize_step(dvc, r, progress=progress)[0]
     finally:
@@ -223,21 +247,31 @@ def local_step_dir(path: Path) -> Path:
 
 
 def materialize_step(
-    dvc: DvcRepo, r: ResolvedRef, *, progress: Progress | None
+    dvc: Storage, r: ResolvedRef, *, progress: Progress | None
 ) -> tuple[Path, ResolvedRef, list[TreeFile]]:
     r, files = with_step(dvc, r)
     assert r.checkpoint_hash and r.step_dir
-    dest = dvc.root / ".dvc" / "tmp" / "modelver" / r.checkpoint_hash / r.step_dir
+    dest = scratch_dir(dvc) / r.checkpoint_hash / r.step_dir
     mine = [f for f in files if f.relpath.startswith(r.step_dir + "/")]
-    if not (dest.is_dir() and not pin_problems(dest, r.step_dir, mine, full=False)):
+    hash_file = hash_file_for(dvc)
+    if not (dest.is_dir() and not pin_problems(dest, r.step_dir, mine, full=False,
+                                                hash_file=hash_file)):
         dvc.fetch([f.md5 for f in mine], progress=progress)
         dvc.materialize(r.checkpoint_hash, dest, prefix=r.step_dir, progress=progress)
     return dest, r, files
 
 
-def pin_problems(dest: Path, step_dir: str, files: Sequence[TreeFile], *, full: bool) -> list[str]:
+def pin_problems(
+    dest: Path,
+    step_dir: str,
+    files: Sequence[TreeFile],
+    *,
+    full: bool,
+    hash_file: Callable[[Path], str] | None = None,
+) -> list[str]:
     """Does ``dest`` hold what dvc.lock pins? Sizes always; the manifest's md5 (and, with
-    ``full``, every file's md5) since the manifest's own hashes only vouch for the rest."""
+    ``full``, every file's md5) since the manifest's own hashes only vouch for the rest.
+    ``hash_file``: the backend's file hash (default md5, as DVC; sha256 for Git LFS)."""
     from modelver.checkpoint import format as fmt
 
     problems = []
@@ -248,7 +282,7 @@ def pin_problems(dest: Path, step_dir: str, files: Sequence[TreeFile], *, full: 
             problems.append(f"{rel} is missing")
         elif f.size is not None and p.stat().st_size != f.size:
             problems.append(f"{rel} size differs from what dvc.lock pins")
-        elif (full or rel == fmt.MANIFEST) and md5_file(p) != f.md5:
+        elif (full or rel == fmt.MANIFEST) and (hash_file or md5_file)(p) != f.md5:
             problems.append(f"{rel} md5 differs from what dvc.lock pins")
     return problems
 
@@ -263,7 +297,7 @@ def md5_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_object_json(dvc: DvcRepo, md5: str) -> Any:
+def read_object_json(dvc: Storage, md5: str) -> Any:
     import json
 
     dvc.fetch([md5])

@@ -105,8 +105,10 @@ def _state(model_width: int = 32) -> dict[str, Any]:
 @pytest.mark.parametrize("async_save", [False, True])
 def test_manifest_md5_is_dvc_md5_and_in_dvc_state(tmp_path: Path, async_save: bool) -> None:
     root = _git_dvc_repo(tmp_path / "repo")
-    mgr = CheckpointManager(root / "checkpoints", async_save=async_save)
-    assert mgr.dvc_hashes  # on by default inside a DVC repository
+    default = CheckpointManager(root / "checkpoints", async_save=async_save)
+    assert default.dvc_hashes == async_save  # default: on for async saves in a DVC repository
+    default.close()
+    mgr = CheckpointManager(root / "checkpoints", async_save=async_save, dvc_hashes=True)
     mgr.save(1, _state())
     mgr.close()
     path = root / "checkpoints" / fmt.step_dirname(1)

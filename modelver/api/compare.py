@@ -43,7 +43,8 @@ def _diff_side(
     ref: str, *, stat: bool, repo_root: str | Path, progress: Progress | None
 ) -> tuple[DiffSide, str | None]:
     """The checkpoint REF names, with its params when it is a version or commit. For
-    ``stat`` a version's manifest alone is read from the DVC cache (or fetched)."""
+    ``stat`` a version's manifest alone is read from the DVC cache (or fetched; with Git LFS
+    it is a plain Git blob)."""
     from modelver.checkpoint import format as ckfmt
     from modelver.diff import DiffSide
     from modelver.errors import (
@@ -54,8 +55,8 @@ def _diff_side(
     from modelver.refs import (
         local_step_dir,
         materialize_step,
-        open_dvc,
         open_git,
+        open_storage,
         read_object_json,
         resolve_ref,
         with_step,
@@ -77,7 +78,7 @@ def _diff_side(
     git = open_git(repo_root)
     params = _params_yaml(git.read_file(r.commit, "params.yaml"))
     label = r.tag or ref
-    dvc = open_dvc(git.root)
+    dvc = open_storage(git.root)
     try:
         if stat:
             r, files = with_step(dvc, r)

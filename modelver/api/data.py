@@ -12,6 +12,7 @@ from modelver.errors import (
     CheckpointNotFoundError,
     DataMissingError,
     DirtyWorkspaceError,
+    RemoteError,
     UnknownRefError,
 )
 from modelver.gitrepo import GitRepo
@@ -22,16 +23,17 @@ from modelver.refs import (
     artifacts_at,
     load_registry,
     materialize_step,
-    open_dvc,
     open_git,
+    open_storage,
     pin_problems,
     resolve_ref,
     version_ref,
     with_step,
 )
+from modelver.storage import Storage, backend_of, hash_file_for, is_lfs
 
 if TYPE_CHECKING:
-    from modelver.dvcrepo import DvcRepo, TreeFile
+    from modelver.dvcrepo import TreeFile
 
 Progress = Callable[[int, int], None]
 
@@ -60,7 +62,7 @@ def checkout(
 
     git = open_git(repo_root)
     r = _data_ref(git, ref, "checkout")
-    dvc = open_dvc(git.root)
+    dvc = open_storage(git.root)
     try:
         staged, r, files = materialize_step(dvc, r, progress=progress)
         verify_checkpoint(staged)  # corrupted data stops us before the destination changes
@@ -80,7 +82,7 @@ def checkout(
 
 
 def _replace_output(
-    dvc: DvcRepo,
+    dvc: Storage,
     r: ResolvedRef,
     files: Sequence[TreeFile],
     *,
@@ -89,9 +91,10 @@ def _replace_output(
 ) -> None:
     assert r.path_in_repo and r.checkpoint_hash
     if not force and not dvc.workspace_saved(r.path_in_repo):
+        saved = "committed to Git" if is_lfs(dvc) else "in the DVC cache"
         raise DirtyWorkspaceError(
-            f"'{r.path_in_repo}' holds checkpoints that are not in the DVC cache",
-            hint="run 'dvc commit' first, use --to DIR, or --force to discard them",
+            f"'{r.path_in_repo}' holds checkpoints that are not {saved}",
+            hint="commit them first, use --to DIR, or --force to discard them",
         )
     dvc.fetch([f.md5 for f in files], progress=progress)
     dvc.materialize(r.checkpoint_hash, dvc.root / r.path_in_repo, progress=progress)
@@ -120,7 +123,7 @@ def resume(
     while git.branch_exists(branch):
         n += 1
         branch = f"{base}-{n}"
-    main = open_dvc(git.root)
+    main = open_storage(git.root)
     try:
         r, files = with_step(main, r)
         main.fetch([f.md5 for f in files], progress=progress)
@@ -132,8 +135,8 @@ def resume(
                 raise DirtyWorkspaceError("the Git workspace has uncommitted changes")
             if not main.workspace_saved(r.path_in_repo):
                 raise DirtyWorkspaceError(
-                    f"'{r.path_in_repo}' holds checkpoints that are not in the DVC cache",
-                    hint="run 'dvc commit' first, or resume with --worktree DIR",
+                    f"'{r.path_in_repo}' holds checkpoints that are not saved",
+                    hint="commit them first ('dvc commit' with DVC), or use --worktree DIR",
                 )
             git.create_branch_checkout(branch, r.commit)
             workdir = git.root
@@ -144,16 +147,23 @@ def resume(
                     f"{workdir} exists and is not empty", hint="choose a new --worktree directory"
                 )
             git.add_worktree(workdir, branch, r.commit)
-            main.share_config_with(workdir)
+            if not is_lfs(main):  # Git LFS worktrees share the objects already
+                from modelver.dvcrepo import DvcRepo
+
+                assert isinstance(main, DvcRepo)
+                main.share_config_with(workdir)
     finally:
         main.close()
-    dvc = open_dvc(workdir)
+    dvc = open_storage(workdir)
     try:
         _replace_output(dvc, r, files, force=True, progress=progress)
     finally:
         dvc.close()
     if overrides:
         apply_overrides(workdir / "params.yaml", overrides)
+    # a Git LFS repository without a DVC pipeline has nothing to repro: training resumes
+    # from the restored checkpoint when the user runs it
+    repro = repro and (backend_of(workdir) == "dvc" or (workdir / "dvc.yaml").is_file())
     if repro:
         run_repro(workdir, quiet=quiet)
     return ResumeResult(r, branch, workdir, r.step, overrides, repro)
@@ -175,7 +185,11 @@ def push(
     tags to the Git remote 'origin' when there is one."""
     git = open_git(repo_root)
     resolved = _version_refs(git, refs)
-    dvc = open_dvc(git.root)
+    if backend_of(git.root) == "lfs":
+        return _push_lfs(git, resolved, refs)
+    from modelver.dvcrepo import DvcRepo
+
+    dvc = DvcRepo(git.root)
     try:
         wanted: list[str] = []
         for r in resolved:
@@ -188,14 +202,38 @@ def push(
         sent = dvc.push([m for m in wanted if m not in set(absent)], progress=progress)
     finally:
         dvc.close()
-    tags: list[str] = []
-    if git.has_remote("origin"):
-        names = {r.name for r in resolved}
-        stage_tags = [
-            t.name for t in git.list_tags() if "#" in t.name and t.name.split("#")[0] in names
-        ]  # stages are the names' history
-        tags = [r.tag for r in resolved if r.tag] + stage_tags
-        git.push_tags(tags)
+    tags = _tags_of(git, resolved) if git.has_remote("origin") else []
+    git.push_tags(tags)
+    return TransferResult([r.tag or r.ref for r in resolved], sent, tags)
+
+
+def _tags_of(git: GitRepo, resolved: Sequence[ResolvedRef]) -> list[str]:
+    names = {r.name for r in resolved}
+    stage_tags = [
+        t.name for t in git.list_tags() if "#" in t.name and t.name.split("#")[0] in names
+    ]  # stages are the names' history
+    return [r.tag for r in resolved if r.tag] + stage_tags
+
+
+def _push_lfs(git: GitRepo, resolved: Sequence[ResolvedRef], refs: Sequence[str]) -> TransferResult:
+    """Git LFS: upload the versions' LFS objects to 'origin', then their tags (and commits)."""
+    from modelver.lfsrepo import LfsRepo
+
+    if not git.has_remote("origin"):
+        raise RemoteError("origin", "no Git remote 'origin' (Git LFS stores data there)")
+    lfs = LfsRepo(git.root)
+    on_origin = lfs.remote_tags()
+    wanted: list[str] = []
+    for r in resolved:
+        assert r.checkpoint_hash
+        files = [f.md5 for f in lfs.tree(r.checkpoint_hash)]
+        absent = lfs.missing_in_cache(files)
+        if absent and r.tag not in on_origin:  # a pushed tag means its data went first
+            raise DataMissingError(f"{len(absent)} object(s) of {r.tag or r.ref}")
+        wanted += [m for m in files if m not in set(absent)]
+    sent = lfs.publish(wanted)
+    tags = _tags_of(git, resolved)
+    git.push_tags(tags)
     return TransferResult([r.tag or r.ref for r in resolved], sent, tags)
 
 
@@ -210,7 +248,7 @@ def pull(
     fetched = sorted({t.name for t in git.list_tags()} - before)
     r = _data_ref(git, ref, "pull")
     assert r.checkpoint_hash
-    dvc = open_dvc(git.root)
+    dvc = open_storage(git.root)
     try:
         files = dvc.tree(r.checkpoint_hash)
         missing = dvc.missing_in_cache(f.md5 for f in files)
@@ -246,7 +284,7 @@ def verify(target: str | None = None, *, repo_root: str | Path = ".") -> VerifyR
 
 
 def _verify_version(git: GitRepo, r: ResolvedRef) -> VerifyResult:
-    dvc = open_dvc(git.root)
+    dvc = open_storage(git.root)
     try:
         dest, r, files = materialize_step(dvc, r, progress=None)
     finally:
@@ -254,5 +292,6 @@ def _verify_version(git: GitRepo, r: ResolvedRef) -> VerifyResult:
     assert r.step_dir
     mine = [f for f in files if f.relpath.startswith(r.step_dir + "/")]
     one = verify_one(dest)
-    problems = one.problems + pin_problems(dest, r.step_dir, mine, full=True)
+    hash_file = hash_file_for(dvc)
+    problems = one.problems + pin_problems(dest, r.step_dir, mine, full=True, hash_file=hash_file)
     return VerifyResult([VerifiedCheckpoint(dest, r.step, problems)])

@@ -15,6 +15,7 @@ from modelver.errors import (
     ArtifactNotFoundError,
     DataMissingError,
     DirtyWorkspaceError,
+    ModelverError,
     RemoteError,
     UnknownRefError,
     VersionExistsError,
@@ -29,13 +30,17 @@ from modelver.refs import (
     newest_step_dir,
     open_dvc,
     open_git,
+    open_storage,
+    pinned_hash,
     read_object_json,
     resolve_ref,
     with_step,
 )
+from modelver.storage import backend_of
 
 if TYPE_CHECKING:
-    from modelver.dvcrepo import Artifact, DvcRepo, TreeFile
+    from modelver.dvcrepo import Artifact, TreeFile
+    from modelver.storage import Storage
 
 Progress = Callable[[int, int], None]
 
@@ -98,6 +103,9 @@ class InitResult:
     remote_url: str
     remote_is_new: bool
     cache_type: str
+    backend: str = "dvc"
+    lfs_patterns: list[str] = field(default_factory=list)  # .gitattributes lines added
+    config_written: bool = False  # modelver.yaml
 
 
 @dataclass(frozen=True)
@@ -170,11 +178,21 @@ def default_remote_dir(root: Path) -> Path:
     return base / "modelver" / "remotes" / f"{root.name}-{digest}"
 
 
-def init(path: str | Path = ".", *, remote: str | None = None) -> InitResult:
-    """Make a Git repository ready for modelver: DVC, a default remote, a linking cache."""
+def init(
+    path: str | Path = ".",
+    *,
+    remote: str | None = None,
+    backend: str = "dvc",
+    artifact: tuple[str, str] = ("model", "checkpoints"),
+) -> InitResult:
+    """Make a Git repository ready for modelver: DVC, a default remote, a linking cache; or,
+    with ``backend="lfs"``, Git LFS for the artifacts' paths (declared in modelver.yaml unless
+    dvc.yaml declares artifacts) and 'origin' as the remote."""
     from modelver.dvcrepo import CACHE_TYPES, init_dvc
 
     git = open_git(path)
+    if backend == "lfs":
+        return _init_lfs(git, remote=remote, artifact=artifact)
     created = init_dvc(git.root)
     dvc = open_dvc(git.root)
     try:
@@ -190,6 +208,28 @@ def init(path: str | Path = ".", *, remote: str | None = None) -> InitResult:
     finally:
         dvc.close()
     return InitResult(git.root, created, url, is_new, CACHE_TYPES)
+
+
+def _init_lfs(git: GitRepo, *, remote: str | None, artifact: tuple[str, str]) -> InitResult:
+    from modelver.lfsrepo import init_lfs
+    from modelver.storage import CONFIG, read_config, write_config
+
+    if remote is not None:
+        raise ModelverError(
+            "--remote is for DVC: with Git LFS the remote is the Git remote 'origin'",
+            hint="git remote add origin URL",
+        )
+    cfg = git.root / CONFIG
+    if read_config(cfg.read_text() if cfg.is_file() else None).get("backend", "lfs") != "lfs":
+        raise DirtyWorkspaceError(f"{CONFIG} says another backend", hint=f"edit {CONFIG}")
+    v.check_name(artifact[0], "artifact name")
+    declared = artifacts_at(git, None)
+    written = write_config(
+        git.root, backend="lfs", artifacts={} if declared else {artifact[0]: artifact[1]}
+    )
+    arts = artifacts_at(git, None)
+    added = init_lfs(git.root, sorted({a.path for a in arts.values()}))
+    return InitResult(git.root, False, "origin", False, "copy", "lfs", added, written)
 
 
 def tag(
@@ -214,7 +254,9 @@ def tag(
     tag_name = v.version_tag(name, version)
     commit = git.resolve_commit(rev)
     art = artifact_at(git, name, commit)
-    out = locked_out(git, art, commit)
+    lfs = backend_of(git.root) == "lfs"
+    checkpoint = pinned_hash(git, art, commit)
+    stage = None if lfs else locked_out(git, art, commit).stage
     existing = registry.of(name)
     if git.tag_exists(tag_name) or registry.get(name, version):
         raise VersionExistsError(tag_name)
@@ -226,10 +268,10 @@ def tag(
     if existing and existing[-1].version >= version:
         raise VersionExistsError(tag_name, reason=f"is not above the latest {existing[-1].tag}")
     if commit == git.head_commit():
-        _check_workspace_matches(git, art)
-    dvc = open_dvc(git.root)
+        _check_workspace_matches(git, art, lfs=lfs)
+    dvc = open_storage(git.root)
     try:
-        files = dvc.tree(out.md5)
+        files = dvc.tree(checkpoint)
         step_dir, step = newest_step_dir(files, f"{art.path} at {commit[:10]}")
         manifest_md5 = next(f.md5 for f in files if f.relpath == f"{step_dir}/{fmt.MANIFEST}")
         manifest = fmt.Manifest.from_json(read_object_json(dvc, manifest_md5))
@@ -241,17 +283,28 @@ def tag(
         "step": step,
         "step_dir": step_dir,
         "metrics": manifest.metrics,
-        "checkpoint": out.md5,
+        "checkpoint": checkpoint,
         "path": art.path,
-        "stage": out.stage,
+        "stage": stage,
         "parent": parent,
     }
+    if lfs:
+        meta["backend"] = "lfs"  # checkpoint: the Git tree hash of the path
     summary = message or f"Registering artifact {name} version {version}"
     git.create_tag(tag_name, commit, v.format_message(summary, meta))
-    return TagResult(tag_name, name, str(version), commit, step, manifest.metrics, out.md5, parent)
+    return TagResult(
+        tag_name, name, str(version), commit, step, manifest.metrics, checkpoint, parent
+    )
 
 
-def _check_workspace_matches(git: GitRepo, art: Artifact) -> None:
+def _check_workspace_matches(git: GitRepo, art: Artifact, *, lfs: bool) -> None:
+    if lfs:
+        if git.is_modified(art.path):
+            raise DirtyWorkspaceError(
+                f"'{art.path}' has uncommitted changes",
+                hint=f"git add {art.path} && git commit, then tag the new commit",
+            )
+        return
     if git.is_modified("dvc.lock"):
         raise DirtyWorkspaceError(
             "dvc.lock has uncommitted changes", hint="commit dvc.lock, then tag the new commit"
@@ -303,7 +356,7 @@ def list_versions(name: str | None = None, *, repo_root: str | Path = ".") -> li
 
 def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) -> VersionDetails:
     """One version with its params, files and where its data is."""
-    from modelver.dvcrepo import find_locked_out
+    from modelver.dvcrepo import DvcRepo, find_locked_out
 
     git = open_git(repo_root)
     r = resolve_ref(git.root, ref)
@@ -311,8 +364,9 @@ def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) ->
         raise UnknownRefError(ref, hint="show takes a version: NAME, NAME@vX.Y.Z or NAME#STAGE")
     ver = load_registry(git).get(r.name, v.Semver.parse(r.version))
     assert ver is not None and r.checkpoint_hash is not None and r.path_in_repo is not None
-    out = find_locked_out(git.read_file(r.commit, "dvc.lock"), r.path_in_repo)
-    dvc = open_dvc(git.root)
+    lfs = backend_of(git.root) == "lfs"
+    out = None if lfs else find_locked_out(git.read_file(r.commit, "dvc.lock"), r.path_in_repo)
+    dvc = open_storage(git.root)
     try:
         try:
             r, files = with_step(dvc, r)
@@ -324,8 +378,8 @@ def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) ->
         hashes = [r.checkpoint_hash] + [f.md5 for f in mine]
         in_cache = not dvc.missing_in_cache(hashes)
         sizes = _sizes(dvc, [f for f in mine if f.relpath == prefix + "MANIFEST.json"])
-        in_remote: bool | None = None
-        if check_remote and dvc.default_remote() is not None:
+        in_remote: bool | None = None  # Git LFS: not asked (no cheap query of 'origin')
+        if check_remote and isinstance(dvc, DvcRepo) and dvc.default_remote() is not None:
             try:
                 in_remote = not dvc.missing_in_remote(hashes)
             except RemoteError:
@@ -336,7 +390,7 @@ def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) ->
         info=_info(ver),
         path=r.path_in_repo,
         step_dir=r.step_dir,
-        params=dict(out.params) if out else {},
+        params=dict(out.params) if out else _params_at(git, ver.commit) if lfs else {},
         files=[
             FileInfo(f.relpath[len(prefix) :], sizes.get(f.relpath[len(prefix) :], f.size), f.md5)
             for f in mine
@@ -346,7 +400,16 @@ def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) ->
     )
 
 
-def _sizes(dvc: DvcRepo, manifest: Sequence[TreeFile]) -> dict[str, int]:
+def _params_at(git: GitRepo, commit: str) -> dict[str, Any]:
+    """Git LFS has no dvc.lock: the params are params.yaml at the version's commit."""
+    import yaml
+
+    text = git.read_file(commit, "params.yaml")
+    data = yaml.safe_load(text) if text else None
+    return {"params.yaml": data} if isinstance(data, dict) else {}
+
+
+def _sizes(dvc: Storage, manifest: Sequence[TreeFile]) -> dict[str, int]:
     """File sizes from the version's manifest when it is in the cache (DVC's listing has none)."""
     if not manifest or dvc.missing_in_cache([manifest[0].md5]):
         return {}

@@ -113,9 +113,13 @@ class CheckpointManager:
             self._publisher = Publisher(self.root, push)
         # MD5 of each file, hashed from memory beside the writes, in the manifest and in DVC's
         # hash state, so DVC does not read every checkpoint byte again to hash it. Default: on
-        # where DVC will hash the files (inside a DVC repository, or with push), else off
+        # with push (uploads need it), and with async saves inside a DVC repository, where it
+        # runs off the training thread; off for synchronous saves, which would pay it at every
+        # save while DVC hashes only the checkpoints left at the end of the stage
         self.dvc_hashes = (
-            (bool(push) or _in_dvc_repo(self.root)) if dvc_hashes is None else dvc_hashes
+            (bool(push) or (async_save and _in_dvc_repo(self.root)))
+            if dvc_hashes is None
+            else dvc_hashes
         )
         self._dvc_warm: threading.Thread | None = None
         if self.dvc_hashes and not self._distributed and importlib.util.find_spec("dvc"):

@@ -1,0 +1,244 @@
+"""Git LFS storage for modelver: checkpoint tensor files as LFS objects of the Git repository.
+
+Shells out to ``git`` and ``git lfs`` (GitPython stays in ``gitrepo.py``). A version's checkpoint
+is the Git tree of the artifact path at the tagged commit (its hash is the identity recorded in
+the tag). ``*.safetensors`` files are LFS pointers; ``MANIFEST.json`` and ``state.json`` stay
+plain Git blobs, so tag, show and ``diff --stat`` read them without any LFS download. Files are
+addressed by the sha256 of their content: the pointer's oid, or computed for plain blobs, which
+are kept beside the LFS objects under ``<git dir>/modelver/blobs``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from modelver.dvcrepo import TreeFile
+from modelver.errors import DataMissingError, ModelverError, RemoteError
+
+Progress = Callable[[int, int], None]
+POINTER_MAX = 1024  # git-lfs pointers are ~130 bytes; it never cleans a file this small
+_POINTER_HEAD = b"version https://git-lfs.github.com/spec/v1\n"
+REMOTE = "origin"
+
+
+def lfs_pattern(path: str) -> str:
+    """The ``.gitattributes`` line for an artifact path: tensor files in LFS, JSON in Git."""
+    return f"{path}/**/*.safetensors filter=lfs diff=lfs merge=lfs -text"
+
+
+def require_lfs() -> None:
+    try:
+        ok = subprocess.run(["git", "lfs", "version"], capture_output=True).returncode == 0
+    except OSError:
+        ok = False
+    if not ok:
+        raise ModelverError(
+            "git-lfs is not installed", hint="install it (Debian: apt-get install git-lfs)"
+        )
+
+
+def _git(root: Path, *args: str, data: bytes | None = None, remote: bool = False) -> bytes:
+    proc = subprocess.run(["git", *args], cwd=root, input=data, capture_output=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        cause = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+        if remote:
+            raise RemoteError(REMOTE, cause)
+        raise ModelverError(f"'git {' '.join(args[:3])}' failed: {cause}")
+    return proc.stdout
+
+
+def init_lfs(root: Path, paths: Sequence[str]) -> list[str]:
+    """``git lfs install --local`` and LFS patterns for ``paths``; returns the lines added."""
+    require_lfs()
+    _git(root, "lfs", "install", "--local")
+    attrs = root / ".gitattributes"
+    text = attrs.read_text() if attrs.is_file() else ""
+    added = [ln for ln in (lfs_pattern(p) for p in paths) if ln not in text.splitlines()]
+    if added:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        attrs.write_text(text + sep + "".join(ln + "\n" for ln in added))
+    return added
+
+
+def tree_hash(root: Path, commit: str, path: str) -> str | None:
+    """The Git tree hash of ``path`` at ``commit``; None when the commit has no such directory."""
+    proc = subprocess.run(
+        ["git", "ls-tree", "-d", commit, "--", path.rstrip("/")],
+        cwd=root, capture_output=True, text=True,
+    )
+    head = proc.stdout.split("\t", 1)[0].split() if proc.returncode == 0 else []
+    return head[2] if len(head) == 3 and head[1] == "tree" else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parse_pointer(data: bytes) -> tuple[str, int] | None:
+    if not data.startswith(_POINTER_HEAD):
+        return None
+    fields = dict(ln.split(" ", 1) for ln in data.decode().splitlines() if " " in ln)
+    oid = fields.get("oid", "")
+    if not oid.startswith("sha256:"):
+        return None
+    return oid.removeprefix("sha256:"), int(fields.get("size", "0"))
+
+
+class LfsRepo:
+    """The Git LFS side of a working tree: listing, fetching and writing checkpoint trees."""
+
+    def __init__(self, root: Path) -> None:
+        require_lfs()
+        self.root = root
+        common = _git(root, "rev-parse", "--git-common-dir").decode().strip()
+        self.git_dir = (root / common).resolve()
+        self.scratch = self.git_dir / "modelver" / "checkouts"
+        self._blobs = self.git_dir / "modelver" / "blobs"
+        self._pointers: dict[str, tuple[int, str]] = {}  # oid -> (size, path) for smudge
+
+    def close(self) -> None:
+        """Nothing to release: every call is its own ``git`` process."""
+
+    def tree(self, md5_dir: str) -> list[TreeFile]:
+        """Files of a Git tree by content sha256 (plain blobs are copied aside on the way)."""
+        out = _git(self.root, "ls-tree", "-r", "-l", "-z", md5_dir)
+        entries = []
+        for rec in out.split(b"\0"):
+            if not rec:
+                continue
+            head, name = rec.split(b"\t", 1)
+            _, kind, sha, length = head.split()
+            if kind == b"blob":
+                entries.append((name.decode(), sha.decode(), int(length)))
+        # small blobs may be pointers; read them (and the plain JSON files) in one process
+        small = [e for e in entries if e[2] <= POINTER_MAX or not e[0].endswith(".safetensors")]
+        contents = self._cat([blob for _, blob, _ in small])
+        files = []
+        for path, blob, size in entries:
+            data = contents.get(blob)
+            pointer = _parse_pointer(data) if data is not None else None
+            if pointer is not None:
+                self._pointers[pointer[0]] = (pointer[1], path)
+                files.append(TreeFile(path, pointer[0], pointer[1]))
+            elif data is not None:
+                oid = hashlib.sha256(data).hexdigest()
+                self._keep_blob(oid, data)
+                files.append(TreeFile(path, oid, size))
+            else:  # a large file committed without LFS: hash it through Git
+                data = _git(self.root, "cat-file", "blob", blob)
+                oid = hashlib.sha256(data).hexdigest()
+                self._keep_blob(oid, data)
+                files.append(TreeFile(path, oid, size))
+        return files
+
+    def _cat(self, blobs: Sequence[str]) -> dict[str, bytes]:
+        if not blobs:
+            return {}
+        out = _git(self.root, "cat-file", "--batch", data="".join(b + "\n" for b in blobs).encode())
+        found: dict[str, bytes] = {}
+        pos = 0
+        for blob in blobs:
+            end = out.index(b"\n", pos)
+            size = int(out[pos:end].split()[2])
+            found[blob] = out[end + 1 : end + 1 + size]
+            pos = end + 1 + size + 1
+        return found
+
+    def _keep_blob(self, oid: str, data: bytes) -> None:
+        dest = self._blobs / oid
+        if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{oid}.{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+
+    def object_path(self, md5: str) -> Path:
+        lfs = self.git_dir / "lfs" / "objects" / md5[:2] / md5[2:4] / md5
+        return lfs if lfs.is_file() or md5 in self._pointers else self._blobs / md5
+
+    def missing_in_cache(self, md5s: Iterable[str]) -> list[str]:
+        """Objects not here; a 40-digit hash is a Git object (a version's tree)."""
+        return [m for m in md5s if not self._present(m)]
+
+    def _present(self, oid: str) -> bool:
+        if len(oid) == 40:
+            return subprocess.run(["git", "cat-file", "-e", oid], cwd=self.root).returncode == 0
+        return self.object_path(oid).is_file()
+
+    def fetch(self, md5s: Iterable[str], *, progress: Progress | None = None) -> None:
+        """Download missing LFS objects from 'origin' (``git lfs smudge`` of their pointers)."""
+        wanted = self.missing_in_cache(md5s)
+        for i, oid in enumerate(wanted):
+            if oid not in self._pointers:
+                raise DataMissingError(f"object {oid[:12]}", missing=[oid])
+            size, path = self._pointers[oid]
+            pointer = _POINTER_HEAD + f"oid sha256:{oid}\nsize {size}\n".encode()
+            _git(self.root, "lfs", "smudge", path, data=pointer, remote=True)
+            if progress is not None:
+                progress(i + 1, len(wanted))
+        still = self.missing_in_cache(wanted)
+        if still:
+            raise DataMissingError(f"{len(still)} object(s)", missing=still)
+
+    def materialize(
+        self,
+        md5_dir: str,
+        dest: Path,
+        *,
+        prefix: str | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Write a tree (or its ``prefix`` subdirectory) to ``dest``: built beside it, then
+        swapped in, so ``dest`` holds exactly the tree's files."""
+        start = f"{prefix}/" if prefix else ""
+        files = [f for f in self.tree(md5_dir) if f.relpath.startswith(start)]
+        if not files:
+            raise DataMissingError(f"{prefix} in {md5_dir}")
+        self.fetch([f.md5 for f in files], progress=progress)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{secrets.token_hex(3)}"
+        try:
+            for i, f in enumerate(files):
+                target = tmp / f.relpath[len(start) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.object_path(f.md5), target)
+                if progress is not None:
+                    progress(i + 1, len(files))
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def workspace_saved(self, path: str) -> bool:
+        """Whether ``path`` matches HEAD (so replacing it loses nothing committed to Git)."""
+        out = _git(self.root, "status", "--porcelain", "--untracked-files=all", "--", path)
+        return not out.strip()
+
+    def hash_file(self, path: Path) -> str:
+        return sha256_file(path)
+
+    def remote_tags(self) -> set[str]:
+        """Tags 'origin' has (one ``git ls-remote``)."""
+        out = _git(self.root, "ls-remote", "--tags", REMOTE, remote=True).decode()
+        refs = (ln.split("\t", 1)[1] for ln in out.splitlines() if "\t" in ln)
+        return {r.removeprefix("refs/tags/").removesuffix("^{}") for r in refs}
+
+    def publish(self, md5s: Iterable[str]) -> int:
+        """Upload these LFS objects to 'origin' (by id: ``git lfs push <refs>`` would skip
+        objects of commits 'origin' already has); returns how many were handed over."""
+        oids = [m for m in dict.fromkeys(md5s) if m in self._pointers]
+        for i in range(0, len(oids), 100):
+            _git(self.root, "lfs", "push", REMOTE, "--object-id", *oids[i : i + 100], remote=True)
+        return len(oids)
