@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra=${1:-test}
+# The Git LFS backend's tests need git-lfs (Debian package); install it where we may.
+if [ "$extra" = test ] && ! git lfs version >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq git-lfs >/dev/null
+  else
+    echo "note: install git-lfs (e.g. 'sudo apt-get install git-lfs') for the LFS backend tests" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1

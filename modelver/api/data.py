@@ -227,10 +227,10 @@ def _push_lfs(git: GitRepo, resolved: Sequence[ResolvedRef], refs: Sequence[str]
     for r in resolved:
         assert r.checkpoint_hash
         files = [f.md5 for f in lfs.tree(r.checkpoint_hash)]
-        absent = lfs.missing_in_cache(files)
+        absent = set(lfs.missing_in_cache(files))
         if absent and r.tag not in on_origin:  # a pushed tag means its data went first
             raise DataMissingError(f"{len(absent)} object(s) of {r.tag or r.ref}")
-        wanted += [m for m in files if m not in set(absent)]
+        wanted += [m for m in files if m not in absent]
     sent = lfs.publish(wanted)
     tags = _tags_of(git, resolved)
     git.push_tags(tags)

@@ -319,10 +319,15 @@ def plan_layout(tensors: list[PlannedTensor]) -> tuple[bytes, list[tuple[Planned
     return struct.pack("<Q", len(raw)) + raw, ranges
 
 
+WRITE_SLICE = 1 << 20
+
+
 def write_all(f: IO[bytes], data: memoryview | bytes) -> None:
-    view = memoryview(data)
+    """Write everything, 1 MiB per call: one huge write() stalls in the kernel's dirty-page
+    throttling (measured here: 1 GiB in 1.0-2.2 s as 64+ MiB calls, 1.0 s as 1 MiB calls)."""
+    view = memoryview(data).cast("B")
     while view.nbytes:
-        n = f.write(view)
+        n = f.write(view[:WRITE_SLICE])
         if n is None:  # pragma: no cover - raw files always return a count
             n = view.nbytes
         view = view[n:]

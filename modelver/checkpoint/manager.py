@@ -99,6 +99,7 @@ class CheckpointManager:
         self._last_time = time.monotonic()
         self._pool = BufferPool()
         self._executor: ThreadPoolExecutor | None = None
+        self._janitor: ThreadPoolExecutor | None = None
         self._inflight: Future[CheckpointInfo] | None = None
         self._signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -295,7 +296,7 @@ class CheckpointManager:
                 monitor=self.monitor,
                 mode=self.mode,
             )
-            execute_retention(plan)
+            execute_retention(plan, remove=self._remove_later)
             if self._publisher is not None:
                 self._publisher.submit(path, manifest)
         return CheckpointInfo(
@@ -308,8 +309,17 @@ class CheckpointManager:
             len(manifest.tensors),
         )
 
+    def _remove_later(self, trash: Path) -> None:
+        """Deleting a large checkpoint takes a while (freeing its blocks): not on the caller."""
+        if self._janitor is None:
+            self._janitor = ThreadPoolExecutor(1, thread_name_prefix="modelver-retention")
+        self._janitor.submit(shutil.rmtree, trash, ignore_errors=True)
+
     def wait(self) -> CheckpointInfo | None:
-        """Block until the in-flight async save (if any) is committed; raise its error."""
+        """Block until the in-flight async save (if any) is committed and old checkpoints are
+        deleted; raise the save's error."""
+        if self._janitor is not None:
+            self._janitor.submit(lambda: None).result()  # one thread: everything before is done
         fut, self._inflight = self._inflight, None
         if fut is None:
             return None
@@ -334,8 +344,9 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+            for pool in (self._executor, self._janitor):
+                if pool is not None:
+                    pool.shutdown(wait=True)
             if self._publisher is not None:
                 self._publisher.close()  # uploads the last checkpoint before returning
             for sig, handler in self._old_handlers.items():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from modelver.checkpoint.catalog import CheckpointInfo
 
@@ -42,12 +43,16 @@ def plan_retention(
     )
 
 
-def execute_retention(plan: RetentionPlan) -> None:
-    """Rename out of sight first, so a crash mid-delete never leaves a half checkpoint visible."""
+def execute_retention(
+    plan: RetentionPlan, *, remove: Callable[[Path], object] = shutil.rmtree
+) -> None:
+    """Rename out of sight first, so a crash mid-delete never leaves a half checkpoint visible;
+    ``remove`` then deletes the renamed directory (the manager does it off the training thread).
+    """
     for info in plan.delete:
         trash = info.path.with_name(f".trash-{info.path.name}-{secrets.token_hex(3)}")
         try:
             os.rename(info.path, trash)
         except FileNotFoundError:
             continue
-        shutil.rmtree(trash, ignore_errors=True)
+        remove(trash)
