@@ -242,7 +242,7 @@ class CheckpointManager:
         if self._closed:
             raise RuntimeError("this CheckpointManager is closed")
         t0 = time.perf_counter()
-        self.wait()
+        self._wait_inflight()  # not the deletions of old checkpoints: they never block a save
         existing = self.root / fmt.step_dirname(step)
         if step == self._last_step and (existing / fmt.MANIFEST).is_file():
             return next((c for c in self.checkpoints() if c.step == step), None)
@@ -318,8 +318,12 @@ class CheckpointManager:
     def wait(self) -> CheckpointInfo | None:
         """Block until the in-flight async save (if any) is committed and old checkpoints are
         deleted; raise the save's error."""
+        info = self._wait_inflight()
         if self._janitor is not None:
             self._janitor.submit(lambda: None).result()  # one thread: everything before is done
+        return info
+
+    def _wait_inflight(self) -> CheckpointInfo | None:
         fut, self._inflight = self._inflight, None
         if fut is None:
             return None
@@ -334,7 +338,7 @@ class CheckpointManager:
             self._publisher.check()
         fut = self._inflight
         if fut is not None and fut.done() and fut.exception() is not None:
-            self.wait()
+            self._wait_inflight()
 
     def close(self) -> None:
         """Wait for pending work and restore signal handlers; safe to call twice."""
