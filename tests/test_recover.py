@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from modelver.cli.main import cli
 from modelver.dvcrepo import DvcRepo, RemoteStore
 from modelver.errors import ModelverError, RemoteError
 from modelver.publish import Publisher, read_runs
+from tests.conftest import S3_BUCKET, free_port
 from tests.registry_helpers import git
 
 TRAIN = '''\
@@ -183,72 +183,21 @@ def test_kill_clone_recover_finish_local_remote(
     _kill_recover_finish(tmp_path, origin, capfd=capfd)
 
 
-# --- S3 (moto_server), the fixture pattern of tests/test_storage_s3.py ------------------------
-
-BUCKET = "recover"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[str]:
-    import urllib.request
-
-    exe = Path(sys.executable).with_name("moto_server")
-    if not exe.exists():
-        if os.environ.get("CI"):
-            pytest.fail("moto_server is not installed")
-        pytest.skip("moto_server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture
-def s3(moto: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    for k, val in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                   "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, val)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
-    if BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
-        client.create_bucket(Bucket=BUCKET)
-    return moto
-
+# --- S3 (moto_server: the fixtures in tests/conftest.py) -------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_kill_clone_recover_finish_s3(tmp_path: Path, s3: str) -> None:
-    origin = _origin(tmp_path, f"s3://{BUCKET}/{uuid.uuid4().hex}", endpoint=s3)
+def test_kill_clone_recover_finish_s3(tmp_path: Path, s3_endpoint: str) -> None:
+    origin = _origin(tmp_path, f"s3://{S3_BUCKET}/{uuid.uuid4().hex}", endpoint=s3_endpoint)
     _kill_recover_finish(tmp_path, origin, capfd=None)
 
 
 @pytest.mark.s3
-def test_recover_unreachable_s3(tmp_path: Path, s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recover_unreachable_s3(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    origin = _origin(tmp_path, f"s3://{BUCKET}/x", endpoint=f"http://127.0.0.1:{_free_port()}")
+    origin = _origin(tmp_path, f"s3://{S3_BUCKET}/x", endpoint=f"http://127.0.0.1:{free_port()}")
     fresh = _clone(origin, tmp_path / "fresh")
     started = time.monotonic()
     with pytest.raises(RemoteError):
