@@ -163,7 +163,7 @@ class ArtifactNotFoundError(ModelverError, LookupError):
         self.known = list(known)
         where = ", ".join(self.known) if self.known else "none declared"
         super().__init__(
-            f"'{name}' is not a declared artifact (known: {where})",
+            f"'{name}' is not an artifact in dvc.yaml or modelver.yaml (known: {where})",
             hint="declare it under 'artifacts:' in dvc.yaml (or modelver.yaml) with its path",
         )
 
