@@ -3,7 +3,8 @@
     python benchmarks/save_load.py [--gib 1.1] [--runs 3] [--dir DIR]
 
 Baselines, all on the same state and all fsync'd before the clock stops; every method writes
-new files at each save and then deletes the previous ones (modelver: keep_last=1):
+new files at each save and then deletes the previous ones (modelver: keep_last=1), untimed, and
+each timed save starts after os.sync() and a 1 s pause:
   raw       one file holding the same tensor bytes (the physical limit of the disk)
   torch     torch.save({"model": sd, "optimizer": osd})
   hf        Hugging Face Trainer layout: model.safetensors (save_file) + optimizer.pt (torch.save)
@@ -127,6 +128,12 @@ def main() -> None:
 
     cleanup: list[Path] = []
 
+    def settle() -> None:
+        """Start every timed save on a quiet disk: the previous method's deletes and writeback
+        otherwise land on whoever comes next (this shared disk varied 1x-2x without it)."""
+        os.sync()
+        time.sleep(1.0)
+
     def tidy() -> None:
         """Delete what the last save replaced, outside the timed section (modelver deletes in
         the background, so every method is timed without its deletion)."""
@@ -194,6 +201,7 @@ def main() -> None:
         names = list(savers)
         for r in range(a.runs):
             for name in names[r % 4 :] + names[: r % 4]:  # rotated: no method always goes first
+                settle()
                 save_t[name].append(timed(savers[name]))
                 tidy()
             for name, fn in loaders.items():

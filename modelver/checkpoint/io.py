@@ -271,7 +271,7 @@ def write_checkpoint(root: Path, snap: Snapshot, *, md5: bool = False) -> fmt.Ma
             files[name] = fentry
             tensors.update((e.name, e) for e in tentries)
         for name in files:
-            fmt.fsync_path(tmp / name)
+            fmt.fdatasync_path(tmp / name)
         if pool is not None:
             pool.fill(files)
         payload = json.dumps(state_json(snap), sort_keys=True).encode()
