@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -267,9 +266,3 @@ def restore_checkpoint(
             if callable(hook):
                 hook()
     return manifest.step
-
-
-def manifest_json(path: str | Path) -> dict[str, Any]:
-    """The raw manifest document, for tools that print it."""
-    result: dict[str, Any] = json.loads((Path(path) / fmt.MANIFEST).read_text())
-    return result

@@ -28,7 +28,8 @@ def checkout_cmd(ref: str, to: str | None, force: bool, quiet: bool) -> None:
 @json_option
 @quiet_option
 def push_cmd(refs: tuple[str, ...], as_json: bool, quiet: bool) -> None:
-    """Send versions' data to the DVC remote and their tags to 'origin' (all when no REF)."""
+    """Send versions' data to the storage remote (DVC remote; origin with Git LFS) and their
+    tags to 'origin' (all versions when no REF)."""
     with progress("pushing", quiet=quiet or as_json) as cb:
         res = api.push(refs, repo_root=".", progress=cb)
     if as_json:
@@ -45,7 +46,7 @@ def push_cmd(refs: tuple[str, ...], as_json: bool, quiet: bool) -> None:
 @json_option
 @quiet_option
 def pull_cmd(ref: str, as_json: bool, quiet: bool) -> None:
-    """Fetch tags from 'origin' and a version's data into the local DVC cache."""
+    """Fetch tags from 'origin' and a version's data into the local cache (DVC or Git LFS)."""
     with progress("pulling", quiet=quiet or as_json) as cb:
         res = api.pull(ref, repo_root=".", progress=cb)
     if as_json:
