@@ -1,10 +1,12 @@
 """What ``dvc repro`` of a training stage costs on top of the training command itself.
 
-    python benchmarks/dvc_overhead.py [--mib 1024] [--rounds 3] [--profile] [--cache-type T]
+    python benchmarks/dvc_overhead.py [--mib 1024] [--rounds 3] [--steps 1] [--profile]
+                                      [--cache-type T]
 
 A temporary Git + DVC repository (``cache.type reflink,hardlink,copy`` as ``modelver init`` sets)
 with one stage: ``python train.py`` restores from ``checkpoints/`` (a ``persist: true`` output),
-takes one AdamW step and saves one ~``mib`` MiB checkpoint (model + AdamW, ``keep_last=1``).
+takes ``--steps`` AdamW steps (1: the worst case for the ratio, all I/O and start-up) and saves
+one ~``mib`` MiB checkpoint (model + AdamW, ``keep_last=1``).
 Timed (medians over ``rounds``, interleaved so machine load hits every case alike):
 
 * ``cmd-first``: the command alone on an empty ``checkpoints/``;
@@ -48,10 +50,12 @@ state = {"model": model, "optimizer": opt}
 mgr = CheckpointManager("checkpoints", keep_last=1, async_save=p["async"],
                         dvc_hashes=p["dvc_hashes"])
 step = mgr.restore(state)
-loss = model(torch.randn(4, width)).square().mean()
-loss.backward()
-opt.step()
-mgr.save(step + 1, state)
+for _ in range(p["steps"]):
+    loss = model(torch.randn(4, width)).square().mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+mgr.save(step + p["steps"], state)
 mgr.close()
 '''
 
@@ -110,6 +114,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024, help="checkpoint size (model + AdamW)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--steps", type=int, default=1, help="AdamW steps per run of the command")
     ap.add_argument("--cache-type", default="reflink,hardlink,copy", help="DVC cache.type")
     a = ap.parse_args()
     width = 4096
@@ -117,7 +122,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mv-dvc-overhead-"))
     env_python = [sys.executable]
     dvc = [sys.executable, "-m", "dvc"]
-    base = {"width": width, "layers": layers, "lr": 1e-3, "async": False, "dvc_hashes": True}
+    base = {"width": width, "layers": layers, "lr": 1e-3, "async": False, "dvc_hashes": True,
+            "steps": a.steps}
     times: dict[str, list[float]] = {}
 
     def record(label: str, seconds: float) -> None:
@@ -152,7 +158,8 @@ def main() -> None:
         )
         ckpt_bytes = sum(p.stat().st_size for p in (main_repo / "checkpoints").rglob("*"))
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"\ncheckpoint {ckpt_bytes / 2**30:.2f} GiB, {layers} x Linear({width}) + AdamW; "
+        print(f"\ncheckpoint {ckpt_bytes / 2**30:.2f} GiB, {layers} x Linear({width}) + AdamW, "
+              f"{a.steps} step(s) per run; "
               f"cache.type {a.cache_type}; medians of {a.rounds}; "
               f"dvc status clean: {status.returncode == 0 and not status.stdout.strip()}")
         print(f"{'case':14s} {'seconds':>8s} {'ratio':>6s}  baseline")

@@ -268,23 +268,39 @@ class _Files:
     is copied before the arithmetic reads it.
     """
 
-    def __init__(self, root: Path, stack: contextlib.ExitStack) -> None:
+    def __init__(self, root: Path, manifest: fmt.Manifest, stack: contextlib.ExitStack) -> None:
         self.root = root
+        self.manifest = manifest
         self.stack = stack
         self.files: dict[str, io.BufferedReader] = {}
+        self.decoded: dict[str, Any] = {}  # delta files: LogicalFile over the base chain
         self.lock = threading.Lock()
 
     def map(self, entry: fmt.TensorEntry, start: int, stop: int, dtype: str) -> torch.Tensor:
         """Elements ``[start, stop)`` of a stored tensor, read as ``dtype``."""
         import torch
 
+        size = fmt.DTYPES[dtype][1]
+        lo, hi = entry.offsets[0] + start * size, entry.offsets[0] + stop * size
+        if entry.file in self.manifest.deltas:  # decoded into a buffer of the range's size
+            from modelver.checkpoint.delta import open_logical
+
+            with self.lock:
+                lf = self.decoded.get(entry.file)
+                if lf is None:
+                    lf = open_logical(self.root, self.manifest, entry.file)
+                    self.decoded[entry.file] = self.stack.enter_context(lf)
+            out = torch.empty(stop - start, dtype=getattr(torch, dtype))
+            view = memoryview(out.view(torch.uint8).numpy())  # type: ignore[arg-type]
+            if lf.pread_into(lo, view) != hi - lo:
+                problem = f"cannot read tensor {entry.name} from {entry.file}: truncated"
+                raise CheckpointCorruptedError(self.root, [problem])
+            return out
         with self.lock:
             f = self.files.get(entry.file)
             if f is None:
                 raw = open(self.root / entry.file, "rb")  # noqa: SIM115 - the stack closes it
                 f = self.files[entry.file] = self.stack.enter_context(raw)
-        size = fmt.DTYPES[dtype][1]
-        lo, hi = entry.offsets[0] + start * size, entry.offsets[0] + stop * size
         base = lo - lo % mmap.ALLOCATIONGRANULARITY
         try:
             mapped = mmap.mmap(f.fileno(), hi - base, access=mmap.ACCESS_COPY, offset=base)
@@ -418,6 +434,8 @@ def _stat_key(t: TensorDiff) -> tuple[Any, ...]:
 def _compute_stats(
     a: Path,
     b: Path,
+    ma: fmt.Manifest,
+    mb: fmt.Manifest,
     tensors: list[TensorDiff],
     *,
     chunk_elements: int,
@@ -467,7 +485,7 @@ def _compute_stats(
 
     n_workers = max(1, min(workers, len(jobs)))
     with contextlib.ExitStack() as stack, _one_torch_thread():
-        fa, fb = _Files(a, stack), _Files(b, stack)
+        fa, fb = _Files(a, ma, stack), _Files(b, mb, stack)
         if n_workers == 1:
             worker()
         else:
@@ -510,6 +528,8 @@ def diff_checkpoints(
         tensors, bytes_read = _compute_stats(
             a.path,
             b.path,
+            ma,
+            mb,
             tensors,
             chunk_elements=chunk_elements,
             workers=workers,

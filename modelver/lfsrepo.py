@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from modelver.checkpoint import format as fmt
 from modelver.dvcrepo import TreeFile
 from modelver.errors import DataMissingError, ModelverError, RemoteError
 
@@ -27,9 +28,13 @@ _POINTER_HEAD = b"version https://git-lfs.github.com/spec/v1\n"
 REMOTE = "origin"
 
 
-def lfs_pattern(path: str) -> str:
-    """The ``.gitattributes`` line for an artifact path: tensor files in LFS, JSON in Git."""
-    return f"{path}/**/*.safetensors filter=lfs diff=lfs merge=lfs -text"
+def lfs_patterns(path: str) -> list[str]:
+    """``.gitattributes`` lines for an artifact path: tensor files (plain and delta-encoded)
+    in LFS, JSON in Git."""
+    return [
+        f"{path}/**/*{suffix} filter=lfs diff=lfs merge=lfs -text"
+        for suffix in (".safetensors", ".safetensors" + fmt.DELTA_SUFFIX)
+    ]
 
 
 def require_lfs() -> None:
@@ -60,7 +65,7 @@ def init_lfs(root: Path, paths: Sequence[str]) -> list[str]:
     _git(root, "lfs", "install", "--local")
     attrs = root / ".gitattributes"
     text = attrs.read_text() if attrs.is_file() else ""
-    added = [ln for ln in (lfs_pattern(p) for p in paths) if ln not in text.splitlines()]
+    added = [ln for p in paths for ln in lfs_patterns(p) if ln not in text.splitlines()]
     if added:
         sep = "" if not text or text.endswith("\n") else "\n"
         attrs.write_text(text + sep + "".join(ln + "\n" for ln in added))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelver.checkpoint import format as fmt
 from modelver.errors import (
+    CheckpointNotFoundError,
     ModelverError,
     ModelverWarning,
     RemoteError,
@@ -39,6 +40,21 @@ if TYPE_CHECKING:
 
 RUNS = "runs"
 RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PushedDir:
+    """A base step directory a delta checkpoint decodes against, uploaded with it."""
+
+    step_dir: str
+    dir_md5: str
+    files: dict[str, str]
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PushedDir:
+        return cls(
+            str(d["step_dir"]), str(d["dir_md5"]), {str(k): str(v) for k, v in d["files"].items()}
+        )
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ class RunRecord:
     pushed: str  # when this record was written
     metrics: dict[str, float]
     host: str
+    bases: tuple[PushedDir, ...] = ()  # its delta base chain, nearest first
 
     def to_json(self) -> dict[str, Any]:
         return {"modelver_run": RECORD_VERSION, **asdict(self)}
@@ -72,6 +89,7 @@ class RunRecord:
             created=str(d.get("created", "")), pushed=str(d["pushed"]),
             metrics={str(k): float(v) for k, v in (d.get("metrics") or {}).items()},
             host=str(d.get("host", "")),
+            bases=tuple(PushedDir.from_json(b) for b in d.get("bases") or ()),
         )
 
 
@@ -242,28 +260,24 @@ class Publisher:
             delay = min(delay * 2, self.max_backoff)
 
     def publish(self, path: Path, manifest: fmt.Manifest) -> RunRecord:
-        """Upload one checkpoint's objects, then write the run record naming it."""
+        """Upload one checkpoint's objects (and its delta bases'), then write the run record
+        naming it."""
         assert self._session is not None
         s = self._session
         try:
-            entries = dict(manifest.files)
-            files: dict[str, tuple[str, int]] = {}
-            for name, entry in sorted(entries.items()):
-                md5 = entry.md5 or file_md5(path / name)
-                files[name] = (md5, entry.size)
-            mpath = path / fmt.MANIFEST
-            files[fmt.MANIFEST] = (file_md5(mpath), mpath.stat().st_size)
-            from modelver.dvcrepo import dir_object
-
-            dir_md5, listing = dir_object(files)
-            for name, (md5, _) in files.items():
-                s.store.put_file(path / name, md5)
-        except (FileNotFoundError, RemoteError) as e:
+            dir_md5, files = self._upload(path, manifest)
+            bases = []
+            for base_path, base_manifest in delta_chain(path, manifest):
+                bmd5, bfiles = self._upload(base_path, base_manifest)
+                named = {k: m for k, (m, _) in bfiles.items()}
+                bases.append(PushedDir(base_path.name, bmd5, named))
+        except (FileNotFoundError, RemoteError, CheckpointNotFoundError) as e:
             if not (path / fmt.MANIFEST).is_file():
                 raise CheckpointGone(str(path)) from e
             raise
-        s.store.put_bytes(dir_md5, listing)
-        missing = s.store.missing([dir_md5, *(m for m, _ in files.values())])
+        wanted = [dir_md5, *(m for m, _ in files.values())]
+        wanted += [m for b in bases for m in (b.dir_md5, *b.files.values())]
+        missing = s.store.missing(wanted)
         if missing:  # never name a checkpoint the remote does not hold whole
             raise OSError(f"{len(missing)} object(s) absent from the remote after upload")
         record = RunRecord(
@@ -271,12 +285,46 @@ class Publisher:
             path=s.path, step=manifest.step, step_dir=path.name,
             dir_md5=dir_md5, files={k: m for k, (m, _) in files.items()},
             created=manifest.created, pushed=_utcnow(), metrics=dict(manifest.metrics),
-            host=socket.gethostname(),
+            host=socket.gethostname(), bases=tuple(bases),
         )
         data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
         s.store.write_record(f"{RUNS}/{self.run_id}.json", data)
         self.published.append(manifest.step)
         return record
+
+    def _upload(self, path: Path, manifest: fmt.Manifest) -> tuple[str, dict[str, tuple[str, int]]]:
+        """Put a step directory's files and its ``.dir`` listing (objects already there are
+        skipped); return the listing's md5 and name -> (md5, size)."""
+        assert self._session is not None
+        store = self._session.store
+        files: dict[str, tuple[str, int]] = {}
+        for name, entry in sorted(manifest.files.items()):
+            files[name] = (entry.md5 or file_md5(path / name), entry.size)
+        mpath = path / fmt.MANIFEST
+        files[fmt.MANIFEST] = (file_md5(mpath), mpath.stat().st_size)
+        from modelver.dvcrepo import dir_object
+
+        dir_md5, listing = dir_object(files)
+        for name, (md5, _) in files.items():
+            store.put_file(path / name, md5)
+        store.put_bytes(dir_md5, listing)
+        return dir_md5, files
+
+
+def delta_chain(path: Path, manifest: fmt.Manifest) -> list[tuple[Path, fmt.Manifest]]:
+    """The step directories a checkpoint's delta files need, nearest first (empty when full)."""
+    chain: list[tuple[Path, fmt.Manifest]] = []
+    todo, seen = list(manifest.bases), set()
+    while todo:
+        base = todo.pop(0)
+        if base in seen:
+            continue
+        seen.add(base)
+        base_path = path.parent / base
+        base_manifest = fmt.read_manifest(base_path)
+        chain.append((base_path, base_manifest))
+        todo += base_manifest.bases
+    return chain
 
 
 def _relpath(path: Path, root: Path) -> str:

@@ -251,14 +251,44 @@ def materialize_step(
 ) -> tuple[Path, ResolvedRef, list[TreeFile]]:
     r, files = with_step(dvc, r)
     assert r.checkpoint_hash and r.step_dir
-    dest = scratch_dir(dvc) / r.checkpoint_hash / r.step_dir
-    mine = [f for f in files if f.relpath.startswith(r.step_dir + "/")]
+    root = scratch_dir(dvc) / r.checkpoint_hash
     hash_file = hash_file_for(dvc)
-    if not (dest.is_dir() and not pin_problems(dest, r.step_dir, mine, full=False,
-                                                hash_file=hash_file)):
-        dvc.fetch([f.md5 for f in mine], progress=progress)
-        dvc.materialize(r.checkpoint_hash, dest, prefix=r.step_dir, progress=progress)
-    return dest, r, files
+    todo, done = [r.step_dir], []
+    while todo:  # the step directory, then the delta bases its manifest names, and theirs
+        step_dir = todo.pop(0)
+        done.append(step_dir)
+        dest = root / step_dir
+        mine = [f for f in files if f.relpath.startswith(step_dir + "/")]
+        if not (dest.is_dir() and not pin_problems(dest, step_dir, mine, full=False,
+                                                    hash_file=hash_file)):
+            dvc.fetch([f.md5 for f in mine], progress=progress)
+            dvc.materialize(r.checkpoint_hash, dest, prefix=step_dir, progress=progress)
+        todo += [b for b in delta_bases(dest) if b not in done and b not in todo]
+    return root / r.step_dir, r, files
+
+
+def delta_bases(step_dir: Path) -> tuple[str, ...]:
+    """Sibling step directories a checkpoint's delta files decode against (none if it is
+    full or unreadable: verifying it then says what is wrong)."""
+    from modelver.checkpoint import format as fmt
+    from modelver.errors import CheckpointCorruptedError
+
+    try:
+        return fmt.read_manifest(step_dir).bases
+    except (CheckpointCorruptedError, CheckpointNotFoundError):
+        return ()
+
+
+def delta_chain_dirs(step_dir: Path) -> list[str]:
+    """All step directories a materialised checkpoint needs beside it, nearest first."""
+    out: list[str] = []
+    todo = list(delta_bases(step_dir))
+    while todo:
+        base = todo.pop(0)
+        if base not in out:
+            out.append(base)
+            todo += delta_bases(step_dir.parent / base)
+    return out
 
 
 def pin_problems(

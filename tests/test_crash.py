@@ -66,18 +66,22 @@ def test_sigterm_checkpoint_then_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("async_save", [False, True])
-def test_random_sigkills_end_bit_identical(tmp_path: Path, async_save: bool) -> None:
-    """≥ 20 SIGKILLs at random moments; at least 3 of them land inside a save."""
+@pytest.mark.parametrize("mode", ["sync", "async", "async-delta"])
+def test_random_sigkills_end_bit_identical(tmp_path: Path, mode: str) -> None:
+    """≥ 20 SIGKILLs at random moments; at least 3 of them land inside a save. With deltas,
+    kills also land between a delta and its base being written, and in retention of chains."""
     total = 120
     extra = ["--hidden", "2048", "--every", "2", "--keep", "2", "--step-sleep", "0.004"]
+    async_save = mode != "sync"
     if async_save:
         extra.append("--async-save")
+    if mode == "async-delta":
+        extra += ["--delta", "3"]
     ref = reference(tmp_path, total, *extra)
     out = tmp_path / "killed.safetensors"
     ck = tmp_path / "ck"
     cmd = [sys.executable, str(SCRIPT), str(ck), str(out), str(total), *extra]
-    rng = random.Random(1234 + async_save)
+    rng = random.Random(1234 + len(mode))
     kills = inside_save = 0
     for _ in range(80):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

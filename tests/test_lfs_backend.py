@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from modelver import api
 from modelver.errors import DirtyWorkspaceError
@@ -177,3 +178,19 @@ def test_resume_restores_the_version_and_training_continues(project: Path) -> No
                           capture_output=True, text=True)
     assert "START 20" in proc.stdout
     assert (project / "checkpoints" / "step-00000030").is_dir()
+
+
+def test_delta_files_go_to_lfs_too(project: Path) -> None:
+    from modelver.checkpoint import CheckpointManager
+
+    torch.manual_seed(0)
+    state = {"w": torch.randn(1000, 100)}
+    mgr = CheckpointManager(project / "checkpoints", keep_last=None, delta_full_every=5)
+    mgr.save(100, state)
+    state["w"].add_(torch.randn(1000, 100) * 1e-4)
+    mgr.save(101, state)
+    mgr.close()
+    assert (project / "checkpoints" / "step-00000101" / "w-00000.safetensors.delta").is_file()
+    commit_all(project, "a delta checkpoint")
+    blob = git(project, "show", "HEAD:checkpoints/step-00000101/w-00000.safetensors.delta")
+    assert blob.startswith("version https://git-lfs.github.com/spec/v1")

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from modelver import api
+from modelver.api.recovery import RecoverResult
 from modelver.checkpoint import CheckpointManager
 from modelver.checkpoint.format import read_manifest
 from modelver.cli.main import cli
@@ -43,7 +44,9 @@ model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(6
 opt = torch.optim.AdamW(model.parameters(), lr=p["lr"])
 state = {"model": model, "optimizer": opt}
 push = os.environ.get("TEST_PUSH") == "1"
-mgr = CheckpointManager("checkpoints", every_steps=p["every"], keep_last=2, push=push)
+delta = int(os.environ.get("TEST_DELTA", "0")) or None
+mgr = CheckpointManager("checkpoints", every_steps=p["every"], keep_last=2, push=push,
+                        delta_full_every=delta)
 start = mgr.restore(state)
 print("START", start, flush=True)
 sleep = float(os.environ.get("TEST_STEP_SLEEP", "0"))
@@ -127,13 +130,15 @@ def _records_complete(work: Path) -> None:
         store = dvc.remote_store()
         for rec in read_runs(store):
             assert store.missing([rec.dir_md5, *rec.files.values()]) == []
+            for base in rec.bases:
+                assert store.missing([base.dir_md5, *base.files.values()]) == []
     finally:
         dvc.close()
 
 
 def _kill_recover_finish(
     tmp_path: Path, origin: Path, *, capfd: pytest.CaptureFixture[str] | None
-) -> None:
+) -> RecoverResult | None:
     """With ``capfd``: `modelver recover --repro` (the CLI); else api.recover, then dvc repro."""
     # an uninterrupted run, for reference (not pushing, so it leaves no record)
     ref = _clone(origin, tmp_path / "reference")
@@ -166,12 +171,15 @@ def _kill_recover_finish(
         assert res.exit_code == 0, res.output
         step = int(res.output.split(": step ")[1].split()[0])
         started = capfd.readouterr().out  # dvc repro writes to the terminal itself
+        recovered = None
     else:
-        step = api.recover(repo_root=fresh).run.step
+        recovered = api.recover(repo_root=fresh)
+        step = recovered.run.step
         started = _dvc(fresh, "repro", env={"TEST_PUSH": "0"}).stdout
     assert 15 <= step < STEPS
     assert f"START {step}" in started  # training continued from the recovered checkpoint
     assert _tensor_hashes(fresh / "checkpoints" / f"step-{STEPS:08d}") == expected
+    return recovered
 
 
 @pytest.mark.slow
@@ -181,6 +189,21 @@ def test_kill_clone_recover_finish_local_remote(
     monkeypatch.setenv("TEST_PUSH", "0")
     origin = _origin(tmp_path, str(tmp_path / "dvc-remote"))
     _kill_recover_finish(tmp_path, origin, capfd=capfd)
+
+
+@pytest.mark.slow
+def test_kill_clone_recover_finish_with_delta_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delta checkpoints (no full one after the first): the recovered checkpoint arrives with
+    its whole base chain and the run still ends bit-identical."""
+    monkeypatch.setenv("TEST_DELTA", "1000")
+    origin = _origin(tmp_path, str(tmp_path / "dvc-remote"))
+    recovered = _kill_recover_finish(tmp_path, origin, capfd=None)
+    assert recovered is not None
+    chain = [b.step_dir for b in recovered.run.bases]
+    assert chain == [f"step-{s:08d}" for s in range(recovered.run.step - 5, 0, -5)]
+    assert any(name.endswith(".safetensors.delta") for name in recovered.run.files)
 
 
 # --- S3 (moto_server: the fixtures in tests/conftest.py) -------------------------------------

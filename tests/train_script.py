@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=3)
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--delta", type=int, default=0, help="delta_full_every (0: no deltas)")
     p.add_argument("--signals", action="store_true")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--step-sleep", type=float, default=0.0)
@@ -59,6 +60,7 @@ def main() -> None:
         keep_last=a.keep,
         async_save=a.async_save,
         handle_signals=a.signals,
+        delta_full_every=a.delta or None,
     )
     start = mgr.restore(state)
     print(f"START {start}", flush=True)

@@ -21,6 +21,7 @@ from modelver.params import apply_overrides
 from modelver.refs import (
     ResolvedRef,
     artifacts_at,
+    delta_chain_dirs,
     load_registry,
     materialize_step,
     open_git,
@@ -69,9 +70,18 @@ def checkout(
         assert r.checkpoint_hash and r.step_dir and r.path_in_repo and r.step is not None
         if to is not None:
             dest = Path(to) / r.step_dir
-            if dest.exists() and any(dest.iterdir()) and not force:
-                raise DirtyWorkspaceError(f"{dest} exists", hint="choose another --to or --force")
-            dvc.materialize(r.checkpoint_hash, dest, prefix=r.step_dir, progress=progress)
+            # a delta checkpoint brings the step directories it decodes against
+            needed = [r.step_dir, *delta_chain_dirs(staged)]
+            for step_dir in needed:
+                there = Path(to) / step_dir
+                if there.exists() and any(there.iterdir()) and not force:
+                    raise DirtyWorkspaceError(
+                        f"{there} exists", hint="choose another --to or --force"
+                    )
+            for step_dir in needed:
+                dvc.materialize(
+                    r.checkpoint_hash, Path(to) / step_dir, prefix=step_dir, progress=progress
+                )
         else:
             _replace_output(dvc, r, files, force=force, progress=progress)
             dest = dvc.root / r.path_in_repo / r.step_dir

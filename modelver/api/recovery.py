@@ -18,6 +18,7 @@ Progress = Callable[[int, int], None]
 # A run's checkpoints pushed in the background (CheckpointManager(push=...)), back on any clone.
 
 if TYPE_CHECKING:
+    from modelver.dvcrepo import DvcRepo
     from modelver.publish import RunRecord
 
 
@@ -63,10 +64,6 @@ def recover(
 ) -> RecoverResult:
     """Bring back the newest checkpoint a run of this branch pushed (or run ``run``) into its
     checkpoints directory, verified, so ``dvc repro`` continues from it; ``repro`` runs it."""
-    import secrets
-    import shutil
-
-    from modelver.checkpoint import format as ckfmt
     from modelver.checkpoint import verify_checkpoint
     from modelver.dvcrepo import repro as run_repro
     from modelver.publish import pick_run, read_runs
@@ -83,30 +80,48 @@ def recover(
             remote=store.name,
             known=lambda c: git.try_resolve_commit(c) is not None,
         )
-        missing = dvc.missing_in_cache([rec.dir_md5, *rec.files.values()])
+        wanted = [rec.dir_md5, *rec.files.values()]
+        wanted += [m for b in rec.bases for m in (b.dir_md5, *b.files.values())]
+        missing = dvc.missing_in_cache(wanted)
         dvc.fetch(missing, remote=remote, progress=progress)
-        dest = git.root / rec.path / rec.step_dir
-        # staged under a name the CheckpointManager ignores (and cleans), verified, renamed
-        tmp = dest.parent / f".tmp-{rec.step_dir}-{os.getpid()}-{secrets.token_hex(3)}"
-        try:
-            dvc.materialize(rec.dir_md5, tmp, progress=progress)
-            verify_checkpoint(tmp)
-            if dest.exists():
-                same = (dest / ckfmt.MANIFEST).is_file() and (
-                    (dest / ckfmt.MANIFEST).read_bytes() == (tmp / ckfmt.MANIFEST).read_bytes()
-                )
-                if not same:
-                    raise DirtyWorkspaceError(
-                        f"{dest} exists and differs from the pushed checkpoint",
-                        hint="move it away, then run 'modelver recover' again",
-                    )
-            else:
-                os.rename(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        root = git.root / rec.path
+        # delta bases first (farthest first), so each directory verifies once it is placed
+        for step_dir, dir_md5 in [*((b.step_dir, b.dir_md5) for b in reversed(rec.bases)),
+                                  (rec.step_dir, rec.dir_md5)]:
+            _place(dvc, dir_md5, root / step_dir, progress=progress)
     finally:
         dvc.close()
+    dest = git.root / rec.path / rec.step_dir
     verify_checkpoint(dest)
     if repro:
         run_repro(git.root, quiet=quiet)
     return RecoverResult(rec, dest, store.name, len(missing), repro)
+
+
+def _place(dvc: DvcRepo, dir_md5: str, dest: Path, *, progress: Progress | None) -> None:
+    """Write a pushed step directory to ``dest``: staged under a name the CheckpointManager
+    ignores (and cleans), verified, renamed. An identical one already there is kept."""
+    import secrets
+    import shutil
+
+    from modelver.checkpoint import format as ckfmt
+    from modelver.checkpoint import verify_checkpoint
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        dvc.materialize(dir_md5, tmp, progress=progress)
+        verify_checkpoint(tmp)
+        if dest.exists():
+            same = (dest / ckfmt.MANIFEST).is_file() and (
+                (dest / ckfmt.MANIFEST).read_bytes() == (tmp / ckfmt.MANIFEST).read_bytes()
+            )
+            if not same:
+                raise DirtyWorkspaceError(
+                    f"{dest} exists and differs from the pushed checkpoint",
+                    hint="move it away, then run 'modelver recover' again",
+                )
+        else:
+            os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from modelver.checkpoint import format as fmt
+from modelver.checkpoint.delta import open_logical
 from modelver.checkpoint.io import read_state_json, read_tensors
 from modelver.checkpoint.sharded import chunk_names, load_sharded, sharded_index
 from modelver.checkpoint.state import (
@@ -42,6 +44,7 @@ class CheckpointInfo:
     created: str
     size: int
     n_tensors: int
+    bases: tuple[str, ...] = ()  # step dirs its delta files decode against
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class LoadedCheckpoint:
 
 def _info(path: Path, m: fmt.Manifest) -> CheckpointInfo:
     return CheckpointInfo(
-        path, m.step, m.epoch, m.metrics, m.created, m.total_bytes, len(m.tensors)
+        path, m.step, m.epoch, m.metrics, m.created, m.total_bytes, len(m.tensors), m.bases
     )
 
 
@@ -109,10 +112,28 @@ def verify_checkpoint(path: str | Path) -> fmt.Manifest:
     manifest = fmt.read_manifest(path)
     problems = fmt.verify_files(path, manifest)
     if not problems:
-        problems = _index_problems(path, manifest)
+        problems = _delta_problems(path, manifest) + _index_problems(path, manifest)
     if problems:
         raise CheckpointCorruptedError(path, problems)
     return manifest
+
+
+def _delta_problems(path: Path, manifest: fmt.Manifest) -> list[str]:
+    """A delta file is only as good as its base chain: decode it and check the logical hash."""
+    problems = []
+    for name, d in sorted(manifest.deltas.items()):
+        try:
+            with open_logical(path, manifest, name) as f:
+                actual = fmt.hash_safetensors_stream(f)
+        except CheckpointCorruptedError as e:
+            problems += e.problems
+            continue
+        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            problems.append(f"{name} (decoded from {d.stored}) is malformed: {e}")
+            continue
+        if actual != d.hash:
+            problems.append(f"{name} decoded from {d.stored} differs from the manifest")
+    return problems
 
 
 def _index_problems(path: Path, manifest: fmt.Manifest) -> list[str]:
@@ -122,7 +143,7 @@ def _index_problems(path: Path, manifest: fmt.Manifest) -> list[str]:
     for e in manifest.tensors.values():
         by_file.setdefault(e.file, {})[e.name] = e
     for fname, entries in by_file.items():
-        with open(path / fname, "rb") as f:
+        with open_logical(path, manifest, fname) as f:
             start, header = fmt.read_safetensors_header(f)
         header.pop("__metadata__", None)
         if set(header) != set(entries):

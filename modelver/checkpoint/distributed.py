@@ -208,7 +208,7 @@ def save(
         if me == 0:
             host, aliases = _host_tensors(parts.replicated)
             for fname, members in _plan_shards(host):
-                fentry, tentries = _write_shard(tmp / fname, members)
+                fentry, tentries, _ = _write_shard(tmp / fname, members)
                 files[fname] = fentry
                 tensors.update((e.name, e) for e in tentries)
     except Exception as e:  # reported to every rank, so none waits for a part that never comes

@@ -25,6 +25,8 @@ from modelver.errors import CheckpointCorruptedError, CheckpointNotFoundError
 
 FORMAT_NAME = "modelver-checkpoint"
 FORMAT_VERSION = 1
+DELTA_FORMAT_VERSION = 2  # a manifest with delta-encoded files: older readers refuse it
+DELTA_SUFFIX = ".delta"
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "state.json"
 HASH_ALGO = "xxh3-128"
@@ -81,31 +83,36 @@ def tree_hash(header: bytes | bytearray, digests: Iterable[bytes]) -> str:
 def hash_safetensors_file(path: Path) -> str:
     """Recompute :func:`tree_hash` from a file's content (raises ValueError if malformed)."""
     with open(path, "rb", buffering=0) as f:
-        start, header = read_safetensors_header(f)
-        f.seek(0)
-        head = f.read(start)
-        header.pop("__metadata__", None)
-        ranges = sorted(
-            (int(v["data_offsets"][0]), int(v["data_offsets"][1])) for v in header.values()
-        )
-        digests = []
-        pos = 0
-        buf = bytearray(CHUNK)
-        for begin, end in ranges:
-            if begin != pos or end < begin:
-                raise ValueError("tensor data ranges leave gaps or overlap")
-            h = new_hasher()
-            left = end - begin
-            while left:
-                n = f.readinto(memoryview(buf)[: min(left, CHUNK)])
-                if not n:
-                    raise ValueError("file is truncated")
-                h.update(memoryview(buf)[:n])
-                left -= n
-            digests.append(h.digest())
-            pos = end
-        if f.read(1):
-            raise ValueError("bytes after the last tensor")
+        return hash_safetensors_stream(f)
+
+
+def hash_safetensors_stream(f: Any) -> str:
+    """:func:`tree_hash` of an open file-like object positioned at 0 (a file or a delta chain)."""
+    start, header = read_safetensors_header(f)
+    f.seek(0)
+    head = f.read(start)
+    header.pop("__metadata__", None)
+    ranges = sorted(
+        (int(v["data_offsets"][0]), int(v["data_offsets"][1])) for v in header.values()
+    )
+    digests = []
+    pos = 0
+    buf = bytearray(CHUNK)
+    for begin, end in ranges:
+        if begin != pos or end < begin:
+            raise ValueError("tensor data ranges leave gaps or overlap")
+        h = new_hasher()
+        left = end - begin
+        while left:
+            n = f.readinto(memoryview(buf)[: min(left, CHUNK)])
+            if not n:
+                raise ValueError("file is truncated")
+            h.update(memoryview(buf)[:n])
+            left -= n
+        digests.append(h.digest())
+        pos = end
+    if f.read(1):
+        raise ValueError("bytes after the last tensor")
     return tree_hash(head, digests)
 
 
@@ -170,6 +177,41 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class DeltaEntry:
+    """A safetensors file stored as an XOR delta against the same file of an earlier checkpoint.
+
+    ``name`` is the logical file the tensor index points into; ``stored`` is the file on disk
+    (listed in ``files``); ``base`` the sibling step directory holding the base, whose logical
+    file must hash to ``base_hash``; ``size``/``hash`` describe the logical (decoded) file.
+    """
+
+    name: str
+    stored: str
+    base: str
+    base_hash: str
+    size: int
+    hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stored": self.stored,
+            "base": self.base,
+            "base_hash": self.base_hash,
+            "size": self.size,
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: Mapping[str, Any]) -> DeltaEntry:
+        base = str(d["base"])
+        if not STEP_DIR_RE.match(base):
+            raise ValueError(f"delta base {base!r} is not a step directory")
+        return cls(
+            name, str(d["stored"]), base, str(d["base_hash"]), int(d["size"]), str(d["hash"])
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The parsed ``MANIFEST.json`` of one checkpoint."""
 
@@ -183,10 +225,25 @@ class Manifest:
     world_size: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    deltas: dict[str, DeltaEntry] = field(default_factory=dict)  # logical file -> its delta
 
     @property
     def total_bytes(self) -> int:
+        """Bytes stored in this directory (delta files count as stored, not decoded)."""
         return sum(f.size for f in self.files.values())
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        """Step directories this checkpoint's delta files decode against (directly)."""
+        return tuple(sorted({d.base for d in self.deltas.values()}))
+
+    def logical(self, name: str) -> tuple[int, str]:
+        """(size, hash) of a logical safetensors file, whether stored plain or as a delta."""
+        d = self.deltas.get(name)
+        if d is not None:
+            return d.size, d.hash
+        entry = self.files[name]
+        return entry.size, entry.hash
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -202,6 +259,8 @@ class Manifest:
             "files": {k: v.to_json() for k, v in sorted(self.files.items())},
             "tensors": {k: v.to_json() for k, v in self.tensors.items()},
             "aliases": self.aliases,
+            **({"deltas": {k: v.to_json() for k, v in sorted(self.deltas.items())}}
+               if self.deltas else {}),
         }
 
     @classmethod
@@ -209,13 +268,16 @@ class Manifest:
         if d.get("format") != FORMAT_NAME:
             raise ValueError(f"not a {FORMAT_NAME} manifest")
         version = int(d.get("format_version", 0))
-        if version > FORMAT_VERSION:
+        if version > DELTA_FORMAT_VERSION:
             raise ValueError(f"format version {version} is newer than this modelver reads")
         files = {
             k: FileEntry(k, int(v["size"]), str(v["hash"]), v.get("md5"))
             for k, v in d["files"].items()
         }
         tensors = {k: TensorEntry.from_json(k, v) for k, v in d["tensors"].items()}
+        deltas = {k: DeltaEntry.from_json(k, v) for k, v in (d.get("deltas") or {}).items()}
+        if any(v.stored not in files for v in deltas.values()):
+            raise ValueError("a delta's stored file is not listed in files")
         return cls(
             step=int(d["step"]),
             epoch=None if d.get("epoch") is None else int(d["epoch"]),
@@ -227,6 +289,7 @@ class Manifest:
             world_size=int(d.get("world_size", 1)),
             extras=dict(d.get("extras") or {}),
             format_version=version,
+            deltas=deltas,
         )
 
 
@@ -353,7 +416,7 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def read_safetensors_header(f: IO[bytes]) -> tuple[int, dict[str, Any]]:
+def read_safetensors_header(f: Any) -> tuple[int, dict[str, Any]]:
     """Return (data section start, header dict) of an open safetensors file."""
     raw = f.read(8)
     if len(raw) != 8:

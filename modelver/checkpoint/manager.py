@@ -25,6 +25,7 @@ from modelver.checkpoint.catalog import (
     list_checkpoints,
     restore_checkpoint,
 )
+from modelver.checkpoint.delta import DeltaEncoder
 from modelver.checkpoint.io import BufferPool, Snapshot, take_snapshot, write_checkpoint
 from modelver.checkpoint.retention import execute_retention, plan_retention
 from modelver.errors import (
@@ -75,6 +76,7 @@ class CheckpointManager:
         async_save: bool = False,
         push: bool | str = False,
         dvc_hashes: bool | None = None,
+        delta_full_every: int | None = None,
     ) -> None:
         if every_steps is not None and every_steps <= 0:
             raise ValueError("every_steps must be a positive number of steps")
@@ -87,6 +89,11 @@ class CheckpointManager:
         self._distributed = distributed.active()
         if self._distributed and async_save:
             raise ValueError("async_save is not supported under torch.distributed yet")
+        if self._distributed and delta_full_every:
+            raise ValueError("delta_full_every is not supported under torch.distributed yet")
+        # XOR deltas against the previous checkpoint, a full one every K (modelver.checkpoint
+        # .delta); costs one host copy of the state, kept between saves
+        self._delta = DeltaEncoder(full_every=delta_full_every) if delta_full_every else None
         self.root = Path(directory)
         self.every_steps = every_steps
         self.every_seconds = every_seconds
@@ -279,7 +286,12 @@ class CheckpointManager:
         return None
 
     def _commit(self, snap: Snapshot) -> CheckpointInfo:
-        manifest = write_checkpoint(self.root, snap, md5=self.dvc_hashes)
+        delta = None
+        if self._delta is not None:
+            delta = (self._delta, self._delta.begin(self.root, snap.step))
+        manifest = write_checkpoint(self.root, snap, md5=self.dvc_hashes, delta=delta)
+        if self._delta is not None:
+            self._delta.finish(fmt.step_dirname(snap.step), used_delta=bool(manifest.deltas))
         if self.dvc_hashes:
             if self._dvc_warm is not None:
                 self._dvc_warm.join()
@@ -307,6 +319,7 @@ class CheckpointManager:
             manifest.created,
             manifest.total_bytes,
             len(manifest.tensors),
+            manifest.bases,
         )
 
     def _remove_later(self, trash: Path) -> None:

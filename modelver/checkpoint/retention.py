@@ -26,7 +26,8 @@ def plan_retention(
     monitor: str | None = None,
     mode: str = "min",
 ) -> RetentionPlan:
-    """The newest checkpoint is always kept; ``keep_last`` None or 0 keeps everything."""
+    """The newest checkpoint is always kept; ``keep_last`` None or 0 keeps everything; the
+    bases of every kept delta checkpoint are kept with it."""
     ordered = sorted(checkpoints, key=lambda c: c.step)
     if not ordered or not keep_last:
         return RetentionPlan(tuple(ordered), ())
@@ -37,6 +38,15 @@ def plan_retention(
         sign = 1.0 if mode == "min" else -1.0
         scored.sort(key=lambda c: (sign * c.metrics[monitor], -c.step))
         keep.update(c.step for c in scored[:keep_best])
+    # a kept delta checkpoint keeps its whole base chain
+    by_dir = {c.path.name: c for c in ordered}
+    todo = [c for c in ordered if c.step in keep]
+    while todo:
+        for base in todo.pop().bases:
+            b = by_dir.get(base)
+            if b is not None and b.step not in keep:
+                keep.add(b.step)
+                todo.append(b)
     return RetentionPlan(
         tuple(c for c in ordered if c.step in keep),
         tuple(c for c in ordered if c.step not in keep),

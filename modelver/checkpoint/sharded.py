@@ -114,7 +114,7 @@ def writer_class() -> type:
                 return _done([])
             folder = self.tmp / self.subdir
             folder.mkdir(exist_ok=True)
-            fentry, tentries = _write_shard(folder / plan.storage_data, members)
+            fentry, tentries, _ = _write_shard(folder / plan.storage_data, members)
             rel = f"{self.subdir}/{fentry.path}"
             fentry = dataclasses.replace(fentry, path=rel)
             index = {e.name: dataclasses.replace(e, file=rel) for e in tentries}
