@@ -81,7 +81,7 @@ def make_repo(work: Path, name: str, params: dict[str, object], cache_type: str)
     (repo / "train.py").write_text(TRAIN)
     write_params(repo, **params)
     (repo / "dvc.yaml").write_text(
-        "stages:\n  train:\n    cmd: python train.py\n    deps: [train.py]\n"
+        f"stages:\n  train:\n    cmd: {sys.executable} train.py\n    deps: [train.py]\n"
         "    params: [lr, async, dvc_hashes]\n"
         "    outs:\n      - checkpoints:\n          persist: true\n"
     )
