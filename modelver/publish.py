@@ -267,7 +267,7 @@ class Publisher:
         try:
             dir_md5, files = self._upload(path, manifest)
             bases = []
-            for base_path, base_manifest in delta_chain(path, manifest):
+            for base_path, base_manifest in fmt.delta_chain(path, manifest):
                 bmd5, bfiles = self._upload(base_path, base_manifest)
                 named = {k: m for k, (m, _) in bfiles.items()}
                 bases.append(PushedDir(base_path.name, bmd5, named))
@@ -309,22 +309,6 @@ class Publisher:
             store.put_file(path / name, md5)
         store.put_bytes(dir_md5, listing)
         return dir_md5, files
-
-
-def delta_chain(path: Path, manifest: fmt.Manifest) -> list[tuple[Path, fmt.Manifest]]:
-    """The step directories a checkpoint's delta files need, nearest first (empty when full)."""
-    chain: list[tuple[Path, fmt.Manifest]] = []
-    todo, seen = list(manifest.bases), set()
-    while todo:
-        base = todo.pop(0)
-        if base in seen:
-            continue
-        seen.add(base)
-        base_path = path.parent / base
-        base_manifest = fmt.read_manifest(base_path)
-        chain.append((base_path, base_manifest))
-        todo += base_manifest.bases
-    return chain
 
 
 def _relpath(path: Path, root: Path) -> str:

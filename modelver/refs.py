@@ -279,18 +279,6 @@ def delta_bases(step_dir: Path) -> tuple[str, ...]:
         return ()
 
 
-def delta_chain_dirs(step_dir: Path) -> list[str]:
-    """All step directories a materialised checkpoint needs beside it, nearest first."""
-    out: list[str] = []
-    todo = list(delta_bases(step_dir))
-    while todo:
-        base = todo.pop(0)
-        if base not in out:
-            out.append(base)
-            todo += delta_bases(step_dir.parent / base)
-    return out
-
-
 def pin_problems(
     dest: Path,
     step_dir: str,

@@ -21,7 +21,6 @@ from modelver.params import apply_overrides
 from modelver.refs import (
     ResolvedRef,
     artifacts_at,
-    delta_chain_dirs,
     load_registry,
     materialize_step,
     open_git,
@@ -59,6 +58,7 @@ def checkout(
 ) -> CheckoutResult:
     """Materialise REF's checkpoint: into ``to``/<step dir>, or its whole pinned output into
     the workspace path. Verified; nothing but that directory changes."""
+    from modelver.checkpoint import format as ckfmt
     from modelver.checkpoint import verify_checkpoint
 
     git = open_git(repo_root)
@@ -71,7 +71,8 @@ def checkout(
         if to is not None:
             dest = Path(to) / r.step_dir
             # a delta checkpoint brings the step directories it decodes against
-            needed = [r.step_dir, *delta_chain_dirs(staged)]
+            chain = ckfmt.delta_chain(staged, ckfmt.read_manifest(staged))
+            needed = [r.step_dir, *(p.name for p, _ in chain)]
             for step_dir in needed:
                 there = Path(to) / step_dir
                 if there.exists() and any(there.iterdir()) and not force:

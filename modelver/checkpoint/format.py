@@ -307,6 +307,22 @@ def read_manifest(path: str | Path) -> Manifest:
         raise CheckpointCorruptedError(path, [f"unreadable manifest: {e}"]) from e
 
 
+def delta_chain(path: Path, manifest: Manifest) -> list[tuple[Path, Manifest]]:
+    """The sibling step directories a checkpoint's delta files need, nearest first (none when
+    it is full); raises like :func:`read_manifest` when one is missing or unreadable."""
+    chain: list[tuple[Path, Manifest]] = []
+    todo = list(manifest.bases)
+    while todo:
+        base = todo.pop(0)
+        if any(p.name == base for p, _ in chain):
+            continue
+        base_path = path.parent / base
+        base_manifest = read_manifest(base_path)
+        chain.append((base_path, base_manifest))
+        todo += base_manifest.bases
+    return chain
+
+
 def check_sizes(path: Path, manifest: Manifest) -> list[str]:
     """Cheap structural check (no data read): every listed file exists with its size."""
     problems = []
