@@ -50,7 +50,8 @@ def train(a: argparse.Namespace) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=a.total)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "data": sampler}
     mgr = CheckpointManager(
-        a.ckpt, every_steps=a.every, keep_last=a.keep, handle_signals=a.graceful
+        a.ckpt, every_steps=a.every, keep_last=a.keep, handle_signals=a.graceful,
+        delta_full_every=a.delta or None,
     )
     start = mgr.restore(state)
     print(f"START {start} rank {rank}", flush=True)
@@ -148,6 +149,7 @@ def main() -> None:
     p.add_argument("--die-at", type=int, default=-1, help="SIGKILL one rank after this step")
     p.add_argument("--die-rank", type=int, default=1)
     p.add_argument("--cuda", action="store_true")
+    p.add_argument("--delta", type=int, default=0, help="delta_full_every (0: plain)")
     a = p.parse_args()
     torch.set_num_threads(1)
     a.device = "cpu"

@@ -120,6 +120,38 @@ def test_resume_from_a_delta_checkpoint_is_bit_exact(tmp_path: Path) -> None:
     assert_bit_identical(live, tensors_of(tmp_path / "ck" / "step-00000020"))
 
 
+def live_tensors(state: dict) -> dict[str, torch.Tensor]:
+    live = {f"model/{k}": v.clone() for k, v in state["model"].state_dict().items()}
+    for pid, st in state["optimizer"].state_dict()["state"].items():
+        live.update({f"opt/{pid}/{k}": v.clone() for k, v in st.items()})
+    return live
+
+
+def test_each_resumed_process_continues_the_chain_and_bounds_it(tmp_path: Path) -> None:
+    """As with `dvc repro` resuming: every process restores, saves once or twice, exits. The
+    chain goes on across processes and still has a full checkpoint every K saves."""
+    root = tmp_path / "ck"
+    expected: dict[int, dict[str, torch.Tensor]] = {}
+    step = 0
+    for _process in range(4):
+        state = make_state(seed=7)  # a fresh process: new objects, restored from disk
+        mgr = CheckpointManager(root, keep_last=None, delta_full_every=3, async_save=True)
+        assert mgr.restore(state) == step
+        for _ in range(2):
+            train(state, 3)
+            step += 5
+            mgr.save(step, state)
+            expected[step] = live_tensors(state)
+        mgr.close()
+    bases = {s: fmt.read_manifest(root / fmt.step_dirname(s)).bases for s in expected}
+    assert bases == {5: (), 10: ("step-00000005",), 15: ("step-00000010",), 20: (),
+                     25: ("step-00000020",), 30: ("step-00000025",), 35: (),
+                     40: ("step-00000035",)}
+    for s, want in expected.items():
+        verify_checkpoint(root / fmt.step_dirname(s))
+        assert_bit_identical(want, tensors_of(root / fmt.step_dirname(s)))
+
+
 def test_retention_keeps_the_bases_of_kept_checkpoints(tmp_path: Path) -> None:
     state = make_state()
     mgr = CheckpointManager(tmp_path / "ck", keep_last=2, delta_full_every=4)

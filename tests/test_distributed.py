@@ -34,6 +34,7 @@ from modelver import (
     restore_checkpoint,
     verify_checkpoint,
 )
+from modelver.checkpoint import format as fmt
 from modelver.cli.main import cli
 from modelver.diff import DiffSide, diff_checkpoints
 from modelver.errors import CheckpointCorruptedError, ModelverWarning
@@ -222,6 +223,26 @@ def test_corrupted_chunk_is_found_by_verify_and_diff_reads_the_index(
         assert CheckpointManager(tmp_path).restore(fresh) == 1
 
 
+def test_fsdp2_with_delta_checkpoints_keeps_dcp_shards_plain(
+    tmp_path: Path, one_rank_group: None
+) -> None:
+    state = fsdp_state(hidden=32)
+    mgr = CheckpointManager(tmp_path, keep_last=None, delta_full_every=3)
+    for s in range(1, 4):
+        state["model"](torch.randn(5, 4)).pow(2).mean().backward()
+        state["optimizer"].step()
+        mgr.save(s, state)
+    expected = full(state)
+    for s in range(1, 4):
+        path = tmp_path / fmt.step_dirname(s)
+        verify_checkpoint(path)
+        assert not list(path.glob("dcp-*/*.delta"))
+    fresh = fsdp_state(hidden=32)
+    assert CheckpointManager(tmp_path, delta_full_every=3).restore(fresh) == 3
+    got = full(fresh)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 # --- DDP under torchrun ---------------------------------------------------------------------------
 
 
@@ -260,6 +281,30 @@ def test_ddp_one_rank_dies_and_resume_is_bit_identical(tmp_path: Path, reference
     # every 3 steps: 18 is mid-epoch (102 indices per rank, 13 batches per epoch)
     assert "START 18 rank 0" in second.stdout and "START 18 rank 1" in second.stdout
     assert weights_equal(reference, out)
+
+
+def test_ddp_delta_checkpoints_continue_across_a_rank_death(
+    tmp_path: Path, reference: Path
+) -> None:
+    """Rank 0 stores the replicated model and optimizer as deltas; a rank dies, the restarted
+    job continues the chain from the restored checkpoint and ends bit-identical."""
+    ck, out = tmp_path / "ck", tmp_path / "out.safetensors"
+    args = ["train", ck, out, TOTAL, "--delta", "4", "--keep", "0", "--hidden", "64"]
+    first = torchrun(2, *args, "--die-at", "20", "--die-rank", "1", check=False)
+    assert first.returncode != 0 and not out.exists()
+    second = torchrun(2, *args)
+    assert "START 18 rank 0" in second.stdout
+    assert weights_equal(reference, out)
+    steps = [int(p.name.removeprefix("step-")) for p in sorted(ck.glob("step-*"))]
+    bases = {s: fmt.read_manifest(ck / fmt.step_dirname(s)).bases for s in steps}
+    # fulls at 3 and 15 (every 4th save); the restart went on from 18 (depth 1): 21, 24, then 27
+    assert bases[3] == () and bases[12] == ("step-00000009",) and bases[15] == ()
+    assert bases[21] == ("step-00000018",) and bases[24] == ("step-00000021",)
+    assert bases[27] == () and bases[30] == ("step-00000027",)
+    for s in steps:
+        manifest = verify_checkpoint(ck / fmt.step_dirname(s))
+        assert manifest.world_size == 2
+    assert CliRunner().invoke(cli, ["verify", str(ck / "step-00000024")]).exit_code == 0
 
 
 def workers_of(proc: subprocess.Popen[str]) -> list[psutil.Process]:

@@ -144,6 +144,26 @@ class DeltaEncoder:
                 return None
         return base
 
+    def seed(self, path: Path) -> None:
+        """Continue the chain of a restored checkpoint: its logical files become the kept bytes,
+        so the first save of a resumed process (each ``dvc repro``) can be a delta too. On any
+        read problem the encoder stays unseeded and that save is full."""
+        try:
+            manifest = fmt.read_manifest(path)
+            depth = len(fmt.delta_chain(path, manifest))
+            kept: dict[str, _Kept] = {}
+            for name in sorted({e.file for e in manifest.tensors.values()}):
+                with open_logical(path, manifest, name) as f:
+                    data = np.empty(f.size, dtype=np.uint8)
+                    if f.pread_into(0, data.data) != f.size:
+                        return
+                hlen = 8 + int.from_bytes(data[:8].tobytes(), "little")
+                stored_plain = name not in manifest.deltas
+                kept[name] = _Kept(data[:hlen].tobytes(), data, f.hash, stored_plain)
+        except (CheckpointNotFoundError, CheckpointCorruptedError, OSError):
+            return
+        self._kept, self._base, self._chain = kept, path.name, depth
+
     def finish(self, step_dir: str, *, used_delta: bool) -> None:
         """The checkpoint is committed: its bytes become the next base."""
         self._kept = {k: v for k, v in self._kept.items() if k in self._seen}

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from modelver.checkpoint import format as fmt
+from modelver.checkpoint.delta import DeltaEncoder
 from modelver.checkpoint.io import (
     _plan_shards,
     _storage_key,
@@ -179,8 +180,12 @@ def save(
     epoch: int | None,
     metrics: Mapping[str, float] | None,
     extras: Mapping[str, Any] | None,
+    delta: DeltaEncoder | None = None,
 ) -> fmt.Manifest:
-    """Collective: every rank calls it with the same step; rank 0 commits once all parts are in."""
+    """Collective: every rank calls it with the same step; rank 0 commits once all parts are in.
+
+    ``delta`` (rank 0's encoder) stores the replicated safetensors files as XOR deltas against
+    rank 0's previous checkpoint; DCP shard files stay plain."""
     import torch.distributed as dist
 
     me, world = dist.get_rank(), dist.get_world_size()
@@ -191,6 +196,7 @@ def save(
     files: dict[str, fmt.FileEntry] = {}
     tensors: dict[str, fmt.TensorEntry] = {}
     aliases: dict[str, str] = {}
+    deltas: dict[str, fmt.DeltaEntry] = {}
     own_error: Exception | None = None
     parts = _Parts()
     try:
@@ -207,10 +213,13 @@ def save(
         files[name] = _write_small(tmp / name, json.dumps(doc, sort_keys=True).encode())
         if me == 0:
             host, aliases = _host_tensors(parts.replicated)
+            against = None if delta is None else (delta, delta.begin(root, step))
             for fname, members in _plan_shards(host):
-                fentry, tentries, _ = _write_shard(tmp / fname, members)
-                files[fname] = fentry
+                fentry, tentries, dentry = _write_shard(tmp / fname, members, delta=against)
+                files[fentry.path] = fentry
                 tensors.update((e.name, e) for e in tentries)
+                if dentry is not None:
+                    deltas[fname] = dentry
     except Exception as e:  # reported to every rank, so none waits for a part that never comes
         own_error = e
     reports = _all_gather((None if own_error is None else f"rank {me}: {own_error}", files))
@@ -246,6 +255,7 @@ def save(
             layout,
             parts,
             world,
+            deltas,
             step=step,
             epoch=epoch,
             metrics=metrics,
@@ -254,6 +264,8 @@ def save(
     problem, manifest = _broadcast(outcome)
     if problem is not None or manifest is None:
         raise CheckpointWriteError(final, RuntimeError(problem))
+    if delta is not None and me == 0:
+        delta.finish(final.name, used_delta=bool(manifest.deltas))
     return manifest
 
 
@@ -272,6 +284,7 @@ def _commit(
     layout: dict[str, Any],
     parts: _Parts,
     world: int,
+    deltas: dict[str, fmt.DeltaEntry],
     *,
     step: int,
     epoch: int | None,
@@ -304,6 +317,8 @@ def _commit(
             aliases=aliases,
             world_size=world,
             extras=dict(extras or {}),
+            format_version=fmt.DELTA_FORMAT_VERSION if deltas else fmt.FORMAT_VERSION,
+            deltas=deltas,
         )
         _write_small(tmp / fmt.MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
         fmt.fsync_path(tmp)

@@ -89,10 +89,9 @@ class CheckpointManager:
         self._distributed = distributed.active()
         if self._distributed and async_save:
             raise ValueError("async_save is not supported under torch.distributed yet")
-        if self._distributed and delta_full_every:
-            raise ValueError("delta_full_every is not supported under torch.distributed yet")
         # XOR deltas against the previous checkpoint, a full one every K (modelver.checkpoint
-        # .delta); costs one host copy of the state, kept between saves
+        # .delta); costs one host copy of the state, kept between saves (under torch.distributed
+        # on rank 0, which writes the replicated tensors)
         self._delta = DeltaEncoder(full_every=delta_full_every) if delta_full_every else None
         self.root = Path(directory)
         self.every_steps = every_steps
@@ -165,6 +164,8 @@ class CheckpointManager:
             if restored:
                 self._last_step = restored
                 self._last_time = time.monotonic()
+                if self._delta is not None and distributed.rank() == 0:
+                    self._delta.seed(self.root / fmt.step_dirname(restored))
             return restored
         candidates = list(reversed(self.checkpoints()))
         if step is not None:
@@ -187,6 +188,8 @@ class CheckpointManager:
                 continue
             self._last_step = restored
             self._last_time = time.monotonic()
+            if self._delta is not None:
+                self._delta.seed(info.path)
             return restored
         if overwritten:
             raise CheckpointCorruptedError(
@@ -257,7 +260,8 @@ class CheckpointManager:
             epoch = _epoch_of(state)
         if self._distributed:
             manifest = distributed.save(
-                self.root, state, step=step, epoch=epoch, metrics=metrics, extras=extras
+                self.root, state, step=step, epoch=epoch, metrics=metrics, extras=extras,
+                delta=self._delta,
             )
             self._last_step = step
             self._last_time = time.monotonic()
