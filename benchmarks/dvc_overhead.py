@@ -7,7 +7,8 @@ A temporary Git + DVC repository (``cache.type reflink,hardlink,copy`` as ``mode
 with one stage: ``python train.py`` restores from ``checkpoints/`` (a ``persist: true`` output),
 takes ``--steps`` AdamW steps (1: the worst case for the ratio, all I/O and start-up) and saves
 one ~``mib`` MiB checkpoint (model + AdamW, ``keep_last=1``).
-Timed (medians over ``rounds``, interleaved so machine load hits every case alike):
+Timed (medians over ``rounds``, interleaved so machine load hits every case alike; each run starts
+after ``os.sync()`` and a 1 s pause, so no run waits on the previous one's writeback):
 
 * ``cmd-first``: the command alone on an empty ``checkpoints/``;
 * ``repro-first``: ``dvc repro`` of the stage for the first time (fresh repository each round);
@@ -15,6 +16,11 @@ Timed (medians over ``rounds``, interleaved so machine load hits every case alik
   the same with ``dvc_hashes=False`` (what the MD5s cost the command);
 * ``repro-nohash``/``repro``/``repro-async``: ``dvc repro`` after a params change forcing a re-run,
   the checkpoint written with ``dvc_hashes`` off, on, and on with ``async_save``.
+
+The command's time varies by seconds between runs on a shared machine, so each ``dvc repro`` is
+also paired with the command it ran: the stage runs ``timed.py``, which times ``train.py`` and
+leaves the seconds in ``.cmd-seconds``. "DVC adds" is the median of (repro wall − that command's
+wall), and "paired ratio" the median of their quotients: the same run, the same data.
 
 ``--profile`` adds one ``dvc repro --cprofile-dump`` per re-run case and prints where DVC's time
 went: unprotecting the persist output, hashing outputs, committing to the cache, relinking.
@@ -60,7 +66,20 @@ mgr.close()
 '''
 
 
+TIMED = '''\
+import subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call([sys.executable, "train.py"])
+open(".cmd-seconds", "w").write(str(time.perf_counter() - t))
+sys.exit(rc)
+'''
+
+
 def sh(cmd: list[str], cwd: Path) -> float:
+    # start each timed run with the disk drained: otherwise the previous run's writeback (1 GiB
+    # written, and DVC's copy into the cache) lands on this run's fsyncs
+    os.sync()
+    time.sleep(1)
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode:
@@ -79,9 +98,10 @@ def make_repo(work: Path, name: str, params: dict[str, object], cache_type: str)
     sh([sys.executable, "-m", "dvc", "init", "-q"], repo)
     sh([sys.executable, "-m", "dvc", "config", "cache.type", cache_type], repo)
     (repo / "train.py").write_text(TRAIN)
+    (repo / "timed.py").write_text(TIMED)
     write_params(repo, **params)
     (repo / "dvc.yaml").write_text(
-        f"stages:\n  train:\n    cmd: {sys.executable} train.py\n    deps: [train.py]\n"
+        f"stages:\n  train:\n    cmd: {sys.executable} timed.py\n    deps: [train.py]\n"
         "    params: [lr, async, dvc_hashes]\n"
         "    outs:\n      - checkpoints:\n          persist: true\n"
     )
@@ -125,10 +145,16 @@ def main() -> None:
     base = {"width": width, "layers": layers, "lr": 1e-3, "async": False, "dvc_hashes": True,
             "steps": a.steps}
     times: dict[str, list[float]] = {}
+    pairs: dict[str, list[tuple[float, float]]] = {}  # repro case -> (wall, its command's wall)
 
-    def record(label: str, seconds: float) -> None:
+    def record(label: str, seconds: float, repo: Path | None = None) -> None:
         times.setdefault(label, []).append(seconds)
-        print(f"  {label:14s} {seconds:7.2f} s", flush=True)
+        inner = ""
+        if repo is not None:
+            cmd_s = float((repo / ".cmd-seconds").read_text())
+            pairs.setdefault(label, []).append((seconds, cmd_s))
+            inner = f"  (its command {cmd_s:.2f} s, DVC adds {seconds - cmd_s:.2f} s)"
+        print(f"  {label:14s} {seconds:7.2f} s{inner}", flush=True)
 
     lr = 1e-3
     try:
@@ -138,7 +164,7 @@ def main() -> None:
             first = make_repo(work, f"first{r}", base, a.cache_type)
             record("cmd-first", sh([*env_python, "train.py"], first))
             shutil.rmtree(first / "checkpoints")
-            record("repro-first", sh([*dvc, "repro", "-q"], first))
+            record("repro-first", sh([*dvc, "repro", "-q"], first), first)
             shutil.rmtree(first)
             if r == 0:
                 sh([*dvc, "repro", "-q"], main_repo)
@@ -152,7 +178,7 @@ def main() -> None:
             ):
                 lr *= 1.01
                 write_params(main_repo, **{**base, "lr": lr, **extra})
-                record(label, sh([*dvc, "repro", "-q"], main_repo))
+                record(label, sh([*dvc, "repro", "-q"], main_repo), main_repo)
         status = subprocess.run(
             [*dvc, "status", "-q"], cwd=main_repo, capture_output=True, text=True
         )
@@ -170,6 +196,14 @@ def main() -> None:
         ):
             ratio = f"{med[label] / med[baseline]:6.2f}" if baseline else "      "
             print(f"{label:14s} {med[label]:8.2f} {ratio}  {baseline or ''}")
+        print("\npaired with the command each dvc repro ran (medians):")
+        print(f"{'case':14s} {'repro s':>8s} {'its cmd s':>9s} {'DVC adds s':>10s} {'ratio':>6s}")
+        for label, runs in pairs.items():
+            wall = statistics.median(w for w, _ in runs)
+            inner = statistics.median(c for _, c in runs)
+            adds = statistics.median(w - c for w, c in runs)
+            ratio = statistics.median(w / c for w, c in runs)
+            print(f"{label:14s} {wall:8.2f} {inner:9.2f} {adds:10.2f} {ratio:6.2f}")
         if a.profile:
             print("\nmain-thread seconds inside one profiled re-run (dvc repro --cprofile-dump)")
             for label, extra in (("repro-nohash", {"dvc_hashes": False}), ("repro", {})):
