@@ -119,6 +119,7 @@ class DeltaEncoder:
         self._base: str | None = None  # step dir the kept bytes belong to; None: unusable
         self._chain = 0  # deltas since the last full checkpoint
         self._seen: set[str] = set()
+        self._seeding: threading.Thread | None = None
 
     def begin(self, root: Path, step: int) -> str | None:
         """Start a save; return the base step directory, or None for a full checkpoint.
@@ -126,6 +127,7 @@ class DeltaEncoder:
         The kept bytes stay unusable until :meth:`finish`, so a failed save leads to a full
         checkpoint next time rather than a delta against bytes that never reached the disk.
         """
+        self.join()
         base, self._base = self._base, None
         self._seen = set()
         if base is None or self._chain + 1 >= self.full_every:
@@ -146,8 +148,25 @@ class DeltaEncoder:
 
     def seed(self, path: Path) -> None:
         """Continue the chain of a restored checkpoint: its logical files become the kept bytes,
-        so the first save of a resumed process (each ``dvc repro``) can be a delta too. On any
-        read problem the encoder stays unseeded and that save is full."""
+        so the first save of a resumed process (each ``dvc repro``) can be a delta too.
+
+        The files are read (a delta chain decoded again) on a background thread while training
+        goes on; the next :meth:`begin` waits for it. On any read problem the encoder stays
+        unseeded and that save is full."""
+        self.join()
+        self._base = None
+        self._seeding = threading.Thread(
+            target=self._seed, args=(path,), name="modelver-delta-seed", daemon=True
+        )
+        self._seeding.start()
+
+    def join(self) -> None:
+        """Wait for a seed started by :meth:`seed` (before a save, and on close)."""
+        if self._seeding is not None:
+            self._seeding.join()
+            self._seeding = None
+
+    def _seed(self, path: Path) -> None:
         try:
             manifest = fmt.read_manifest(path)
             depth = len(fmt.delta_chain(path, manifest))
@@ -160,7 +179,7 @@ class DeltaEncoder:
                 hlen = 8 + int.from_bytes(data[:8].tobytes(), "little")
                 stored_plain = name not in manifest.deltas
                 kept[name] = _Kept(data[:hlen].tobytes(), data, f.hash, stored_plain)
-        except (CheckpointNotFoundError, CheckpointCorruptedError, OSError):
+        except Exception:  # an optimisation only: the next save is then full
             return
         self._kept, self._base, self._chain = kept, path.name, depth
 

@@ -210,7 +210,7 @@ def save(
             "components": parts.per_rank,
         }
         name = rank_file(me)
-        files[name] = _write_small(tmp / name, json.dumps(doc, sort_keys=True).encode())
+        files[name] = _write_small(tmp / name, json.dumps(doc).encode())  # order kept, see io
         if me == 0:
             host, aliases = _host_tensors(parts.replicated)
             against = None if delta is None else (delta, delta.begin(root, step))
@@ -305,7 +305,7 @@ def _commit(
             "per_rank": sorted(parts.per_rank),
             "world_size": world,
         }
-        payload = json.dumps(doc, sort_keys=True).encode()
+        payload = json.dumps(doc).encode()  # dict order kept, as in io.write_checkpoint
         files[fmt.STATE_FILE] = _write_small(tmp / fmt.STATE_FILE, payload)
         manifest = fmt.Manifest(
             step=step,

@@ -321,7 +321,9 @@ def write_checkpoint(
             fmt.fdatasync_path(tmp / name)
         if pool is not None:
             pool.fill(files)
-        payload = json.dumps(state_json(snap), sort_keys=True).encode()
+        # dict order kept (not sorted): a restore rebuilds e.g. each optimizer state dict in the
+        # order it was saved, so the next save lays its files out the same (deltas, dedup)
+        payload = json.dumps(state_json(snap)).encode()
         files[fmt.STATE_FILE] = _write_small(tmp / fmt.STATE_FILE, payload, md5=md5)
         manifest = fmt.Manifest(
             step=snap.step,

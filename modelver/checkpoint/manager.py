@@ -368,6 +368,8 @@ class CheckpointManager:
             for pool in (self._executor, self._janitor):
                 if pool is not None:
                     pool.shutdown(wait=True)
+            if self._delta is not None:
+                self._delta.join()
             if self._publisher is not None:
                 self._publisher.close()  # uploads the last checkpoint before returning
             for sig, handler in self._old_handlers.items():
