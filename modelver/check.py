@@ -406,7 +406,7 @@ def check_resumable(
     from modelver.checkpoint.state import capture_rng, is_stateful, restore_rng
 
     manifest = fmt.read_manifest(step_dir)
-    saved = list(read_state_json(step_dir, manifest)["components"])
+    saved = sorted(read_state_json(step_dir, manifest)["components"])
     if factory is not None:
         try:
             built = factory()
