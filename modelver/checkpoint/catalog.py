@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,18 +122,20 @@ def _delta_problems(path: Path, manifest: fmt.Manifest) -> list[str]:
     """A delta file is only as good as its base chain: decode it and check the logical hash."""
     problems = []
     for name, d in sorted(manifest.deltas.items()):
+        decoded = partial(_decoded_hash, path, manifest, name)
         try:
-            with open_logical(path, manifest, name) as f:
-                actual = fmt.hash_safetensors_stream(f)
-        except CheckpointCorruptedError as e:
+            problem = fmt.hash_problem(f"{name} decoded from {d.stored}", decoded, d.hash)
+        except CheckpointCorruptedError as e:  # a base is missing, replaced or damaged
             problems += e.problems
             continue
-        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            problems.append(f"{name} (decoded from {d.stored}) is malformed: {e}")
-            continue
-        if actual != d.hash:
-            problems.append(f"{name} decoded from {d.stored} differs from the manifest")
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def _decoded_hash(path: Path, manifest: fmt.Manifest, name: str) -> str:
+    with open_logical(path, manifest, name) as f:
+        return fmt.hash_safetensors_stream(f)
 
 
 def _index_problems(path: Path, manifest: fmt.Manifest) -> list[str]:

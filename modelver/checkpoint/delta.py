@@ -154,7 +154,7 @@ class DeltaEncoder:
         goes on; the next :meth:`begin` waits for it. On any read problem the encoder stays
         unseeded and that save is full."""
         self.join()
-        self._base = None
+        self._base, self._kept = None, {}  # no second copy of the state while seeding
         self._seeding = threading.Thread(
             target=self._seed, args=(path,), name="modelver-delta-seed", daemon=True
         )
@@ -171,7 +171,9 @@ class DeltaEncoder:
             manifest = fmt.read_manifest(path)
             depth = len(fmt.delta_chain(path, manifest))
             kept: dict[str, _Kept] = {}
-            for name in sorted({e.file for e in manifest.tensors.values()}):
+            # the files this encoder writes: not the shard files DCP writes into dcp-*/
+            names = {e.file for e in manifest.tensors.values() if "/" not in e.file}
+            for name in sorted(names):
                 with open_logical(path, manifest, name) as f:
                     data = np.empty(f.size, dtype=np.uint8)
                     if f.pread_into(0, data.data) != f.size:

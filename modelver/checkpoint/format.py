@@ -14,8 +14,9 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -344,18 +345,20 @@ def verify_files(path: Path, manifest: Manifest, names: Iterable[str] | None = N
     if problems:
         return problems
     for name in names if names is not None else sorted(manifest.files):
-        entry = manifest.files[name]
-        try:
-            if name.endswith(".safetensors"):
-                actual = hash_safetensors_file(path / name)
-            else:
-                actual = hash_file(path / name)
-        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            problems.append(f"{name} is malformed: {e}")
-            continue
-        if actual != entry.hash:
-            problems.append(f"{name} content hash differs from the manifest")
+        hasher = hash_safetensors_file if name.endswith(".safetensors") else hash_file
+        problem = hash_problem(name, partial(hasher, path / name), manifest.files[name].hash)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def hash_problem(label: str, compute: Callable[[], str], expected: str) -> str | None:
+    """What is wrong with content whose hash ``compute`` recomputes, if anything."""
+    try:
+        actual = compute()
+    except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{label} is malformed: {e}"
+    return None if actual == expected else f"{label} content hash differs from the manifest"
 
 
 def iter_checkpoint_dirs(directory: Path) -> Iterator[tuple[int, Path]]:

@@ -159,6 +159,9 @@ class CheckpointManager:
 
         Corrupted checkpoints are skipped with a warning and the previous one is taken.
         """
+        # an async save still being written is committed first: it is a candidate, and the
+        # delta encoder it uses is re-seeded below
+        self._wait_inflight()
         if self._distributed:
             restored = distributed.restore(self.root, state, step=step)
             if restored:
