@@ -245,3 +245,38 @@ class CheckFailedError(ModelverError):
             f"check failed: {reason}",
             hint=f"see {report}" if report else "run with --md FILE for a report",
         )
+
+
+# --- untrusted input (tags, manifests, run records, remotes) --------------------------------
+
+
+def clip(value: object, limit: int = 80) -> str:
+    """``repr`` of untrusted text, cut so an error line never echoes a whole crafted file."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+class UnsafePathError(ModelverError, ValueError):
+    """A path taken from data (a tag, a manifest, a run record) that leaves its root."""
+
+    def __init__(self, field: str, value: object, *, root: str | Path, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.root = Path(root)
+        super().__init__(
+            f"refusing {field} {clip(value)}: {reason} (root {self.root})",
+            hint="the data was crafted or damaged; nothing was read, written or deleted",
+        )
+
+
+class MalformedDataError(ModelverError, ValueError):
+    """A field of untrusted JSON (a tag message, a run record, state.json) of the wrong kind."""
+
+    def __init__(self, what: str, field: str, value: object, *, expected: str) -> None:
+        self.what = what
+        self.field = field
+        self.value = value
+        super().__init__(
+            f"{what}: {field} is {clip(value)}, expected {expected}",
+            hint="the data was crafted or damaged; fix or delete it and retry",
+        )

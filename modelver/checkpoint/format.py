@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import IO, Any
 import xxhash
 
 from modelver.errors import CheckpointCorruptedError, CheckpointNotFoundError
+from modelver.untrusted import STEP_DIR_RE
 
 FORMAT_NAME = "modelver-checkpoint"
 FORMAT_VERSION = 1
@@ -31,7 +31,6 @@ DELTA_SUFFIX = ".delta"
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "state.json"
 HASH_ALGO = "xxh3-128"
-STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
 CHUNK = 16 << 20
 
 # torch dtype name -> (safetensors dtype, element size)
