@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,12 +23,21 @@ from modelver.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
     InvalidModelSpecError,
+    MalformedDataError,
     ModelverError,
     NotARepositoryError,
     UnknownRefError,
+    clip,
 )
 from modelver.gitrepo import GitRepo
-from modelver.metrics import CHECKPOINT_PREFIX, merge, metrics_files
+from modelver.metrics import (
+    CHECKPOINT_PREFIX,
+    MetricSet,
+    merge,
+    metrics_files,
+    read_json_object,
+    split_values,
+)
 from modelver.refs import (
     ResolvedRef,
     artifact_at,
@@ -37,11 +47,10 @@ from modelver.refs import (
     open_dvc,
     open_git,
     pin_problems,
-    read_object_json,
     resolve_ref,
     with_step,
 )
-from modelver.rules import Rule, RuleEvaluationError, operand_label
+from modelver.rules import NonNumeric, Rule, RuleEvaluationError, operand_label
 
 Progress = Callable[[int, int], None]
 WORKSPACE = "workspace"  # the CANDIDATE/BASELINE word for the working tree's newest checkpoint
@@ -64,6 +73,7 @@ class Side:
     path: str | None = None  # the local checkpoint directory (the candidate's)
     metrics: dict[str, float] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # metric -> file it came from
+    non_numeric: dict[str, str] = field(default_factory=dict)  # shown, never compared
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,7 @@ class CheckReport:
     metrics: list[MetricRow]
     integrity: Integrity
     resume: Resumability
+    allow_nan: bool = False  # --allow-nan: NaN/inf operands are evaluated, not refused
 
     @property
     def reason(self) -> str | None:
@@ -124,10 +135,10 @@ class CheckReport:
             return f"candidate cannot be resumed: {self.resume.problem}"
         for r in self.rules:
             if r.status == "fail":
-                return f"rule '{r.rule}' failed ({r.detail})"
+                return f"rule {clip(r.rule)} failed ({_cut(r.detail)})"
         for r in self.rules:
             if r.status == "error":
-                return f"rule '{r.rule}' cannot be decided: {r.detail}"
+                return f"rule {clip(r.rule)} cannot be decided: {_cut(r.detail)}"
         return None
 
     @property
@@ -135,13 +146,30 @@ class CheckReport:
         return self.reason is None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """Plain data for ``--json``; NaN and infinities become null (JSON has neither), the
+        rules' details and the reason still name them."""
+        return _json_safe({
             "passed": self.passed, "reason": self.reason,
             "candidate": asdict(self.candidate), "baseline": asdict(self.baseline),
             "rules": [asdict(r) for r in self.rules], "metrics": [asdict(m) for m in self.metrics],
             "integrity": asdict(self.integrity),
             "resume": {**asdict(self.resume), "ok": self.resume.ok},
-        }
+            "allow_nan": self.allow_nan,
+        })
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- the check ------------------------------------------------------------------------------
@@ -156,6 +184,7 @@ def run_check(
     model: str | None,
     repo_root: str | Path,
     progress: Progress | None,
+    allow_nan: bool = False,
 ) -> CheckReport:
     """Resolve both sides (the baseline first: it needs no data), verify and restore the
     candidate, then decide every rule."""
@@ -172,8 +201,9 @@ def run_check(
         resume = Resumability("skipped", "none", model, [], [], "the checkpoint is corrupted")
     else:
         resume = check_resumable(step_dir, factory=factory, model=model)
-    results = [_decide(r, cand.metrics, base.metrics) for r in rules]
-    return CheckReport(cand, base, results, _rows(cand, base, results), integrity, resume)
+    results = [_decide(r, cand, base, allow_nan=allow_nan) for r in rules]
+    return CheckReport(cand, base, results, _rows(cand, base, results), integrity, resume,
+                       allow_nan=allow_nan)
 
 
 def _try_git(repo_root: str | Path) -> GitRepo | None:
@@ -206,7 +236,7 @@ def _resolve(
         files = metrics_files(git, None)
         return _local_side(ref, "workspace", git.root / art.path, files=files, label=WORKSPACE,
                            name=art.name)
-    r = resolve_ref(git.root, ref)
+    r = resolve_ref(git.root, ref, action="cannot check")
     if r.kind == "path":
         assert r.path is not None
         return _local_side(ref, "path", r.path, files={}, label=ref)
@@ -230,27 +260,28 @@ def _resolve(
 
 
 def _local_side(
-    ref: str, kind: str, root: Path, *, files: Mapping[str, dict[str, float]], label: str,
+    ref: str, kind: str, root: Path, *, files: Mapping[str, MetricSet], label: str,
     name: str | None = None,
 ) -> tuple[Side, Path, list[str]]:
     step_dir = local_step_dir(root)
     manifest = _manifest_metrics(step_dir)
-    metrics, sources = merge(manifest, files)
+    metrics, sources, other = merge(manifest, files)
     step = _step_of(step_dir)
     side = Side(ref, kind, label, name=name, step=step, path=str(step_dir), metrics=metrics,
-                sources=sources)
+                sources=sources, non_numeric=other)
     return side, step_dir, []
 
 
 def _side(
-    r: ResolvedRef, ref: str, manifest: Mapping[str, float],
-    files: Mapping[str, dict[str, float]], *, path: Path | None,
+    r: ResolvedRef, ref: str, manifest: MetricSet,
+    files: Mapping[str, MetricSet], *, path: Path | None,
 ) -> Side:
-    metrics, sources = merge(manifest, files)
+    metrics, sources, other = merge(manifest, files)
     label = r.tag if r.tag and r.tag == ref else (f"{r.tag} ({ref})" if r.tag else ref)
     return Side(ref, r.kind, label, name=r.name, tag=r.tag, commit=r.commit,
                 step=r.step if path is None else _step_of(path),
-                path=str(path) if path else None, metrics=metrics, sources=sources)
+                path=str(path) if path else None, metrics=metrics, sources=sources,
+                non_numeric=other)
 
 
 def _step_of(step_dir: Path) -> int | None:
@@ -273,18 +304,19 @@ def _workspace_artifact(git: GitRepo, name_hint: str | None) -> Any:
 # --- metrics --------------------------------------------------------------------------------
 
 
-def _manifest_metrics(step_dir: Path) -> dict[str, float]:
+def _manifest_metrics(step_dir: Path) -> MetricSet:
     from modelver.checkpoint import format as fmt
 
     try:
-        return dict(fmt.read_manifest(step_dir).metrics)
-    except CheckpointCorruptedError:  # reported by the integrity check
-        return {}
+        return split_values(fmt.read_manifest(step_dir).metrics,
+                            what=f"{step_dir}/{fmt.MANIFEST}")
+    except (CheckpointCorruptedError, MalformedDataError):  # reported by the integrity check
+        return MetricSet()
 
 
 def _baseline_manifest_metrics(
     git: GitRepo, dvc: Any, r: ResolvedRef, manifest: str
-) -> tuple[dict[str, float], ResolvedRef]:
+) -> tuple[MetricSet, ResolvedRef]:
     """A version's tag carries its manifest metrics (no data needed: CI may not have the
     baseline's checkpoint); a commit's manifest alone is read from the cache or remote."""
     from modelver import versions as v
@@ -292,26 +324,39 @@ def _baseline_manifest_metrics(
     if r.kind == "version" and r.name and r.version:
         found = v.build_registry(git.list_tags()).get(r.name, v.Semver.parse(r.version))
         if found is not None and "metrics" in found.meta:
-            return found.metrics, r
+            return split_values(found.meta["metrics"], what=f"tag {found.tag}"), r
     r, tree = with_step(dvc, r)
-    md5 = next(f.md5 for f in tree if f.relpath == f"{r.step_dir}/{manifest}")
-    try:
-        return dict(read_object_json(dvc, md5).get("metrics") or {}), r
-    except (ValueError, AttributeError) as e:
-        raise CheckpointCorruptedError(f"{r.ref}:{manifest}", [f"unreadable: {e}"]) from e
+    wanted = f"{r.step_dir}/{manifest}"
+    md5 = next((f.md5 for f in tree if f.relpath == wanted), None)
+    if md5 is None:
+        raise CheckpointCorruptedError(f"{r.ref}:{wanted}", ["the baseline has no "
+                                       f"{manifest}"])
+    data = read_json_object(dvc, md5, what=f"baseline {r.ref}:{wanted}")
+    if not isinstance(data, dict):
+        raise MalformedDataError(f"baseline {r.ref}:{wanted}", "manifest", data,
+                                 expected="an object")
+    return split_values(data.get("metrics"), what=f"baseline {r.ref}:{wanted}"), r
 
 
-def _decide(rule: Rule, cand: Mapping[str, float], base: Mapping[str, float]) -> RuleResult:
+def _decide(rule: Rule, cand: Side, base: Side, *, allow_nan: bool) -> RuleResult:
+    """A rule on both sides' values: numbers, and the non-numeric ones (refused by name)."""
     names = tuple(sorted(rule.metric_names()))
-    sides = {"candidate": cand, "baseline": base}
+    sides: dict[str, dict[str, object]] = {
+        word: {**{k: NonNumeric(v) for k, v in side.non_numeric.items()}, **side.metrics}
+        for word, side in (("candidate", cand), ("baseline", base))
+    }
     detail = ", ".join(
-        f"{operand_label(s, n)}={sides[s][n]:.6g}" for s, n in rule.operands if n in sides[s]
+        f"{operand_label(s, n)}={_value(sides[s][n])}" for s, n in rule.operands if n in sides[s]
     )
     try:
-        fired = rule.evaluate(cand, base)
+        fired = rule.evaluate(sides["candidate"], sides["baseline"], allow_nan=allow_nan)
     except RuleEvaluationError as e:
         return RuleResult(rule.text, "error", str(e), names)
     return RuleResult(rule.text, "fail" if fired else "pass", detail, names)
+
+
+def _value(x: object) -> str:
+    return format(x, ".6g") if isinstance(x, float) else str(x)
 
 
 def _rows(cand: Side, base: Side, rules: Sequence[RuleResult]) -> list[MetricRow]:
@@ -402,7 +447,7 @@ def check_resumable(
     RNG states are put back afterwards."""
     from modelver.checkpoint import format as fmt
     from modelver.checkpoint import restore_checkpoint
-    from modelver.checkpoint.io import read_state_json
+    from modelver.checkpoint.reader import read_state_json
     from modelver.checkpoint.state import capture_rng, is_stateful, restore_rng
 
     manifest = fmt.read_manifest(step_dir)
@@ -455,7 +500,7 @@ def _rebuilt_state(step_dir: Path, manifest: Any) -> dict[str, Any]:
     import torch
 
     from modelver.checkpoint.distributed import chunk_names, sharded_index
-    from modelver.checkpoint.io import read_state_json
+    from modelver.checkpoint.reader import read_state_json
 
     meta = read_state_json(step_dir, manifest)
     chunks = chunk_names(meta)
@@ -500,10 +545,13 @@ def to_markdown(report: CheckReport) -> str:
     ]
     for m in report.metrics:
         rules = "<br>".join(f"`{r}`" for r in m.rules)
-        lines.append(f"| {m.name} | {_num(m.baseline)} | {_num(m.candidate)} | "
+        lines.append(f"| {_md_escape(m.name)} | {_num(m.baseline)} | {_num(m.candidate)} | "
                      f"{_num(m.delta, signed=True)} | {rules} | {_MARK[m.result]} |")
     if not report.metrics:
         lines.append("| (no metrics) | | | | | |")
+    other = non_numeric_summary(report)
+    if other:
+        lines += ["", f"**Non-numeric metrics (not compared):** {_md_escape(other)}"]
     i, r = report.integrity, report.resume
     lock = " and the md5s `dvc.lock` pins" if i.against_lock else ""
     lines += [
@@ -518,6 +566,23 @@ def to_markdown(report: CheckReport) -> str:
         lines += [f"| `{x.rule}` | {_MARK[x.status]} | {x.detail} |" for x in report.rules]
     lines += ["", f"**Result:** {'passed' if report.passed else report.reason}", ""]
     return "\n".join(lines)
+
+
+def non_numeric_summary(report: CheckReport) -> str:
+    """``candidate: name='text'; baseline: ...`` for metrics whose values are not numbers."""
+    parts = []
+    for word, side in (("candidate", report.candidate), ("baseline", report.baseline)):
+        if side.non_numeric:
+            items = sorted(side.non_numeric.items())
+            shown = ", ".join(f"{clip(k, 40)[1:-1]}={v}" for k, v in items[:10])
+            more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+            parts.append(f"{word}: {shown}{more}")
+    return "; ".join(parts)
+
+
+def _md_escape(text: str) -> str:
+    """Untrusted text (metric names come from files) that cannot break a table or a code span."""
+    return " ".join(text.split()).replace("|", "\\|").replace("`", "'")
 
 
 def resume_summary(r: Resumability) -> str:

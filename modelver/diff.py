@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelver.checkpoint import format as fmt
-from modelver.errors import CheckpointCorruptedError
+from modelver.errors import CheckpointCorruptedError, ModelverError
+from modelver.metrics import split_values
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +64,8 @@ class DiffSide:
         if self.manifest is not None:
             return self.manifest
         if self.path is None:
-            raise ValueError(f"{self.label}: a DiffSide needs a path or a manifest")
+            raise ModelverError(f"{self.label} has neither a checkpoint directory nor a "
+                                "manifest", hint="give a version, a commit or a directory")
         return fmt.read_manifest(self.path)
 
 
@@ -91,9 +93,18 @@ class ParamChange:
 
 @dataclass(frozen=True)
 class MetricDiff:
+    """One metric on both sides. A value that is not a number (a string, a bool, a list,
+    null) is shown as text (``a_text``) and never enters a delta."""
+
     name: str
     a: float | None
     b: float | None
+    a_text: str | None = None  # the non-numeric value of A, shown instead of a number
+    b_text: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return not _same(self.a, self.b) or self.a_text != self.b_text
 
     @property
     def delta(self) -> float | None:
@@ -105,12 +116,23 @@ class MetricDiff:
         return None if d is None or not self.a else d / abs(self.a)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "a": _finite(self.a),
             "b": _finite(self.b),
             "delta": _finite(self.delta),
             "rel_delta": _finite(self.rel_delta),
         }
+        for key, x, text in (("a_text", self.a, self.a_text), ("b_text", self.b, self.b_text)):
+            if text is not None or (x is not None and not math.isfinite(x)):
+                out[key] = text if text is not None else str(x)  # "nan", "inf": JSON has none
+        return out
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    """Equal values, NaN equal to NaN (an unchanged diverged metric is not a change)."""
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 @dataclass(frozen=True)
@@ -226,8 +248,15 @@ def diff_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[ParamChange
     return tuple(changes)
 
 
-def diff_metrics(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[MetricDiff, ...]:
-    return tuple(MetricDiff(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()))
+def diff_metrics(a: Mapping[str, object], b: Mapping[str, object]) -> tuple[MetricDiff, ...]:
+    """Manifest metrics are data (anyone may write a manifest): numbers get deltas, any other
+    value is shown as text and skipped from the arithmetic."""
+    sa, sb = split_values(a, what="A's metrics"), split_values(b, what="B's metrics")
+    names = sorted({*sa.numbers, *sa.other, *sb.numbers, *sb.other})
+    return tuple(
+        MetricDiff(k, sa.numbers.get(k), sb.numbers.get(k), sa.other.get(k), sb.other.get(k))
+        for k in names
+    )
 
 
 # --- tensors --------------------------------------------------------------------------------
@@ -522,7 +551,8 @@ def diff_checkpoints(
     bytes_read = 0
     if not stat:
         if a.path is None or b.path is None:
-            raise ValueError("a full diff needs both checkpoint directories")
+            raise ModelverError("a full diff needs both checkpoint directories",
+                                hint="use --stat to compare manifests alone")
         _check_structure(a.path, ma)
         _check_structure(b.path, mb)
         tensors, bytes_read = _compute_stats(
@@ -549,7 +579,7 @@ def diff_checkpoints(
         nbytes=nbytes,
         bytes_read=bytes_read,
         params_changed=None if params is None else len(params),
-        metrics_changed=sum(1 for m in metrics if m.a != m.b),
+        metrics_changed=sum(1 for m in metrics if m.changed),
     )
     return CheckpointDiff(
         a=Endpoint(a.label, a.path, ma.step),

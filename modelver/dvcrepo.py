@@ -7,15 +7,15 @@ object databases, so one step directory can be fetched without pulling a whole o
 
 from __future__ import annotations
 
-import io
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,22 @@ from dvc_data.hashfile.hash_info import HashInfo
 from dvc_data.hashfile.meta import Meta
 from dvc_data.hashfile.transfer import transfer
 from dvc_data.hashfile.tree import Tree
+from dvc_objects.fs.local import LocalFileSystem
 from fsspec.callbacks import Callback
 
 from modelver.errors import (
+    CorruptObjectError,
     DataMissingError,
+    MalformedDataError,
     ModelverError,
     NotARepositoryError,
     RemoteError,
+    clip,
 )
+from modelver.healing import corrupt, md5_of, quarantine, set_aside
+from modelver.remote import RemoteStore, first_line
+from modelver.storage import clean_side_dirs, scratch_dir, side_path, swap_in
+from modelver.untrusted import relative_path
 
 Progress = Callable[[int, int], None]  # (done, total) in files
 # Checkpoints are write-once directories, so linking them from the cache is safe. Reflink first:
@@ -44,6 +52,18 @@ Progress = Callable[[int, int], None]  # (done, total) in files
 # so the next `dvc repro` need not copy every persisted checkpoint to "unprotect" it.
 CACHE_TYPES = "reflink,hardlink,copy"
 DEFAULT_REMOTE = "modelver"
+_LOCK_HASH = re.compile(r"^[0-9a-f]{32}(\.dir)?$")  # dvc.lock md5 (parse/find_locked_out)
+_OID_RE = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
+QUARANTINE = "modelver-quarantine"  # under the cache dir, beside DVC's files/ (never read)
+
+
+def check_oid(oid: object, *, field: str = "object id") -> str:
+    """A DVC md5 object id (``.dir`` for a directory): it becomes a cache and remote path."""
+    if not isinstance(oid, str) or not _OID_RE.fullmatch(oid):
+        raise MalformedDataError(
+            "DVC object", field, oid, expected="32 hex digits (with '.dir' for a directory)"
+        )
+    return oid
 
 
 @dataclass(frozen=True)
@@ -75,8 +95,13 @@ class TreeFile:
 # --- dvc.yaml / dvc.lock (plain YAML; no repository needed) --------------------------------
 
 
-def parse_artifacts(dvc_yaml: str | None) -> dict[str, Artifact]:
-    """The ``artifacts:`` section of a ``dvc.yaml`` text."""
+def parse_artifacts(dvc_yaml: str | None, *, source: str = "dvc.yaml") -> dict[str, Artifact]:
+    """The ``artifacts:`` section of a ``dvc.yaml`` (or ``modelver.yaml``) text.
+
+    Paths are data a commit carries: each must be relative and stay inside the repository
+    (:class:`~modelver.errors.UnsafePathError` otherwise), returned normalised."""
+    from modelver.untrusted import relative_path
+
     data = _load_yaml(dvc_yaml)
     section = data.get("artifacts") or {}
     if not isinstance(section, dict):
@@ -84,28 +109,52 @@ def parse_artifacts(dvc_yaml: str | None) -> dict[str, Artifact]:
     found = {}
     for name, spec in section.items():
         if isinstance(spec, dict) and spec.get("path"):
-            path = os.path.normpath(str(spec["path"])).replace(os.sep, "/")
-            found[str(name)] = Artifact(str(name), path, spec.get("type"))
+            field = f"{source} artifacts.{name}.path"
+            path = str(relative_path(spec["path"], field=field, root="<repository>"))
+            kind = spec.get("type")
+            found[str(name)] = Artifact(str(name), path, kind if isinstance(kind, str) else None)
     return found
 
 
 def find_locked_out(dvc_lock: str | None, path: str) -> LockedOut | None:
-    """The locked output at ``path`` (normalised), or None when no stage pins it."""
+    """The locked output at ``path`` (normalised), or None when no stage pins it.
+
+    ``dvc.lock`` is data a commit carries: entries of the wrong shape are skipped, outputs
+    whose path leaves the repository never match, and the matching output's md5 must be a hex
+    hash (it names a cache object and a directory) and its size and count integers."""
+    from modelver.errors import MalformedDataError
+    from modelver.untrusted import integer, mapping, relative_path
+
     data = _load_yaml(dvc_lock)
-    want = os.path.normpath(path)
-    for stage, info in (data.get("stages") or {}).items():
-        if not isinstance(info, dict):
+    want = str(relative_path(path, field="artifact path", root="<repository>"))
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return None
+    for stage, info in stages.items():
+        if not isinstance(info, dict) or not isinstance(info.get("outs"), list):
             continue
-        for out in info.get("outs") or []:
-            if os.path.normpath(str(out.get("path", ""))) == want and out.get("md5"):
-                return LockedOut(
-                    stage=str(stage),
-                    path=path,
-                    md5=str(out["md5"]),
-                    size=out.get("size"),
-                    nfiles=out.get("nfiles"),
-                    params=dict(info.get("params") or {}),
-                )
+        for out in info["outs"]:
+            if not isinstance(out, dict) or not isinstance(out.get("path"), str):
+                continue
+            if os.path.normpath(out["path"]).replace(os.sep, "/") != want or not out.get("md5"):
+                continue
+            what = f"dvc.lock stages.{stage}.outs[{want}]"
+            md5 = out["md5"]
+            if not isinstance(md5, str) or not _LOCK_HASH.match(md5):
+                raise MalformedDataError(what, "md5", md5, expected="a hex md5")
+            sizes = {
+                k: None if out.get(k) is None else integer(out[k], what=what, field=k)
+                for k in ("size", "nfiles")
+            }
+            params = info.get("params") or {}
+            return LockedOut(
+                stage=str(stage),
+                path=path,
+                md5=md5,
+                size=sizes["size"],
+                nfiles=sizes["nfiles"],
+                params=dict(mapping(params, what=f"dvc.lock stages.{stage}", field="params")),
+            )
     return None
 
 
@@ -158,6 +207,7 @@ class DvcRepo:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._names: dict[str, str] = {}  # object id -> a file it is (for error messages)
         try:
             with _quiet_dvc():
                 self._repo = Repo(os.fspath(root), uninitialized=False)
@@ -241,21 +291,90 @@ class DvcRepo:
 
     def tree(self, md5_dir: str, *, remote: str | None = None) -> list[TreeFile]:
         """Files of a directory object, fetching just its listing from the remote if needed."""
-        cache = self._repo.cache.local
-        if not cache.exists(md5_dir):
-            self.fetch([md5_dir], remote=remote)
-        tree = Tree.load(cache, HashInfo("md5", md5_dir))
+        tree = self._load_tree(md5_dir, remote=remote)
         return [
             TreeFile("/".join(key), hi.value, getattr(meta, "size", None))
             for key, meta, hi in tree
         ]
 
+    def _load_tree(self, md5_dir: str, *, remote: str | None = None) -> Tree:
+        """A directory object, healed or fetched, whose every name stays inside the directory
+        and whose every id is an md5: a remote's listing is data anyone with write access made."""
+        check_oid(md5_dir, field="directory object")
+        if not md5_dir.endswith(".dir"):
+            raise MalformedDataError(
+                "DVC object", "directory object", md5_dir, expected="an id ending in '.dir'"
+            )
+        self.fetch([md5_dir], remote=remote)
+        self.heal([md5_dir], remote=remote)
+        cache = self._repo.cache.local
+        try:
+            tree = Tree.load(cache, HashInfo("md5", md5_dir))
+        except Exception as e:  # not JSON, not a list of entries: DVC raises what it meets
+            raise MalformedDataError(
+                f"DVC directory object {md5_dir}", "content", first_line(e), expected="a listing"
+            ) from e
+        for key, _, hi in tree:
+            rel = "/".join(key)
+            if str(relative_path(rel, field=f"file name in {md5_dir}", root=self.root)) != rel:
+                raise MalformedDataError(
+                    f"DVC directory object {md5_dir}", "file name", rel,
+                    expected="a normalised relative path",
+                )
+            check_oid(hi.value if hi else None, field=f"md5 of {rel}")
+            self._names.setdefault(hi.value, rel)
+        return tree
+
     def object_path(self, md5: str) -> Path:
-        return Path(self._repo.cache.local.oid_to_path(md5))
+        return Path(self._repo.cache.local.oid_to_path(check_oid(md5)))
 
     def missing_in_cache(self, md5s: Iterable[str]) -> list[str]:
         cache = self._repo.cache.local
-        return [m for m in md5s if not cache.exists(m)]
+        return [m for m in md5s if not cache.exists(check_oid(m))]
+
+    def corrupt_in_cache(self, md5s: Iterable[str]) -> list[str]:
+        """Objects present in the cache whose content no longer has their md5 (read in full)."""
+        return corrupt(
+            md5s, path_of=self.object_path, digest=md5_of,
+            expected=lambda m: m.removesuffix(".dir"),
+        )
+
+    def heal(
+        self, md5s: Iterable[str], *, remote: str | None = None, progress: Progress | None = None
+    ) -> list[str]:
+        """Move cache objects that fail their md5 aside (kept under ``modelver-quarantine``,
+        never deleted) and fetch them again; returns the ids fetched again.
+
+        Read-only copies hard-linked to a bad object (scratch checkouts) are removed with it.
+        A remote that lacks the object, or whose copy is bad too, is one error naming both."""
+        bad = self.corrupt_in_cache(md5s)
+        if not bad:
+            return []
+        moved = set_aside(
+            bad, path_of=self.object_path, folder=self._quarantine_dir(),
+            links_under=scratch_dir(self),
+        )
+        try:
+            self.fetch(bad, remote=remote, progress=progress)
+        except CorruptObjectError as e:
+            raise CorruptObjectError(
+                e.oid, name=e.name, remote=e.remote,
+                reason=f"failed its md5 in the local cache (moved to {moved[e.oid]}) and the "
+                f"copy in remote '{e.remote}' fails it too",
+            ) from e
+        except DataMissingError as e:
+            m = (e.missing or bad)[0]
+            name = self._remote_name(remote)
+            raise CorruptObjectError(
+                m, name=self._names.get(m), remote=name,
+                # a local remote's bad copy is dropped by DVC's own status check: no good copy
+                reason=f"failed its md5 in the local cache (moved to {moved[m]}) and remote "
+                f"'{name}' has no good copy (missing, or failing its md5 too)",
+            ) from e
+        return bad
+
+    def _quarantine_dir(self) -> Path:
+        return Path(self._repo.cache.local_cache_dir) / QUARANTINE
 
     def missing_in_remote(self, md5s: Iterable[str], *, remote: str | None = None) -> list[str]:
         odb = self._remote_odb(remote, "status")
@@ -263,7 +382,7 @@ class DvcRepo:
         try:
             return [m for m in wanted if not odb.exists(m)]
         except Exception as e:
-            raise RemoteError(self._remote_name(remote), _short(e)) from e
+            raise RemoteError(self._remote_name(remote), first_line(e)) from e
 
     def fetch(
         self, md5s: Iterable[str], *, remote: str | None = None, progress: Progress | None = None
@@ -278,14 +397,28 @@ class DvcRepo:
             with _quiet_dvc():
                 result = transfer(
                     odb, cache, [HashInfo("md5", m) for m in wanted],
-                    callback=_Cb(progress), verify=odb.verify, shallow=True,
+                    # checked below: DVC's own check deletes a bad remote copy
+                    callback=_Cb(progress), verify=False, shallow=True,
                 )
         except Exception as e:
-            raise RemoteError(self._remote_name(remote), _short(e)) from e
+            raise RemoteError(self._remote_name(remote), first_line(e)) from e
         still = self.missing_in_cache(wanted)
         if result.failed or still:
+            first = (still or [str(hi.value) for hi in result.failed])[0]
+            name = self._names.get(first)
             raise DataMissingError(
-                f"{len(still) or len(result.failed)} object(s)", missing=still
+                f"{len(still) or len(result.failed)} object(s) (first: {first}"
+                + (f" {clip(name)})" if name else ")"),
+                missing=still,
+            )
+        bad = self.corrupt_in_cache(wanted)  # a remote is data too: never cache a bad copy
+        if bad:
+            moved = [quarantine(self.object_path(m), self._quarantine_dir(), name=m) for m in bad]
+            name = self._remote_name(remote)
+            raise CorruptObjectError(
+                bad[0], name=self._names.get(bad[0]), remote=name,
+                reason=f"fetched from remote '{name}' fails its md5 (moved to {moved[0]})"
+                + (f"; {len(bad) - 1} more object(s) too" if len(bad) > 1 else ""),
             )
 
     def push(
@@ -305,9 +438,11 @@ class DvcRepo:
                     callback=_Cb(progress), shallow=True,
                 )
         except Exception as e:
-            raise RemoteError(self._remote_name(remote), _short(e)) from e
+            raise RemoteError(self._remote_name(remote), first_line(e)) from e
         if result.failed:
             raise RemoteError(self._remote_name(remote), f"{len(result.failed)} upload(s) failed")
+        with suppress(RemoteError):  # a janitor: a remote refusing deletes still got the push
+            self.remote_store(remote).clean_tmp()
         return len(result.transferred)
 
     def materialize(
@@ -317,34 +452,49 @@ class DvcRepo:
         *,
         prefix: str | None = None,
         progress: Progress | None = None,
+        check: Callable[[Path], None] | None = None,
     ) -> None:
         """Write a directory object (or its ``prefix`` subdirectory) to ``dest`` from the cache.
 
-        Uses the cache's link type, so nothing is copied where the file system can link;
-        ``dest`` ends up holding exactly the object's files.
+        Objects are md5-checked (and healed) first, so a link never serves a corrupt cache
+        object. The tree is written beside ``dest`` and swapped in with renames, after
+        ``check`` (given the new tree) returns: a kill or a failed check leaves ``dest`` whole,
+        old or new; leftovers of a killed call are finished by the next one.
         """
         cache = self._repo.cache.local
-        tree = Tree.load(cache, HashInfo("md5", md5_dir))
+        tree = self._load_tree(md5_dir)
         obj = tree.get_obj(cache, (prefix,)) if prefix else tree
         if obj is None:
             raise DataMissingError(f"{prefix} in {md5_dir}")
-        for attempt in (1, 2):
-            cb = _Cb(progress)
-            cb.set_size(len(obj) if isinstance(obj, Tree) else 1)
-            try:
-                with _quiet_dvc():
-                    _checkout(
-                        os.fspath(dest), cache.fs, obj, cache, force=True,
-                        progress_callback=cb, state=self._repo.state,
-                    )
-                _remove_empty_dirs(dest)  # DVC removes files it replaces, not their dirs
-                return
-            except CheckoutError as e:
-                # DVC drops cache objects whose md5 no longer matches: fetch them again once
-                oids = [hi.value for _, _, hi in obj] if isinstance(obj, Tree) else [obj.oid]
-                if attempt == 2 or not self.missing_in_cache(oids):
-                    raise DataMissingError(str(dest), missing=[str(p) for p in e.paths]) from e
-                self.fetch(oids, progress=progress)
+        oids = [hi.value for _, _, hi in obj] if isinstance(obj, Tree) else [obj.oid]
+        self.fetch(oids, progress=progress)
+        self.heal(oids, progress=progress)
+        clean_side_dirs(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = side_path(dest, "new")
+        try:
+            for attempt in (1, 2):
+                cb = _Cb(progress)
+                cb.set_size(len(obj) if isinstance(obj, Tree) else 1)
+                try:
+                    with _quiet_dvc():
+                        _checkout(
+                            os.fspath(tmp), cache.fs, obj, cache, force=True,
+                            progress_callback=cb, state=self._repo.state,
+                        )
+                    break
+                except CheckoutError as e:
+                    # DVC drops cache objects that changed under it: fetch them again once
+                    if attempt == 2 or not self.missing_in_cache(oids):
+                        raise DataMissingError(str(dest), missing=[str(p) for p in e.paths]) from e
+                    self.fetch(oids, progress=progress)
+            tmp.mkdir(exist_ok=True)  # an empty tree writes nothing
+            if check is not None:
+                check(tmp)
+            swap_in(tmp, dest)
+        finally:
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _remote_name(self, remote: str | None) -> str:
         if remote:
@@ -358,7 +508,7 @@ class DvcRepo:
         try:
             return self._repo.cloud.get_remote_odb(remote, command)
         except DvcException as e:
-            raise RemoteError(self._remote_name(remote), _short(e)) from e
+            raise RemoteError(self._remote_name(remote), first_line(e)) from e
 
     # --- background push and recover ---------------------------------------------------
 
@@ -379,9 +529,11 @@ class DvcRepo:
                 found = Remote(remote, fs_path, cls(**config), **config)
             else:
                 found = self._repo.cloud.get_remote(remote, "push")
-            return RemoteStore(found.name, found.fs, found.path, found.odb)
+            return RemoteStore(
+                found.name, found.fs, found.path, found.odb, local_fs=LocalFileSystem()
+            )
         except DvcException as e:
-            raise RemoteError(remote or self._remote_name(remote), _short(e)) from e
+            raise RemoteError(remote or self._remote_name(remote), first_line(e)) from e
 
     def git_head(self) -> tuple[str | None, str | None]:
         """(HEAD commit, current branch) through DVC's own SCM handle; None where absent."""
@@ -395,64 +547,6 @@ class DvcRepo:
             except (DvcException, SCMError, TypeError):  # no commit yet, detached HEAD
                 found.append(None)
         return found[0], found[1]
-
-
-class RemoteStore:
-    """A DVC remote as a content-addressed object store (``files/md5/xx/…``, as ``dvc push``
-    lays it out) plus small JSON records under ``modelver/`` beside it."""
-
-    def __init__(self, name: str, fs: Any, root: str, odb: Any) -> None:
-        self.name = name
-        self.fs = fs
-        self.root = root
-        self.odb = odb
-
-    def _call(self, what: Callable[[], Any]) -> Any:
-        try:
-            return what()
-        except Exception as e:  # each file system raises its own errors (botocore, …)
-            raise RemoteError(self.name, _short(e)) from e
-
-    def missing(self, md5s: Iterable[str]) -> list[str]:
-        wanted = list(md5s)
-        return list(self._call(lambda: [m for m in wanted if not self.odb.exists(m)]))
-
-    def put_file(self, path: Path, md5: str) -> bool:
-        """Upload one file as object ``md5`` unless the remote has it; True when sent.
-
-        Objects appear whole (a temporary name, then a rename; one PUT on object stores)."""
-        from dvc_objects.fs.local import LocalFileSystem
-
-        if self._call(lambda: self.odb.exists(md5)):
-            return False
-        local = LocalFileSystem()
-        self._call(lambda: self.odb.add(os.fspath(path), local, md5, check_exists=False))
-        return True
-
-    def put_bytes(self, md5: str, data: bytes) -> None:
-        if not self._call(lambda: self.odb.exists(md5)):
-            self._call(lambda: self.odb.add_bytes(md5, data))
-
-    def write_record(self, relpath: str, data: bytes) -> None:
-        """Write ``modelver/<relpath>`` in one piece (readers never see part of it)."""
-        path = self.fs.join(self.root, "modelver", *relpath.split("/"))
-        self._call(lambda: self.fs.put_file(io.BytesIO(data), path, size=len(data)))
-
-    def read_records(self, folder: str) -> dict[str, bytes]:
-        """Every record in ``modelver/<folder>``: file name -> content ({} when none)."""
-        base = self.fs.join(self.root, "modelver", *folder.split("/"))
-        try:
-            names = self._call(lambda: self.fs.ls(base, detail=False))
-        except RemoteError as e:
-            if isinstance(e.__cause__, FileNotFoundError):
-                return {}
-            raise
-        found: dict[str, bytes] = {}
-        for path in names:
-            name = str(path).rstrip("/").rsplit("/", 1)[-1]
-            if not name.startswith(".") and name.endswith(".json"):
-                found[name] = bytes(self._call(partial(self.fs.cat_file, path)))
-        return found
 
 
 def dir_object(files: Mapping[str, tuple[str, int]]) -> tuple[str, bytes]:
@@ -508,14 +602,3 @@ def repro(cwd: Path, *, quiet: bool = False) -> None:
             f"'dvc repro' failed with exit code {proc.returncode} in {cwd}",
             hint="fix the stage, then run 'dvc repro' there again; checkpoints so far are kept",
         )
-
-
-def _remove_empty_dirs(root: Path) -> None:
-    for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
-        if Path(dirpath) != root and not os.listdir(dirpath):
-            os.rmdir(dirpath)
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -7,6 +7,7 @@ next (``hint``). The CLI prints ``message`` and ``hint`` on one line each and ex
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -96,11 +97,32 @@ class NotSerializableError(ModelverError, TypeError):
 
 
 class CheckpointWriteError(ModelverError, OSError):
-    def __init__(self, path: str | Path, cause: BaseException) -> None:
+    """A checkpoint (or the checkpoints directory) could not be written; the hint fits the errno."""
+
+    def __init__(self, path: str | Path, cause: BaseException, *, what: str = "checkpoint") -> None:
         self.path = Path(path)
         self.cause = cause
-        hint = "free disk space, then run again: earlier checkpoints are untouched"
-        super().__init__(f"could not write checkpoint {self.path}: {cause}", hint=hint)
+        errno_ = getattr(cause, "errno", None)
+        hint = _WRITE_HINTS.get(errno_) if isinstance(errno_, int) else None
+        super().__init__(
+            f"could not write {what} {self.path}: {cause}",
+            hint=hint or "check the directory and its file system, then run again: earlier "
+            "checkpoints are untouched",
+        )
+
+
+_NO_SPACE = "free disk space, then run again: earlier checkpoints are untouched"
+_NO_PERMISSION = "permission denied: fix the directory's permissions or owner, or give another"
+_NOT_A_DIR = "not a directory: a file is in the way; move it or give another directory"
+_WRITE_HINTS = {
+    errno.ENOSPC: _NO_SPACE,
+    errno.EDQUOT: _NO_SPACE,
+    errno.EROFS: "read-only file system: give a directory on a writable one (or remount it)",
+    errno.EACCES: _NO_PERMISSION,
+    errno.EPERM: _NO_PERMISSION,
+    errno.ENOTDIR: _NOT_A_DIR,
+    errno.EEXIST: _NOT_A_DIR,
+}
 
 
 class AsyncSaveError(ModelverError, RuntimeError):
@@ -181,11 +203,15 @@ class DirtyWorkspaceError(ModelverError):
 
 
 class NotPinnedError(ModelverError):
-    def __init__(self, name: str, rev: str, *, reason: str) -> None:
+    """A commit pins no checkpoint for the artifact; ``action`` names the command that was run
+    ("cannot tag", "cannot show", "cannot check out", ...)."""
+
+    def __init__(self, name: str, rev: str, *, reason: str, action: str = "cannot tag") -> None:
         self.name = name
         self.rev = rev
+        self.action = action
         super().__init__(
-            f"cannot tag {name} at {rev}: {reason}",
+            f"{action} {name} at {rev}: {reason}",
             hint="run 'dvc repro' (or 'dvc commit') and commit dvc.lock first",
         )
 
@@ -220,8 +246,9 @@ class InvalidRuleError(ModelverError, ValueError):
     def __init__(self, text: str, reason: str) -> None:
         self.text = text
         super().__init__(
-            f"invalid rule '{text}': {reason}",
-            hint='write a comparison of metrics, e.g. "accuracy < baseline.accuracy - 0.01"',
+            f"invalid rule {clip(text)}: {reason}",
+            hint='write a comparison of metrics, e.g. "accuracy < baseline.accuracy - 0.01"; '
+            "see --fail-if in 'modelver check --help'",
         )
 
 
@@ -279,4 +306,79 @@ class MalformedDataError(ModelverError, ValueError):
         super().__init__(
             f"{what}: {field} is {clip(value)}, expected {expected}",
             hint="the data was crafted or damaged; fix or delete it and retry",
+        )
+
+
+class UnsafeCheckpointError(CheckpointCorruptedError, UnsafePathError):
+    """A checkpoint whose manifest names a path outside its step directory, or a symlink.
+
+    Both a corrupted checkpoint (restore skips it, verify reports it) and an unsafe path."""
+
+    def __init__(self, path: str | Path, field: str, value: object, *, reason: str) -> None:
+        self.path = self.root = Path(path)
+        self.field = field
+        self.value = value
+        self.problems = [f"refusing {field} {clip(value)}: {reason}"]
+        ModelverError.__init__(
+            self,
+            f"checkpoint {self.path} is unsafe: {self.problems[0]}",
+            hint="the checkpoint was crafted or damaged; nothing outside it was read",
+        )
+
+
+class CheckpointUnreadableError(CheckpointCorruptedError):
+    """A checkpoint file that exists but cannot be read (permissions, I/O error)."""
+
+    def __init__(self, path: str | Path, name: str, cause: OSError) -> None:
+        self.path = Path(path)
+        self.cause = cause
+        self.problems = [f"{name} cannot be read ({cause.strerror or cause})"]
+        ModelverError.__init__(
+            self,
+            f"checkpoint {self.path}: {self.problems[0]}",
+            hint="check the files' permissions and the disk; restore falls back to an earlier one",
+        )
+
+
+class CorruptObjectError(DataMissingError):
+    """A storage object that fails its content hash where no good copy could be fetched
+    (a kind of missing data: no usable copy exists here or in the remote)."""
+
+    def __init__(self, oid: str, *, name: str | None, remote: str, reason: str) -> None:
+        self.oid = oid
+        self.name = name
+        self.remote = remote
+        self.what = f"object {oid}" + (f" ({clip(name)})" if name else "")
+        self.missing = [oid]
+        ModelverError.__init__(
+            self,
+            f"{self.what} {reason}",
+            hint=f"push a good copy to remote '{remote}' from a machine that has one, then retry",
+        )
+
+
+class InvalidArgumentError(ModelverError, ValueError):
+    """An option outside its accepted kind or range, refused before anything is written."""
+
+    exit_code = 2
+
+    def __init__(self, name: str, value: object, *, expected: str) -> None:
+        self.name = name
+        self.value = value
+        super().__init__(
+            f"invalid {name}={clip(value)}: expected {expected}",
+            hint="checked before anything was written; fix the argument and run again",
+        )
+
+
+class CheckpointLockedError(ModelverError):
+    """Another process writes checkpoints into this directory (two writers would mix runs)."""
+
+    def __init__(self, path: str | Path, *, owner: str) -> None:
+        self.path = Path(path)
+        self.owner = owner
+        super().__init__(
+            f"checkpoints directory {self.path} is in use by another writer: {owner}",
+            hint="stop that run or give this one another directory; the lock goes away with "
+            "its process",
         )

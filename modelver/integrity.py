@@ -26,30 +26,66 @@ class VerifyResult:
 
 def verify_one(path: Path) -> VerifiedCheckpoint:
     """Every file of one checkpoint against its manifest; problems are returned, not raised."""
+    return _verify(path)[0]
+
+
+def _verify(path: Path) -> tuple[VerifiedCheckpoint, bool]:
+    """(the result, whether the checkpoint was retired or replaced while it was checked)."""
     from modelver.checkpoint import format as fmt
     from modelver.checkpoint import verify_checkpoint
 
     m = fmt.STEP_DIR_RE.match(path.name)
     step = int(m.group(1)) if m else None
+    token = fmt.manifest_token(path)
     try:
         step = verify_checkpoint(path).step
     except CheckpointCorruptedError as e:
-        return VerifiedCheckpoint(path, step, e.problems)
+        return VerifiedCheckpoint(path, step, e.problems), fmt.retired(path, token)
     except CheckpointNotFoundError as e:
-        return VerifiedCheckpoint(path, step, [e.message])
-    return VerifiedCheckpoint(path, step, [])
+        return VerifiedCheckpoint(path, step, [e.message]), fmt.retired(path, token)
+    return VerifiedCheckpoint(path, step, []), False
 
 
 def verify_dir(path: Path) -> VerifyResult:
-    """One checkpoint directory, or every complete step directory under a checkpoints root."""
+    """One checkpoint directory, or every complete step directory under a checkpoints root.
+
+    Under a root, a checkpoint that a writer retires (or replaces) while it is checked is not
+    damage: it is dropped, and the directory is listed again for what took its place. A
+    symlinked step directory is reported, not followed."""
     from modelver.checkpoint import format as fmt
 
     if not path.is_dir():
         raise CheckpointNotFoundError(path, reason="no such directory")
-    if (path / fmt.MANIFEST).is_file():
+    if fmt.manifest_token(path) is not None:
         return VerifyResult([verify_one(path)])
-    dirs = sorted(p for p in path.iterdir() if fmt.STEP_DIR_RE.match(p.name) and p.is_dir())
-    complete = [p for p in dirs if (p / fmt.MANIFEST).is_file()]
-    if not complete:
+    checked: dict[str, VerifiedCheckpoint] = {}
+    for child in _symlinked_steps(path):
+        checked[child.name] = VerifiedCheckpoint(
+            child, None, ["is a symlink (not followed: a step directory must be a directory)"]
+        )
+    for _ in range(RETRIES):
+        todo = [p for _, p in fmt.iter_checkpoint_dirs(path) if p.name not in checked]
+        retired = False
+        for p in sorted(todo):
+            result, gone = _verify(p)
+            if gone:
+                retired = True
+            else:
+                checked[p.name] = result
+        if not retired:
+            break
+    if not checked:
         raise CheckpointNotFoundError(path)
-    return VerifyResult([verify_one(p) for p in complete])
+    return VerifyResult([checked[k] for k in sorted(checked)])
+
+
+RETRIES = 5  # listings of a root while a writer keeps retiring what each one found
+
+
+def _symlinked_steps(path: Path) -> list[Path]:
+    from modelver.checkpoint import format as fmt
+
+    try:
+        return sorted(p for p in path.iterdir() if fmt.STEP_DIR_RE.match(p.name) and p.is_symlink())
+    except OSError:
+        return []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
@@ -20,11 +20,21 @@ from pathlib import Path
 
 from modelver.checkpoint import format as fmt
 from modelver.dvcrepo import TreeFile
-from modelver.errors import DataMissingError, ModelverError, RemoteError
+from modelver.errors import (
+    CorruptObjectError,
+    DataMissingError,
+    MalformedDataError,
+    ModelverError,
+    RemoteError,
+)
+from modelver.healing import corrupt, quarantine, set_aside
+from modelver.storage import clean_side_dirs, side_path, swap_in
+from modelver.untrusted import relative_path
 
 Progress = Callable[[int, int], None]
 POINTER_MAX = 1024  # git-lfs pointers are ~130 bytes; it never cleans a file this small
 _POINTER_HEAD = b"version https://git-lfs.github.com/spec/v1\n"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 REMOTE = "origin"
 
 
@@ -51,8 +61,11 @@ def require_lfs() -> None:
 def _git(root: Path, *args: str, data: bytes | None = None, remote: bool = False) -> bytes:
     proc = subprocess.run(["git", *args], cwd=root, input=data, capture_output=True)
     if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
-        cause = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+        lines = [  # git-lfs ends with where its log went: the cause is the line before
+            ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines()
+            if ln.strip() and not ln.startswith(("Errors logged to", "Use `git lfs logs"))
+        ]
+        cause = lines[-1] if lines else f"exit code {proc.returncode}"
         if remote:
             raise RemoteError(REMOTE, cause)
         raise ModelverError(f"'git {' '.join(args[:3])}' failed: {cause}")
@@ -90,14 +103,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _parse_pointer(data: bytes) -> tuple[str, int] | None:
+def _parse_pointer(data: bytes, *, path: str) -> tuple[str, int] | None:
+    """(oid, size) of an LFS pointer; None for a plain file. The oid names a file under
+    ``.git/lfs/objects``: a committed pointer is data, so it must be 64 hex digits."""
     if not data.startswith(_POINTER_HEAD):
         return None
-    fields = dict(ln.split(" ", 1) for ln in data.decode().splitlines() if " " in ln)
+    what = f"Git LFS pointer {path}"
+    text = data.decode(errors="replace")
+    fields = dict(ln.split(" ", 1) for ln in text.splitlines() if " " in ln)
     oid = fields.get("oid", "")
     if not oid.startswith("sha256:"):
         return None
-    return oid.removeprefix("sha256:"), int(fields.get("size", "0"))
+    oid = oid.removeprefix("sha256:")
+    if not _SHA256_RE.fullmatch(oid):
+        raise MalformedDataError(what, "oid", oid, expected="sha256: and 64 hex digits")
+    size = fields.get("size", "0")
+    if not size.isdigit() or len(size) > 20:
+        raise MalformedDataError(what, "size", size, expected="a byte count")
+    return oid, int(size)
 
 
 class LfsRepo:
@@ -111,6 +134,7 @@ class LfsRepo:
         self.scratch = self.git_dir / "modelver" / "checkouts"
         self._blobs = self.git_dir / "modelver" / "blobs"
         self._pointers: dict[str, tuple[int, str]] = {}  # oid -> (size, path) for smudge
+        self._blob_of: dict[str, str] = {}  # oid of a plain file -> its Git blob
 
     def close(self) -> None:
         """Nothing to release: every call is its own ``git`` process."""
@@ -131,18 +155,17 @@ class LfsRepo:
         contents = self._cat([blob for _, blob, _ in small])
         files = []
         for path, blob, size in entries:
+            relative_path(path, field=f"file of tree {md5_dir}", root=self.root)
             data = contents.get(blob)
-            pointer = _parse_pointer(data) if data is not None else None
+            pointer = _parse_pointer(data, path=path) if data is not None else None
             if pointer is not None:
                 self._pointers[pointer[0]] = (pointer[1], path)
                 files.append(TreeFile(path, pointer[0], pointer[1]))
-            elif data is not None:
+            else:  # plain JSON, or a large file committed without LFS: read through Git
+                if data is None:
+                    data = _git(self.root, "cat-file", "blob", blob)
                 oid = hashlib.sha256(data).hexdigest()
-                self._keep_blob(oid, data)
-                files.append(TreeFile(path, oid, size))
-            else:  # a large file committed without LFS: hash it through Git
-                data = _git(self.root, "cat-file", "blob", blob)
-                oid = hashlib.sha256(data).hexdigest()
+                self._blob_of[oid] = blob
                 self._keep_blob(oid, data)
                 files.append(TreeFile(path, oid, size))
         return files
@@ -181,6 +204,42 @@ class LfsRepo:
             return subprocess.run(["git", "cat-file", "-e", oid], cwd=self.root).returncode == 0
         return self.object_path(oid).is_file()
 
+    def corrupt_in_cache(self, md5s: Iterable[str]) -> list[str]:
+        """Objects here whose content no longer has their sha256 (read in full); a 40-digit
+        hash is a Git object, which Git itself checks."""
+        oids = [o for o in md5s if len(o) != 40]
+        return corrupt(oids, path_of=self.object_path, digest=sha256_file)
+
+    def heal(self, md5s: Iterable[str], *, progress: Progress | None = None) -> list[str]:
+        """Move objects that fail their sha256 aside (``<git dir>/modelver/quarantine``, never
+        deleted) and get them again: LFS objects from 'origin', plain files from Git."""
+        bad = self.corrupt_in_cache(md5s)
+        moved = set_aside(bad, path_of=self.object_path, folder=self._quarantine_dir())
+        for oid in bad:
+            if oid in self._blob_of:
+                self._keep_blob(oid, _git(self.root, "cat-file", "blob", self._blob_of[oid]))
+            try:
+                self.fetch([oid], progress=progress)
+            except CorruptObjectError as e:
+                raise CorruptObjectError(
+                    oid, name=self._name(oid), remote=REMOTE,
+                    reason=f"failed its sha256 here (moved to {moved[oid]}) and the copy on "
+                    f"'{REMOTE}' fails it too",
+                ) from e
+            except DataMissingError as e:
+                raise CorruptObjectError(
+                    oid, name=self._name(oid), remote=REMOTE,
+                    reason=f"failed its sha256 here (moved to {moved[oid]}) and '{REMOTE}' does "
+                    "not have it",
+                ) from e
+        return bad
+
+    def _quarantine_dir(self) -> Path:
+        return self.git_dir / "modelver" / "quarantine"
+
+    def _name(self, oid: str) -> str | None:
+        return self._pointers[oid][1] if oid in self._pointers else None
+
     def fetch(self, md5s: Iterable[str], *, progress: Progress | None = None) -> None:
         """Download missing LFS objects from 'origin' (``git lfs smudge`` of their pointers)."""
         wanted = self.missing_in_cache(md5s)
@@ -189,12 +248,27 @@ class LfsRepo:
                 raise DataMissingError(f"object {oid[:12]}", missing=[oid])
             size, path = self._pointers[oid]
             pointer = _POINTER_HEAD + f"oid sha256:{oid}\nsize {size}\n".encode()
-            _git(self.root, "lfs", "smudge", path, data=pointer, remote=True)
+            try:
+                _git(self.root, "lfs", "smudge", path, data=pointer, remote=True)
+            except RemoteError as e:
+                if "invalid hash" not in e.message:
+                    raise
+                raise CorruptObjectError(  # git-lfs checked the download and kept nothing
+                    oid, name=path, remote=REMOTE,
+                    reason=f"fetched from '{REMOTE}' fails its sha256 (git-lfs refused it)",
+                ) from e
             if progress is not None:
                 progress(i + 1, len(wanted))
         still = self.missing_in_cache(wanted)
         if still:
             raise DataMissingError(f"{len(still)} object(s)", missing=still)
+        bad = self.corrupt_in_cache(wanted)
+        if bad:
+            moved = quarantine(self.object_path(bad[0]), self._quarantine_dir(), name=bad[0])
+            raise CorruptObjectError(
+                bad[0], name=self._name(bad[0]), remote=REMOTE,
+                reason=f"fetched from '{REMOTE}' fails its sha256 (moved to {moved})",
+            )
 
     def materialize(
         self,
@@ -203,16 +277,20 @@ class LfsRepo:
         *,
         prefix: str | None = None,
         progress: Progress | None = None,
+        check: Callable[[Path], None] | None = None,
     ) -> None:
-        """Write a tree (or its ``prefix`` subdirectory) to ``dest``: built beside it, then
-        swapped in, so ``dest`` holds exactly the tree's files."""
+        """Write a tree (or its ``prefix`` subdirectory) to ``dest``: copies of checked
+        objects, built beside it and swapped in after ``check`` (given the new tree) returns,
+        so ``dest`` holds exactly the tree's files, old or new, never a mix."""
         start = f"{prefix}/" if prefix else ""
         files = [f for f in self.tree(md5_dir) if f.relpath.startswith(start)]
         if not files:
             raise DataMissingError(f"{prefix} in {md5_dir}")
         self.fetch([f.md5 for f in files], progress=progress)
+        self.heal([f.md5 for f in files], progress=progress)
+        clean_side_dirs(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{secrets.token_hex(3)}"
+        tmp = side_path(dest, "new")
         try:
             for i, f in enumerate(files):
                 target = tmp / f.relpath[len(start) :]
@@ -220,9 +298,9 @@ class LfsRepo:
                 shutil.copyfile(self.object_path(f.md5), target)
                 if progress is not None:
                     progress(i + 1, len(files))
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.rename(tmp, dest)
+            if check is not None:
+                check(tmp)
+            swap_in(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -11,9 +11,16 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from modelver.errors import InvalidVersionError
+from modelver import untrusted
+from modelver.errors import (
+    InvalidVersionError,
+    MalformedDataError,
+    ModelverError,
+    UnsafePathError,
+)
 from modelver.gitrepo import TagRecord
 
 NAME_RE = r"[a-zA-Z0-9](?:[a-zA-Z0-9\-/_]*[a-zA-Z0-9])?"
@@ -28,6 +35,10 @@ _STAGE_TAG = re.compile(
 _COUNTER_TAG = re.compile(rf"^(?P<name>{NAME_RE})[@#].*#(?P<counter>\d+)$")
 META_PREFIX = "modelver: "
 BUMPS = ("major", "minor", "patch")
+# a DVC md5 (".dir" for a directory), a Git tree hash (SHA-1 or SHA-256) or an LFS oid: hex only,
+# because it names a directory under the scratch area and an object in the cache
+HASH_RE = re.compile(r"^[0-9a-f]{32,64}(\.dir)?$")
+_VERSION_TEXT = re.compile(rf"^v{_SEMVER}$")
 
 
 @dataclass(frozen=True, order=True)
@@ -92,20 +103,97 @@ def format_message(summary: str, meta: Mapping[str, Any]) -> str:
 
 
 def parse_message(message: str) -> tuple[str, dict[str, Any]]:
-    """(summary, metadata); tags made by other tools have no metadata line."""
+    """(summary, raw metadata); tags made by other tools have no metadata line.
+
+    The metadata is untrusted (anyone who can push a tag wrote it): :func:`parse_meta` is the
+    one place that turns it into values. A ``modelver:`` line that is not JSON is summary text
+    (a user may write one); JSON that is too big or too deep is refused there too.
+    """
     meta: dict[str, Any] = {}
+    problem: MalformedDataError | None = None
     summary_lines = []
     for line in message.splitlines():
         if line.startswith(META_PREFIX):
             try:
-                loaded = json.loads(line[len(META_PREFIX) :])
-            except ValueError:
+                loaded = untrusted.load_json(line[len(META_PREFIX) :], what="tag metadata")
+            except MalformedDataError as e:
+                if e.field != "content":  # too big or too deep: crafted, refused below
+                    problem = problem or e
+                else:
+                    summary_lines.append(line)
                 continue
             if isinstance(loaded, dict):
                 meta = loaded
         else:
             summary_lines.append(line)
+    if problem is not None:
+        raise problem
     return "\n".join(summary_lines).strip(), meta
+
+
+def parse_meta(
+    meta: Mapping[str, Any], *, tag: str, root: str | Path = "."
+) -> dict[str, Any]:
+    """The metadata of tag ``tag``, every known field checked; unknown fields are dropped.
+
+    Raises :class:`~modelver.errors.MalformedDataError` or
+    :class:`~modelver.errors.UnsafePathError` naming the field and the value: a tag whose
+    metadata fails is listed as invalid and refused by every command that would use it.
+    ``path`` is checked as text here (relative, no ``..``); :mod:`modelver.refs` checks it
+    against the repository (symlinks) and against what the tag's commit declares.
+    """
+    what = f"tag {tag}"
+    out: dict[str, Any] = {}
+
+    def fld(key: str) -> str:
+        return f"{what} {key}"
+
+    if meta.get("modelver") is not None:
+        out["modelver"] = untrusted.integer(meta["modelver"], what=what, field="modelver")
+    if meta.get("step") is not None:
+        out["step"] = untrusted.integer(meta["step"], what=what, field="step")
+    if meta.get("step_dir") is not None:
+        out["step_dir"] = untrusted.step_dirname(meta["step_dir"], field=fld("step_dir"), root=root)
+        m = untrusted.STEP_DIR_RE.match(out["step_dir"])
+        assert m is not None
+        if "step" in out and int(m.group(1)) != out["step"]:
+            raise MalformedDataError(
+                what, "step", out["step"], expected=f"the step of step_dir {out['step_dir']}"
+            )
+        out.setdefault("step", int(m.group(1)))
+    if "metrics" in meta:
+        out["metrics"] = untrusted.metrics(meta["metrics"], what=what)
+    if meta.get("checkpoint") is not None:
+        md5 = untrusted.string(meta["checkpoint"], what=what, field="checkpoint", max_len=80)
+        if not HASH_RE.match(md5):
+            raise MalformedDataError(what, "checkpoint", md5, expected="a hex content hash")
+        out["checkpoint"] = md5
+    if meta.get("path") is not None:
+        out["path"] = str(untrusted.relative_path(meta["path"], field=fld("path"), root=root))
+    for key in ("stage", "backend"):
+        if meta.get(key) is not None:
+            out[key] = untrusted.string(meta[key], what=what, field=key, max_len=256)
+    for key in ("parent", "version"):  # a version of the same artifact: "vX.Y.Z"
+        if meta.get(key) is not None:
+            text = untrusted.string(meta[key], what=what, field=key, max_len=64)
+            if not _VERSION_TEXT.match(text):
+                raise MalformedDataError(what, key, text, expected="a version vX.Y.Z")
+            out[key] = text
+    return out
+
+
+def read_tag_meta(
+    message: str, *, tag: str, root: str | Path = "."
+) -> tuple[str, dict[str, Any], ModelverError | None]:
+    """(summary, checked metadata, problem): a bad tag gives ``{}`` and the error to raise."""
+    try:
+        summary, raw = parse_message(message)
+        return summary, parse_meta(raw, tag=tag, root=root), None
+    except (MalformedDataError, UnsafePathError) as e:
+        summary = "\n".join(
+            line for line in message.splitlines() if not line.startswith(META_PREFIX)
+        ).strip()
+        return summary, {}, e
 
 
 # --- the registry state --------------------------------------------------------------------
@@ -121,8 +209,9 @@ class VersionTag:
     commit: str
     date: str
     message: str
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)  # checked (parse_meta)
     stages: tuple[str, ...] = ()
+    problem: ModelverError | None = field(default=None, compare=False)  # why it is invalid
 
     @property
     def step(self) -> int | None:
@@ -132,6 +221,16 @@ class VersionTag:
     @property
     def metrics(self) -> dict[str, float]:
         return dict(self.meta.get("metrics") or {})
+
+    @property
+    def invalid(self) -> str | None:
+        """Why the tag's metadata was refused (None: it is valid)."""
+        return None if self.problem is None else self.problem.message
+
+    def check(self) -> None:
+        """Raise the problem of an invalid tag: nothing may use its metadata."""
+        if self.problem is not None:
+            raise self.problem
 
 
 @dataclass(frozen=True)
@@ -164,8 +263,11 @@ class Registry:
         return None
 
 
-def build_registry(records: Iterable[TagRecord]) -> Registry:
-    """Interpret tags the way GTO does: registrations, cancellations, latest stage assignment."""
+def build_registry(records: Iterable[TagRecord], *, root: str | Path = ".") -> Registry:
+    """Interpret tags the way GTO does: registrations, cancellations, latest stage assignment.
+
+    A version tag whose metadata fails :func:`parse_meta` stays listed, with ``problem`` set
+    and no metadata; a stage tag with bad metadata assigns by its commit alone."""
     found: dict[tuple[str, Semver], VersionTag] = {}
     cancelled: set[tuple[str, Semver]] = set()
     counters: dict[str, int] = {}
@@ -183,14 +285,16 @@ def build_registry(records: Iterable[TagRecord]) -> Registry:
             if vm.group("cancel"):
                 cancelled.add(key)
                 continue
-            summary, meta = parse_message(rec.message)
-            found[key] = VersionTag(key[0], key[1], rec.name, rec.commit, rec.date, summary, meta)
+            summary, meta, problem = read_tag_meta(rec.message, tag=rec.name, root=root)
+            found[key] = VersionTag(
+                key[0], key[1], rec.name, rec.commit, rec.date, summary, meta, problem=problem
+            )
             continue
         sm = _STAGE_TAG.match(rec.name)
         if sm:
             skey = (sm.group("name"), sm.group("stage"))
             counter = int(sm.group("counter"))
-            _, meta = parse_message(rec.message)
+            _, meta, _ = read_tag_meta(rec.message, tag=rec.name, root=root)
             if skey not in events or events[skey][0] < counter:
                 events[skey] = (counter, bool(sm.group("cancel")), meta.get("version"), rec.commit)
     live = {k: v for k, v in found.items() if k not in cancelled}
@@ -204,7 +308,7 @@ def build_registry(records: Iterable[TagRecord]) -> Registry:
     versions = tuple(
         VersionTag(
             v.name, v.version, v.tag, v.commit, v.date, v.message, v.meta,
-            tuple(sorted(stages.get(k, []))),
+            tuple(sorted(stages.get(k, []))), v.problem,
         )
         for k, v in sorted(live.items())
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 
+from modelver.errors import ModelverWarning
 from tests.registry_helpers import git, set_params, train_and_commit
 from tests.test_cli import one_error_line, run
 
@@ -101,3 +103,46 @@ def test_names_and_aliases_mlflow_accepts() -> None:
     assert model_name("team/digits") == "team-digits"
     assert [alias_name(s) for s in ("prod", "eu/prod", "latest", "v2")] == [
         "prod", "eu-prod", "stage-latest", "stage-v2"]
+
+
+def _craft(root: Path, tag: str, meta: object) -> None:
+    line = meta if isinstance(meta, str) else json.dumps(meta)
+    git(root, "tag", "-a", tag, "-m", f"crafted\n\nmodelver: {line}", "HEAD")
+
+
+def test_invalid_tags_are_skipped_with_their_reason(project: Path, uri: str) -> None:
+    """A crafted tag (issue 11) is reported and left out; the valid versions still sync."""
+    assert run(project, "tag", "tiny@v0.1.0", "-q").exit_code == 0
+    _craft(project, "tiny@v0.2.0", {"step": "notanint"})
+    _craft(project, "tiny@v0.3.0", {"metrics": {"loss": "abc"}})  # no float() of it
+    _craft(project, "tiny@v0.4.0", {"path": "../victim"})
+    _craft(project, "tiny@v0.5.0", {"metrics": {"loss": 0.5, "bad/../name": 1, "sp\nace": 2,
+                                                "ok.name": float("nan")}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run(project, "mlflow", "sync", "--tracking-uri", uri, "--json")
+    assert res.exit_code == 0, res.stderr
+    said = " | ".join(str(w.message) for w in caught if w.category is ModelverWarning)
+    data = json.loads(res.stdout)
+    assert [v["tag"] for v in data["versions"]] == ["tiny@v0.1.0", "tiny@v0.5.0"]
+    reasons = {s["tag"]: s["reason"] for s in data["skipped"]}
+    assert set(reasons) == {"tiny@v0.2.0", "tiny@v0.3.0", "tiny@v0.4.0"}
+    assert "notanint" in reasons["tiny@v0.2.0"] and "abc" in reasons["tiny@v0.3.0"]
+    assert "../victim" in reasons["tiny@v0.4.0"]
+    assert "skipped tiny@v0.2.0" in said and "left out 2" in said
+    v5 = by_tag(MlflowClient(tracking_uri=uri))["tiny@v0.5.0"]
+    metrics = {k: x for k, x in v5.tags.items() if k.startswith("metric.")}
+    assert metrics == {"metric.loss": "0.5", "metric.ok.name": "nan"}
+
+
+def test_lineage_tags_refuse_an_invalid_tag() -> None:
+    from modelver import versions as v
+    from modelver.errors import MalformedDataError
+    from modelver.gitrepo import TagRecord
+    from modelver.integrations.mlflow import lineage_tags
+
+    rec = TagRecord("tiny@v1.0.0", True, "c" * 40, "2024-01-01",
+                    'x\n\nmodelver: {"metrics": {"loss": "NaN-ish"}}')
+    (ver,) = v.build_registry([rec]).versions
+    with pytest.raises(MalformedDataError, match="NaN-ish"):
+        lineage_tags(ver, {})

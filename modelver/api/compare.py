@@ -50,20 +50,22 @@ def _diff_side(
     from modelver.errors import (
         CheckpointCorruptedError,
         CheckpointNotFoundError,
+        ModelverError,
         NotARepositoryError,
+        clip,
     )
+    from modelver.metrics import read_json_object
     from modelver.refs import (
         local_step_dir,
         materialize_step,
         open_git,
         open_storage,
-        read_object_json,
         resolve_ref,
         with_step,
     )
 
     try:
-        r = resolve_ref(repo_root, ref)
+        r = resolve_ref(repo_root, ref, action="cannot diff")
     except NotARepositoryError:
         if "@" in ref or "#" in ref:  # meant a version: say there is no repository
             raise
@@ -76,18 +78,26 @@ def _diff_side(
         return DiffSide(local_step_dir(r.path), ref), None
     assert r.commit is not None
     git = open_git(repo_root)
-    params = _params_yaml(git.read_file(r.commit, "params.yaml"))
+    params = _params_yaml(git.read_file(r.commit, "params.yaml"),
+                          what=f"params.yaml at {r.commit[:10]}")
     label = r.tag or ref
     dvc = open_storage(git.root)
     try:
         if stat:
             r, files = with_step(dvc, r)
             wanted = f"{r.step_dir}/{ckfmt.MANIFEST}"
-            md5 = next(f.md5 for f in files if f.relpath == wanted)
+            md5 = next((f.md5 for f in files if f.relpath == wanted), None)
+            if md5 is None:
+                raise CheckpointCorruptedError(f"{label}:{wanted}", ["no such file in the "
+                                               "version's checkpoint"])
+            data = read_json_object(dvc, md5, what=f"{label}:{wanted}")
             try:
-                manifest = ckfmt.Manifest.from_json(read_object_json(dvc, md5))
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointCorruptedError(wanted, [f"unreadable manifest: {e}"]) from e
+                manifest = ckfmt.Manifest.from_json(data)
+            except ModelverError:
+                raise
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                problem = f"unreadable manifest: {type(e).__name__}: {clip(str(e))}"
+                raise CheckpointCorruptedError(f"{label}:{wanted}", [problem]) from None
             return DiffSide(None, label, params=params, manifest=manifest), r.name
         path = materialize_step(dvc, r, progress=progress)[0]
     finally:
@@ -114,12 +124,20 @@ def _workspace_side(name: str | None, *, repo_root: str | Path) -> DiffSide:
     else:
         art = artifact_at(git, name, None)
     params_file = git.root / "params.yaml"
-    params = _params_yaml(params_file.read_text() if params_file.is_file() else None)
+    params = _params_yaml(_read_small(params_file), what="params.yaml in the workspace")
     return DiffSide(local_step_dir(git.root / art.path), "workspace", params=params)
 
 
-def _params_yaml(text: str | None) -> dict[str, Any]:
-    import yaml
+def _read_small(path: Path) -> str | None:
+    from modelver.metrics import read_text_file
 
-    data = yaml.safe_load(text) if text else None
+    return read_text_file(path, what="params.yaml in the workspace")
+
+
+def _params_yaml(text: str | None, *, what: str) -> dict[str, Any]:
+    """params.yaml is data: bounded, parsed safely, and refused (one line) when it cannot be
+    parsed or nests too deep (YAML aliases can build cycles) rather than diffed wrongly."""
+    from modelver.metrics import load_yaml
+
+    data = load_yaml(text, what=what) if text else None
     return data if isinstance(data, dict) else {}

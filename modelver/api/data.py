@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelver.api.registry import CheckoutResult, ResumeResult, TransferResult
 from modelver.errors import (
     ArtifactNotFoundError,
+    CheckpointCorruptedError,
     CheckpointNotFoundError,
     DataMissingError,
     DirtyWorkspaceError,
+    MalformedDataError,
+    ModelverWarning,
     RemoteError,
     UnknownRefError,
+    UnsafePathError,
 )
 from modelver.gitrepo import GitRepo
 from modelver.integrity import VerifiedCheckpoint, VerifyResult, verify_dir, verify_one
@@ -27,10 +34,19 @@ from modelver.refs import (
     open_storage,
     pin_problems,
     resolve_ref,
+    step_dirs,
     version_ref,
     with_step,
 )
-from modelver.storage import Storage, backend_of, hash_file_for, is_lfs
+from modelver.storage import (
+    Storage,
+    backend_of,
+    clean_side_dirs,
+    hash_file_for,
+    is_lfs,
+    scratch_dir,
+)
+from modelver.untrusted import inside, relative_path, step_dirname
 
 if TYPE_CHECKING:
     from modelver.dvcrepo import TreeFile
@@ -42,7 +58,8 @@ Progress = Callable[[int, int], None]
 
 
 def _data_ref(git: GitRepo, ref: str, what: str) -> ResolvedRef:
-    r = resolve_ref(git.root, ref)
+    verb = {"checkout": "check out", "push/pull": "push"}.get(what, what)
+    r = resolve_ref(git.root, ref, action=f"cannot {verb}")
     if r.kind == "path":
         raise UnknownRefError(ref, hint=f"{what} takes a version or a commit, not a directory")
     return r
@@ -57,7 +74,8 @@ def checkout(
     progress: Progress | None = None,
 ) -> CheckoutResult:
     """Materialise REF's checkpoint: into ``to``/<step dir>, or its whole pinned output into
-    the workspace path. Verified; nothing but that directory changes."""
+    the workspace path. Verified first, then swapped in: nothing but that directory changes,
+    and a kill leaves it holding the old version or the new one, never a mix."""
     from modelver.checkpoint import format as ckfmt
     from modelver.checkpoint import verify_checkpoint
 
@@ -65,31 +83,74 @@ def checkout(
     r = _data_ref(git, ref, "checkout")
     dvc = open_storage(git.root)
     try:
-        staged, r, files = materialize_step(dvc, r, progress=progress)
-        verify_checkpoint(staged)  # corrupted data stops us before the destination changes
+        staged, r, files = _staged(dvc, r, progress=progress)
         assert r.checkpoint_hash and r.step_dir and r.path_in_repo and r.step is not None
         if to is not None:
-            dest = Path(to) / r.step_dir
+            out = Path(to)
+            step_dir = step_dirname(r.step_dir, field="step_dir", root=out)
             # a delta checkpoint brings the step directories it decodes against
             chain = ckfmt.delta_chain(staged, ckfmt.read_manifest(staged))
-            needed = [r.step_dir, *(p.name for p, _ in chain)]
-            for step_dir in needed:
-                there = Path(to) / step_dir
+            needed = [step_dir, *(step_dirname(p.name, field="delta base", root=out)
+                                  for p, _ in chain)]
+            for sd in needed:
+                there = inside(out, sd, field="step_dir")
+                clean_side_dirs(there)
                 if there.exists() and any(there.iterdir()) and not force:
                     raise DirtyWorkspaceError(
                         f"{there} exists", hint="choose another --to or --force"
                     )
-            for step_dir in needed:
-                dvc.materialize(
-                    r.checkpoint_hash, Path(to) / step_dir, prefix=step_dir, progress=progress
-                )
+            for sd in reversed(needed):  # bases first: the checkpoint appears last
+                dvc.materialize(r.checkpoint_hash, out / sd, prefix=sd, progress=progress)
+            dest = out / step_dir
+            verify_checkpoint(dest)
+            verified = tuple(needed)
         else:
-            _replace_output(dvc, r, files, force=force, progress=progress)
+            verified = _replace_output(dvc, r, files, force=force, progress=progress)
             dest = dvc.root / r.path_in_repo / r.step_dir
     finally:
         dvc.close()
-    verify_checkpoint(dest)
-    return CheckoutResult(r, dest, r.step)
+    return CheckoutResult(r, dest, r.step, verified=verified)
+
+
+def _staged(
+    dvc: Storage, r: ResolvedRef, *, progress: Progress | None
+) -> tuple[Path, ResolvedRef, list[TreeFile]]:
+    """REF's step directory in the scratch area, verified. A scratch copy that fails is
+    rebuilt once after healing its cache objects (a corrupt object is moved aside and fetched
+    again), so one flipped byte in the cache never blocks a checkout for good."""
+    from modelver.checkpoint import verify_checkpoint
+
+    for attempt in (1, 2):
+        staged, r, files = materialize_step(dvc, r, progress=progress)
+        try:
+            verify_checkpoint(staged)  # corrupted data stops us before the destination changes
+            return staged, r, files
+        except (CheckpointCorruptedError, MalformedDataError):
+            if attempt == 2:
+                raise
+            _drop_scratch(dvc, r, files, progress=progress)
+    raise AssertionError("unreachable")
+
+
+def _drop_scratch(
+    dvc: Storage, r: ResolvedRef, files: Sequence[TreeFile], *, progress: Progress | None
+) -> None:
+    """Heal a version's cache objects and forget its scratch copies (rebuilt on next use)."""
+    assert r.checkpoint_hash
+    dvc.heal([f.md5 for f in files], progress=progress)
+    root = scratch_dir(dvc)
+    here = inside(root, r.checkpoint_hash, field="checkpoint hash")
+    if here.is_dir():
+        shutil.rmtree(here)
+
+
+def output_path(root: Path, rel: object, *, field: str = "artifact path") -> Path:
+    """Where an artifact's output lives in a working tree: inside it, below its root, and not
+    Git's or DVC's own directory (a crafted path would have a checkout replace them)."""
+    path = inside(root, rel, field=field)
+    if relative_path(rel, field=field, root=root).parts[0] in (".git", ".dvc"):
+        raise UnsafePathError(field, rel, root=root, reason="is Git's or DVC's own directory")
+    return path
 
 
 def _replace_output(
@@ -99,8 +160,15 @@ def _replace_output(
     *,
     force: bool,
     progress: Progress | None,
-) -> None:
+) -> tuple[str, ...]:
+    """Swap REF's whole pinned output into the working tree, after verifying every step
+    directory it carries (one that fails stops the checkout: the workspace keeps the old
+    output). Returns the step directories verified."""
+    from modelver.checkpoint import verify_checkpoint
+
+    target = output_path(dvc.root, r.path_in_repo)
     assert r.path_in_repo and r.checkpoint_hash
+    clean_side_dirs(target)  # a killed checkout's old tree comes back before we judge it
     if not force and not dvc.workspace_saved(r.path_in_repo):
         saved = "committed to Git" if is_lfs(dvc) else "in the DVC cache"
         raise DirtyWorkspaceError(
@@ -108,7 +176,19 @@ def _replace_output(
             hint="commit them first, use --to DIR, or --force to discard them",
         )
     dvc.fetch([f.md5 for f in files], progress=progress)
-    dvc.materialize(r.checkpoint_hash, dvc.root / r.path_in_repo, progress=progress)
+    carried = sorted(step_dirs(files))
+    verified: list[str] = []
+
+    def check(new: Path) -> None:
+        for sd in carried:
+            try:
+                verify_checkpoint(new / sd)
+            except CheckpointCorruptedError as e:
+                raise CheckpointCorruptedError(target / sd, e.problems) from e
+            verified.append(sd)
+
+    dvc.materialize(r.checkpoint_hash, target, progress=progress, check=check)
+    return tuple(verified)
 
 
 def resume(
@@ -122,7 +202,6 @@ def resume(
     progress: Progress | None = None,
 ) -> ResumeResult:
     """Rebuild REF's commit on a new branch, restore its checkpoint, override params, repro."""
-    from modelver.checkpoint import verify_checkpoint
     from modelver.dvcrepo import repro as run_repro
 
     git = open_git(repo_root)
@@ -138,8 +217,7 @@ def resume(
     try:
         r, files = with_step(main, r)
         main.fetch([f.md5 for f in files], progress=progress)
-        staged, r, _ = materialize_step(main, r, progress=progress)
-        verify_checkpoint(staged)  # a bad checkpoint stops us before any branch exists
+        _staged(main, r, progress=progress)  # a bad checkpoint stops us before any branch exists
         assert r.commit and r.path_in_repo and r.step is not None
         if worktree is None:
             if git.is_dirty():
@@ -184,9 +262,22 @@ def resume(
 
 
 def _version_refs(git: GitRepo, refs: Sequence[str]) -> list[ResolvedRef]:
+    """Named refs resolve or fail (one error line). With none, every version whose tag holds:
+    a tag with invalid metadata, or one its commit contradicts, is skipped with a warning, so
+    one crafted or broken tag cannot block pushing all the others."""
     if refs:
         return [_data_ref(git, ref, "push/pull") for ref in refs]
-    return [version_ref(git, x.tag, x) for x in load_registry(git).versions]
+    found = []
+    for x in load_registry(git).versions:
+        why = x.invalid
+        if why is None:
+            try:
+                found.append(version_ref(git, x.tag, x))
+                continue
+            except (MalformedDataError, UnsafePathError) as e:
+                why = e.message
+        warnings.warn(f"push: skipped {x.tag}: {why}", ModelverWarning, stacklevel=3)
+    return found
 
 
 def push(
@@ -263,10 +354,12 @@ def pull(
     try:
         files = dvc.tree(r.checkpoint_hash)
         missing = dvc.missing_in_cache(f.md5 for f in files)
+        # objects already here are read in full: one that fails its hash is fetched again
+        healed = dvc.heal([f.md5 for f in files if f.md5 not in set(missing)], progress=progress)
         dvc.fetch(missing, progress=progress)
     finally:
         dvc.close()
-    return TransferResult([r.tag or r.ref], len(missing), fetched)
+    return TransferResult([r.tag or r.ref], len(missing) + len(healed), fetched)
 
 
 def verify(target: str | None = None, *, repo_root: str | Path = ".") -> VerifyResult:
@@ -274,7 +367,7 @@ def verify(target: str | None = None, *, repo_root: str | Path = ".") -> VerifyR
     directory (one checkpoint or a root of them) against the manifests."""
     git = open_git(repo_root) if target is None or not Path(target).is_dir() else None
     if git is not None and target is not None:
-        r = resolve_ref(git.root, target)
+        r = resolve_ref(git.root, target, action="cannot verify")
         if r.kind != "path":
             return _verify_version(git, r)
         assert r.path is not None
@@ -295,14 +388,35 @@ def verify(target: str | None = None, *, repo_root: str | Path = ".") -> VerifyR
 
 
 def _verify_version(git: GitRepo, r: ResolvedRef) -> VerifyResult:
+    """Every step directory the version carries, against dvc.lock and its manifest. Reads
+    only: a corrupt cache object is reported (``pull`` fetches it again), not replaced."""
     dvc = open_storage(git.root)
+    checked: list[VerifiedCheckpoint] = []
     try:
-        dest, r, files = materialize_step(dvc, r, progress=None)
+        r, files = with_step(dvc, r)
+        dirs = step_dirs(files)
+        hash_file = hash_file_for(dvc)
+        for sd in sorted(dirs, key=lambda k: dirs[k]):
+            mine = [f for f in files if f.relpath.startswith(sd + "/")]
+            bad = set(dvc.corrupt_in_cache(f.md5 for f in mine))
+            if bad:
+                where = scratch_dir(dvc) / str(r.checkpoint_hash) / sd
+                checked.append(VerifiedCheckpoint(where, dirs[sd], [
+                    f"{f.relpath[len(sd) + 1:]} fails its hash in the local cache (object "
+                    f"{f.md5}; 'modelver pull {r.ref}' fetches it again)"
+                    for f in mine if f.md5 in bad
+                ]))
+                continue
+            one = replace(r, step_dir=sd, step=dirs[sd])
+            for attempt in (1, 2):  # a stale scratch copy is rebuilt once before it counts
+                dest, _, _ = materialize_step(dvc, one, progress=None)
+                problems = verify_one(dest).problems + pin_problems(
+                    dest, sd, mine, full=True, hash_file=hash_file
+                )
+                if not problems or attempt == 2:
+                    break
+                shutil.rmtree(dest)
+            checked.append(VerifiedCheckpoint(dest, dirs[sd], problems))
     finally:
         dvc.close()
-    assert r.step_dir
-    mine = [f for f in files if f.relpath.startswith(r.step_dir + "/")]
-    one = verify_one(dest)
-    hash_file = hash_file_for(dvc)
-    problems = one.problems + pin_problems(dest, r.step_dir, mine, full=True, hash_file=hash_file)
-    return VerifyResult([VerifiedCheckpoint(dest, r.step, problems)])
+    return VerifyResult(checked)

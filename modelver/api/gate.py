@@ -25,12 +25,15 @@ def check(
     model: str | None = None,
     repo_root: str | Path = ".",
     progress: Progress | None = None,
+    allow_nan: bool = False,
 ) -> CheckReport:
     """Gate CANDIDATE against BASELINE: ``--fail-if`` rules over both sides' metrics, the
     candidate's integrity, and a restore of it (into ``model``, MODULE:FACTORY, when given).
 
     Rules and the factory are checked before any data is read; a failing rule is a result
-    (``report.passed``), not an exception, so the report can still be written.
+    (``report.passed``), not an exception, so the report can still be written. A NaN,
+    infinite, missing or non-numeric operand makes its rule undecidable (the check fails);
+    ``allow_nan`` evaluates NaN and infinities with IEEE semantics instead.
     """
     from modelver.check import load_factory, run_check
     from modelver.rules import parse_rule
@@ -46,6 +49,7 @@ def check(
         model=model,
         repo_root=repo_root,
         progress=progress,
+        allow_nan=allow_nan,
     )
 
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelver import untrusted
 from modelver import versions as v
 from modelver.errors import (
     ArtifactNotFoundError,
     DataMissingError,
     DirtyWorkspaceError,
+    MalformedDataError,
     ModelverError,
     RemoteError,
     UnknownRefError,
@@ -25,6 +26,7 @@ from modelver.refs import (
     ResolvedRef,
     artifact_at,
     artifacts_at,
+    checked_output,
     load_registry,
     locked_out,
     newest_step_dir,
@@ -34,6 +36,7 @@ from modelver.refs import (
     pinned_hash,
     read_object_json,
     resolve_ref,
+    tree,
     with_step,
 )
 from modelver.storage import backend_of
@@ -61,6 +64,7 @@ class VersionInfo:
     checkpoint_hash: str | None
     parent: str | None
     message: str
+    invalid: str | None = None  # why the tag's metadata was refused; the tag is unusable
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +137,7 @@ class CheckoutResult:
     ref: ResolvedRef
     path: Path  # the materialised checkpoint (step) directory
     step: int
+    verified: tuple[str, ...] = ()  # the step directories checked before they were put there
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,7 @@ def _info(ver: v.VersionTag) -> VersionInfo:
         checkpoint_hash=ver.meta.get("checkpoint"),
         parent=ver.meta.get("parent"),
         message=ver.message,
+        invalid=ver.invalid,
     )
 
 
@@ -240,7 +246,11 @@ def tag(
     message: str | None = None,
     repo_root: str | Path = ".",
 ) -> TagResult:
-    """Register ``NAME@vX.Y.Z`` (or NAME with ``bump``) at REV, after checking what it pins."""
+    """Register ``NAME@vX.Y.Z`` (or NAME with ``bump``) at REV, after checking what it pins.
+
+    Everything the tag will say is read and checked first (the checkpoint's manifest, its
+    metrics, the metadata as :func:`modelver.versions.parse_meta` will read it back): a
+    refusal leaves no tag behind."""
     from modelver.checkpoint import format as fmt
 
     git = open_git(repo_root)
@@ -254,9 +264,10 @@ def tag(
     tag_name = v.version_tag(name, version)
     commit = git.resolve_commit(rev)
     art = artifact_at(git, name, commit)
+    path = checked_output(git, art.path, commit=commit, field=f"artifact {name} path")
     lfs = backend_of(git.root) == "lfs"
-    checkpoint = pinned_hash(git, art, commit)
-    stage = None if lfs else locked_out(git, art, commit).stage
+    checkpoint = pinned_hash(git, art, commit, action="cannot tag")
+    stage = None if lfs else locked_out(git, art, commit, action="cannot tag").stage
     existing = registry.of(name)
     if git.tag_exists(tag_name) or registry.get(name, version):
         raise VersionExistsError(tag_name)
@@ -269,32 +280,43 @@ def tag(
         raise VersionExistsError(tag_name, reason=f"is not above the latest {existing[-1].tag}")
     if commit == git.head_commit():
         _check_workspace_matches(git, art, lfs=lfs)
+    where = f"{path} at {commit[:10]}"
     dvc = open_storage(git.root)
     try:
-        files = dvc.tree(checkpoint)
-        step_dir, step = newest_step_dir(files, f"{art.path} at {commit[:10]}")
+        files = tree(dvc, checkpoint, what=f"checkpoint of {where}")
+        step_dir, step = newest_step_dir(files, where)
         manifest_md5 = next(f.md5 for f in files if f.relpath == f"{step_dir}/{fmt.MANIFEST}")
-        manifest = fmt.Manifest.from_json(read_object_json(dvc, manifest_md5))
+        what = f"manifest of {step_dir} ({where})"
+        raw = read_object_json(dvc, manifest_md5, what=what)
     finally:
         dvc.close()
+    try:
+        manifest = fmt.Manifest.from_json(raw, where=step_dir)
+    except (KeyError, TypeError, AttributeError) as e:  # a reader that missed a check
+        raise MalformedDataError(what, "content", str(e), expected="a modelver manifest") from e
+    if manifest.step != step:
+        raise MalformedDataError(what, "step", manifest.step, expected=f"{step} (its directory)")
+    metrics = untrusted.metrics(manifest.metrics, what=what)
     parent = str(existing[-1].version) if existing else None
-    meta = {
+    meta: dict[str, Any] = {
         "modelver": 1,
         "step": step,
         "step_dir": step_dir,
-        "metrics": manifest.metrics,
+        "metrics": metrics,
         "checkpoint": checkpoint,
-        "path": art.path,
+        "path": path,
         "stage": stage,
         "parent": parent,
     }
     if lfs:
         meta["backend"] = "lfs"  # checkpoint: the Git tree hash of the path
     summary = message or f"Registering artifact {name} version {version}"
-    git.create_tag(tag_name, commit, v.format_message(summary, meta))
-    return TagResult(
-        tag_name, name, str(version), commit, step, manifest.metrics, checkpoint, parent
-    )
+    text = v.format_message(summary, meta)
+    problem = v.read_tag_meta(text, tag=tag_name, root=git.root)[2]
+    if problem is not None:  # what list and show will read back must pass, or no tag is made
+        raise problem
+    git.create_tag(tag_name, commit, text)
+    return TagResult(tag_name, name, str(version), commit, step, metrics, checkpoint, parent)
 
 
 def _check_workspace_matches(git: GitRepo, art: Artifact, *, lfs: bool) -> None:
@@ -325,7 +347,7 @@ def promote(ref: str, stage: str, *, repo_root: str | Path = ".") -> PromoteResu
     """Assign a version to a stage with a GTO ``NAME#STAGE#N`` tag."""
     v.check_name(stage, "stage name")
     git = open_git(repo_root)
-    r = resolve_ref(git.root, ref)
+    r = resolve_ref(git.root, ref, action="cannot promote")
     if r.kind != "version" or r.name is None or r.version is None or r.commit is None:
         raise UnknownRefError(ref, hint="promote takes a version: NAME@vX.Y.Z")
     registry = load_registry(git)
@@ -359,7 +381,7 @@ def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) ->
     from modelver.dvcrepo import DvcRepo, find_locked_out
 
     git = open_git(repo_root)
-    r = resolve_ref(git.root, ref)
+    r = resolve_ref(git.root, ref, action="cannot show")
     if r.kind != "version" or r.name is None or r.version is None or r.commit is None:
         raise UnknownRefError(ref, hint="show takes a version: NAME, NAME@vX.Y.Z or NAME#STAGE")
     ver = load_registry(git).get(r.name, v.Semver.parse(r.version))
@@ -415,9 +437,9 @@ def _sizes(dvc: Storage, manifest: Sequence[TreeFile]) -> dict[str, int]:
         return {}
     path = dvc.object_path(manifest[0].md5)
     try:
-        files = json.loads(path.read_text())["files"]
+        files = untrusted.load_json(path.read_bytes(), what="manifest")["files"]
         sizes = {str(k): int(e["size"]) for k, e in files.items()}
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):  # sizes are optional
         return {}
     sizes["MANIFEST.json"] = path.stat().st_size
     return sizes

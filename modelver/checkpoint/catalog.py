@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import warnings
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -10,21 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from modelver.checkpoint import format as fmt
+from modelver.checkpoint import tensorfile as tf
 from modelver.checkpoint.delta import open_logical
-from modelver.checkpoint.io import read_state_json, read_tensors
+from modelver.checkpoint.io import class_name
+from modelver.checkpoint.reader import read_state_json, read_tensors
 from modelver.checkpoint.sharded import chunk_names, load_sharded, sharded_index
 from modelver.checkpoint.state import (
     component_state,
     flatten,
     is_stateful,
-    restore_rng,
+    prepare_rng,
+    skeleton_is_dict,
     unflatten,
 )
 from modelver.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
+    CheckpointUnreadableError,
+    ModelverError,
     ModelverWarning,
     StateMismatchError,
 )
@@ -85,6 +93,8 @@ def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
     for _, path in fmt.iter_checkpoint_dirs(Path(root)):
         try:
             out.append(_info(path, fmt.read_manifest(path)))
+        except CheckpointNotFoundError:  # retired (renamed away) since the directory listing
+            continue
         except CheckpointCorruptedError as e:
             warnings.warn(f"skipping {path}: {e.problems[0]}", ModelverWarning, stacklevel=2)
     return sorted(out, key=lambda i: i.step)
@@ -98,12 +108,15 @@ def latest_checkpoint(root: str | Path) -> CheckpointInfo | None:
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A step directory, or a checkpoints root (its newest committed checkpoint)."""
     path = Path(path)
-    if (path / fmt.MANIFEST).is_file():
+    if fmt.manifest_token(path) is not None:
         return path
-    newest = latest_checkpoint(path)
-    if newest is None:
-        raise CheckpointNotFoundError(path)
-    return newest.path
+    for _ in range(RETRIES):  # a writer may retire the newest between listing and use
+        newest = latest_checkpoint(path)
+        if newest is not None and fmt.manifest_token(newest.path) is not None:
+            return newest.path
+        if newest is None and not path.is_dir():
+            break
+    raise CheckpointNotFoundError(path)
 
 
 def verify_checkpoint(path: str | Path) -> fmt.Manifest:
@@ -135,7 +148,7 @@ def _delta_problems(path: Path, manifest: fmt.Manifest) -> list[str]:
 
 def _decoded_hash(path: Path, manifest: fmt.Manifest, name: str) -> str:
     with open_logical(path, manifest, name) as f:
-        return fmt.hash_safetensors_stream(f)
+        return tf.hash_safetensors(f, bytearray(tf.DECODED_BUF))
 
 
 def _index_problems(path: Path, manifest: fmt.Manifest) -> list[str]:
@@ -146,7 +159,7 @@ def _index_problems(path: Path, manifest: fmt.Manifest) -> list[str]:
         by_file.setdefault(e.file, {})[e.name] = e
     for fname, entries in by_file.items():
         with open_logical(path, manifest, fname) as f:
-            start, header = fmt.read_safetensors_header(f)
+            start, header = tf.read_safetensors_header(f)
         header.pop("__metadata__", None)
         if set(header) != set(entries):
             problems.append(f"{fname}: tensor index does not match the file header")
@@ -155,7 +168,7 @@ def _index_problems(path: Path, manifest: fmt.Manifest) -> list[str]:
             e = entries[name]
             rng = (start + h["data_offsets"][0], start + h["data_offsets"][1])
             if (
-                fmt.ST_TO_TORCH.get(h["dtype"]) != e.dtype
+                tf.ST_TO_TORCH.get(h["dtype"]) != e.dtype
                 or tuple(h["shape"]) != e.shape
                 or rng != e.offsets
             ):
@@ -164,8 +177,28 @@ def _index_problems(path: Path, manifest: fmt.Manifest) -> list[str]:
 
 
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> LoadedCheckpoint:
-    """Read one checkpoint (a step directory or a checkpoints root) into CPU memory."""
-    path = resolve_checkpoint_dir(path)
+    """Read one checkpoint (a step directory or a checkpoints root) into CPU memory.
+
+    From a root, a newest checkpoint that a writer retires while it is read is not an error:
+    the next newest is read instead."""
+    path = Path(path)
+    if fmt.manifest_token(path) is not None:
+        return _load_one(path, verify=verify)
+    for _ in range(RETRIES):
+        for info in reversed(list_checkpoints(path)):
+            token = fmt.manifest_token(info.path)
+            try:
+                return _load_one(info.path, verify=verify)
+            except (CheckpointNotFoundError, CheckpointCorruptedError):
+                if not fmt.retired(info.path, token):
+                    raise
+    raise CheckpointNotFoundError(path)
+
+
+RETRIES = 5  # listings of a root tried while a writer retires what each one found
+
+
+def _load_one(path: Path, *, verify: bool) -> LoadedCheckpoint:
     manifest = fmt.read_manifest(path)
     problems = fmt.check_sizes(path, manifest)
     if problems:
@@ -178,13 +211,63 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> LoadedCheckpoin
         tensors.update(load_sharded(path, manifest, meta, live={}, state=None))
     tensors.update({a: tensors[t] for a, t in meta.get("aliases", {}).items()})
     state = {c: unflatten(d["state"], tensors) for c, d in meta["components"].items()}
-    return LoadedCheckpoint(path, manifest, state, meta["rng"])
+    return LoadedCheckpoint(path, manifest, state, meta.get("rng", {}))
+
+
+def _two_sided(saved: set[Any], now: set[Any]) -> bool:
+    """Key sets of two different classes: each has keys the other lacks (a newer torch only
+    adds keys, so a one-sided difference is tolerated)."""
+    return bool(saved - now) and bool(now - saved)
+
+
+def _class_mismatch(comp: str, entry: Mapping[str, Any], obj: Any) -> None:
+    """An optimizer or scheduler restores only into the class it was saved from; checkpoints
+    that predate the recorded class are compared by their state keys instead."""
+    recorded = entry.get("class")
+    if recorded is not None:
+        if recorded != class_name(obj):
+            raise StateMismatchError(
+                comp, detail=f"saved from {recorded}, restoring into {class_name(obj)}"
+            )
+        return
+    saved = entry["state"]
+    if isinstance(obj, torch.optim.Optimizer):
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if isinstance(groups, list):
+            for g_saved, g in zip(groups, obj.param_groups, strict=False):
+                if isinstance(g_saved, dict) and _two_sided(set(g_saved), set(g)):
+                    raise StateMismatchError(
+                        comp, detail="its parameter groups have another optimizer's settings"
+                    )
+            inner = saved.get("state")
+            per_param = inner.get("__dict__") if isinstance(inner, dict) else None
+            live = {i: set(v) for i, v in enumerate(obj.state.values())}
+            for i, pair in enumerate(per_param if isinstance(per_param, list) else []):
+                v = pair[1] if isinstance(pair, list) and len(pair) == 2 else None
+                if isinstance(v, dict) and i in live and _two_sided(set(v), live[i]):
+                    raise StateMismatchError(comp, detail="its state is another optimizer's")
+    elif isinstance(saved, dict) and _two_sided(set(saved), set(obj.state_dict())):
+        raise StateMismatchError(comp, detail="its saved state is another scheduler's")
 
 
 def _optimizer_mismatch(
     comp: str, saved: Mapping[str, Any], opt: torch.optim.Optimizer, manifest: fmt.Manifest
 ) -> None:
-    saved_groups = saved.get("param_groups", [])
+    saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(saved_groups, list) or not all(
+        isinstance(g, dict)
+        and isinstance(g.get("params"), list)
+        and all(isinstance(i, int) for i in g["params"])
+        for g in saved_groups
+    ):
+        raise StateMismatchError(comp, detail="the checkpoint holds no optimizer state here")
+    per_param = saved.get("state")  # torch calls .items() on it and on each value
+    values: list[Any] = []
+    if isinstance(per_param, dict):  # int keys: a __dict__ marker of pairs (checked)
+        marked = list(per_param) == ["__dict__"]
+        values = [v for _, v in per_param["__dict__"]] if marked else list(per_param.values())
+    if not skeleton_is_dict(per_param) or not all(skeleton_is_dict(v) for v in values):
+        raise StateMismatchError(comp, detail="its per-parameter state is not a mapping")
     now = [len(g["params"]) for g in opt.param_groups]
     was = [len(g["params"]) for g in saved_groups]
     if now != was:
@@ -238,8 +321,12 @@ def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[s
                     comp, missing=missing, unexpected=unexpected, mismatched=mismatched
                 )
         elif isinstance(obj, torch.optim.Optimizer):
-            skeleton = saved_components[comp]["state"]
-            _optimizer_mismatch(comp, skeleton, obj, manifest)
+            _class_mismatch(comp, saved_components[comp], obj)
+            _optimizer_mismatch(comp, saved_components[comp]["state"], obj, manifest)
+        elif isinstance(obj, LRScheduler):
+            _class_mismatch(comp, saved_components[comp], obj)
+        if is_stateful(obj) and saved_components[comp]["kind"] != "stateful":
+            raise StateMismatchError(comp, detail="the checkpoint holds a plain value here")
 
 
 def restore_checkpoint(
@@ -247,45 +334,107 @@ def restore_checkpoint(
 ) -> int:
     """Load a checkpoint into live objects (in place where possible) and the global RNGs.
 
-    Shapes are checked before any data is read, so a mismatch changes nothing. A hash mismatch
-    found while reading raises :class:`CheckpointCorruptedError` with ``partial=True`` set on it
-    when tensors were already overwritten in place.
+    Everything is read and checked before any live object changes: the manifest, state.json in
+    full, shapes, dtypes and optimizer/scheduler classes, then every file's hash. On any failure
+    the live objects are as before (:class:`StateMismatchError` when they do not fit the
+    checkpoint, :class:`CheckpointCorruptedError` when the checkpoint is bad). Only an I/O
+    error in the final read into live memory can leave a model partly loaded: the error then
+    carries ``partial=True``.
     """
     path = resolve_checkpoint_dir(path)
+    try:
+        return _restore(path, state, restore_rngs=restore_rngs)
+    except ModelverError:
+        raise
+    except OSError as e:  # EIO, EACCES on a path that does not go through open_member
+        raise CheckpointUnreadableError(path, "a file", e) from e
+
+
+def _restore(path: Path, state: MutableMapping[str, Any], *, restore_rngs: bool) -> int:
     manifest = fmt.read_manifest(path)
     problems = fmt.check_sizes(path, manifest)
     if problems:
         raise CheckpointCorruptedError(path, problems)
-    meta = read_state_json(path, manifest)
+    meta = read_state_json(path, manifest)  # validated in full, RNG states included
     _check_fit(manifest, meta, state)
+    if restore_rngs and "rng" not in meta:
+        raise CheckpointCorruptedError(path, [f"{fmt.STATE_FILE} has no RNG states"])
+    set_rngs = prepare_rng(meta["rng"]) if restore_rngs else None
+    chunks = chunk_names(meta)
+    comps = meta["components"]
+    if meta.get("sharded"):  # DCP writes chunk by chunk into live shards: hash them all first
+        files = {manifest.tensors[c].file for c in chunks if c.split("/", 1)[0] in state}
+        problems = fmt.verify_files(path, manifest, sorted(files))
+        if problems:
+            raise CheckpointCorruptedError(path, problems)
     into: dict[str, torch.Tensor] = {}
     for comp, obj in state.items():
         if is_stateful(obj) or isinstance(obj, torch.Tensor):
             _, flat = flatten(comp, component_state(obj))
             into.update((f.name, f.tensor.detach()) for f in flat)
-    chunks = chunk_names(meta)
     wanted = {n for n in manifest.tensors if n.split("/", 1)[0] in state and n not in chunks}
+    referenced = (*manifest.tensors, *meta.get("sharded", {}), *meta.get("aliases", {}))
+    with_tensors = {n.split("/", 1)[0] for n in referenced}
+    # small stateful objects (schedulers, samplers) first, each with a backup: their own
+    # load_state_dict may refuse the state, and then nothing else has changed yet
+    small = [
+        c for c, o in state.items()
+        if is_stateful(o) and not isinstance(o, torch.nn.Module | torch.optim.Optimizer)
+        and c not in with_tensors
+    ]
+    backups: dict[str, Any] = {}
     try:
+        for comp in small:
+            backups[comp] = _backup(state[comp])
+            state[comp].load_state_dict(unflatten(comps[comp]["state"], {}))
         tensors = read_tensors(path, manifest, into=into, names=wanted)
-    except CheckpointCorruptedError as e:
-        e.partial = bool(into)  # type: ignore[attr-defined]
-        raise
+    except Exception as e:
+        _roll_back(state, backups)
+        if isinstance(e, ModelverError):
+            raise
+        comp = next(reversed(backups)) if backups else "state"
+        raise StateMismatchError(comp, detail=f"its load_state_dict refused the state: {e}") from e
     if meta.get("sharded"):
         tensors.update(load_sharded(path, manifest, meta, live=into, state=state))
     tensors.update({a: tensors[t] for a, t in meta.get("aliases", {}).items() if t in tensors})
-    for comp, obj in state.items():
-        value = unflatten(meta["components"][comp]["state"], tensors)
-        if is_stateful(obj):
-            obj.load_state_dict(value)
-        elif isinstance(obj, torch.Tensor):
-            if value is not obj:
-                obj.copy_(value)
-        else:
-            state[comp] = value
-    if restore_rngs:
-        restore_rng(meta["rng"])
+    done = set(small)
+    try:
+        for comp, obj in state.items():
+            if comp in done:
+                continue
+            value = unflatten(comps[comp]["state"], tensors)
+            if is_stateful(obj):
+                obj.load_state_dict(value)
+            elif isinstance(obj, torch.Tensor):
+                if value is not obj:
+                    obj.copy_(value)
+            else:
+                state[comp] = value
+            done.add(comp)
+    except Exception as e:  # checked above; a user object's own refusal lands here
+        _roll_back(state, backups)
+        comp = next((c for c in state if c not in done), "state")
+        err = StateMismatchError(comp, detail=f"its load_state_dict refused the state: {e}")
+        err.partial = True  # type: ignore[attr-defined]
+        raise err from e
+    if set_rngs is not None:
+        set_rngs()
         for obj in state.values():
             hook = getattr(obj, "_modelver_after_restore", None)
             if callable(hook):
                 hook()
     return manifest.step
+
+
+def _backup(obj: Any) -> Any:
+    try:
+        return copy.deepcopy(obj.state_dict())
+    except Exception:  # not copyable: that object cannot be rolled back
+        return None
+
+
+def _roll_back(state: Mapping[str, Any], backups: Mapping[str, Any]) -> None:
+    for comp, saved in backups.items():
+        if saved is not None:
+            with contextlib.suppress(Exception):
+                state[comp].load_state_dict(saved)

@@ -31,12 +31,16 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from modelver import untrusted
 from modelver.checkpoint import format as fmt
+from modelver.checkpoint import tensorfile as tf
 from modelver.errors import CheckpointCorruptedError, CheckpointNotFoundError
 
 MAGIC = b"MVDELTA1"
 PIECE = 4 << 20  # bytes per chunk (a multiple of every element size)
 MAX_CHAIN = 10_000  # guards against a cycle of hand-edited manifests
+MAX_FOOTER = 64 << 20  # a chunk table (1 TiB of state in 4 MiB chunks: ~10 MiB)
+MAX_CHUNK = tf.MAX_HEADER + 8  # the largest chunk: a header (tensor pieces are PIECE)
 _TRAILER = struct.Struct("<Q8s")
 
 _local = threading.local()
@@ -258,9 +262,9 @@ class DeltaEncoder:
 class _DeltaFile:
     """A stored delta file: its chunk table, and the XOR bytes of one chunk on request."""
 
-    def __init__(self, path: Path, expected_size: int) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+    def __init__(self, step_dir: Path, stored: str, expected_size: int) -> None:
+        self.path = step_dir / stored
+        self.fd = fmt.open_fd(step_dir, stored, field="deltas.stored")
         try:
             total = os.fstat(self.fd).st_size
             head = os.pread(self.fd, len(MAGIC), 0)
@@ -268,19 +272,34 @@ class _DeltaFile:
             if head != MAGIC or len(tail) != _TRAILER.size:
                 raise ValueError("not a modelver delta file")
             flen, magic = _TRAILER.unpack(tail)
+            # every size is checked against the file before anything is read or allocated
             body_end = total - _TRAILER.size - flen
-            if magic != MAGIC or body_end < len(MAGIC):
+            if magic != MAGIC or body_end < len(MAGIC) or flen > MAX_FOOTER:
                 raise ValueError("delta file trailer is damaged")
-            footer = json.loads(os.pread(self.fd, flen, body_end))
-            self.chunks = [tuple(int(x) for x in c) for c in footer["chunks"]]
-            pos = 0
+            what = f"delta footer of {stored}"
+            footer = untrusted.mapping(
+                untrusted.load_json(os.pread(self.fd, flen, body_end), what=what),
+                what=what, field="footer",
+            )
+            rows = footer.get("chunks")
+            if not isinstance(rows, list) or not all(
+                isinstance(c, list) and len(c) == 5 for c in rows
+            ):
+                raise ValueError("delta chunk table is not a list of 5-number rows")
+            self.chunks = [
+                tuple(untrusted.integer(x, what=what, field="chunks", maximum=tf.MAX_SIZE)
+                      for x in c)
+                for c in rows
+            ]
+            pos, frame_at = 0, len(MAGIC)
             for start, length, itemsize, off, clen in self.chunks:
-                if start != pos or itemsize < 1 or length % itemsize:
+                if start != pos or itemsize not in (1, 2, 4, 8) or length % itemsize:
                     raise ValueError("delta chunks leave gaps")
-                if off < len(MAGIC) or off + clen > body_end:
+                if length > MAX_CHUNK or off != frame_at or off + clen > body_end:
                     raise ValueError("delta chunk lies outside the file")
                 pos += length
-            if pos != expected_size or int(footer["size"]) != expected_size:
+                frame_at = off + clen
+            if pos != expected_size or footer.get("size") != expected_size:
                 raise ValueError("delta file size differs from the manifest")
             self.starts = [c[0] for c in self.chunks]
         except BaseException:
@@ -336,7 +355,14 @@ class LogicalFile:
         self._deltas: list[_DeltaFile] = []  # every delta from the root's successor to here
         d = manifest.deltas.get(name)
         if d is None:
-            self._fd = os.open(path / name, os.O_RDONLY)
+            self._fd = fmt.open_fd(path, name)
+            on_disk = os.fstat(self._fd).st_size
+            if on_disk != self.size:  # what every allocation from the index is bounded by
+                os.close(self._fd)
+                self._fd = None
+                raise CheckpointCorruptedError(
+                    path, [f"{name} has {on_disk} bytes, manifest says {self.size}"]
+                )
             return
         base_dir = path.parent / d.base
         problem = None
@@ -347,6 +373,8 @@ class LogicalFile:
         else:
             if name not in bm.files and name not in bm.deltas:
                 problem = f"{name}: its delta base {d.base} has no such file"
+            elif bm.logical(name) != (d.size, d.base_hash) and bm.logical(name)[1] == d.base_hash:
+                problem = f"{name}: its delta base {d.base} has another size"
             elif bm.logical(name)[1] != d.base_hash:
                 problem = f"{name}: its delta base {d.base} was replaced"
             elif _depth >= MAX_CHAIN or bm.step >= manifest.step:
@@ -354,7 +382,7 @@ class LogicalFile:
         if problem:
             raise CheckpointCorruptedError(path, [problem])
         try:
-            self._delta = _DeltaFile(path / d.stored, self.size)
+            self._delta = _DeltaFile(path, d.stored, self.size)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointCorruptedError(path, [f"{d.stored} is malformed: {e}"]) from e
         try:

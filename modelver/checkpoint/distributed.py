@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from modelver import untrusted
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.delta import DeltaEncoder
 from modelver.checkpoint.io import (
@@ -38,8 +39,8 @@ from modelver.checkpoint.io import (
     _write_shard,
     _write_small,
     commit_dir,
-    read_state_json,
 )
+from modelver.checkpoint.reader import read_state_json
 from modelver.checkpoint.sharded import chunk_names as chunk_names  # re-exported
 from modelver.checkpoint.sharded import is_sharded, writer_class
 from modelver.checkpoint.sharded import sharded_index as sharded_index  # re-exported
@@ -50,13 +51,14 @@ from modelver.checkpoint.state import (
     flatten,
     frozen_names,
     is_stateful,
-    restore_rng,
+    prepare_rng,
     safe_filename,
     unflatten,
 )
 from modelver.errors import (
     CheckpointCorruptedError,
     CheckpointWriteError,
+    MalformedDataError,
     ModelverWarning,
     StateMismatchError,
 )
@@ -226,6 +228,8 @@ def save(
     problems = [r[0] for r in reports if r[0]]
     if problems:
         _abort(me, tmp)
+        if isinstance(own_error, OSError):  # the hint fits its errno (disk full, read-only…)
+            raise CheckpointWriteError(final, own_error) from own_error
         if own_error is not None:
             raise own_error
         raise CheckpointWriteError(final, RuntimeError("; ".join(problems)))
@@ -263,7 +267,9 @@ def save(
         )
     problem, manifest = _broadcast(outcome)
     if problem is not None or manifest is None:
-        raise CheckpointWriteError(final, RuntimeError(problem))
+        code, _, text = (problem or "").partition(" ")
+        cause = OSError(int(code), text) if code.isdigit() else RuntimeError(text or problem)
+        raise CheckpointWriteError(final, cause)
     if delta is not None and me == 0:
         delta.finish(final.name, used_delta=bool(manifest.deltas))
     return manifest
@@ -325,7 +331,7 @@ def _commit(
         commit_dir(tmp, final)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        return str(e), None
+        return f"{getattr(e, 'errno', None) or '-'} {e}", None  # errno first: the hint fits
     return None, manifest
 
 
@@ -396,16 +402,18 @@ def restore(root: Path, state: MutableMapping[str, Any], *, step: int | None = N
 
 
 def _restore_one(path: Path, state: MutableMapping[str, Any], me: int, world: int) -> int:
-    from modelver.checkpoint.catalog import restore_checkpoint
+    """This rank's own file is read and checked before anything live changes; its objects are
+    loaded first (with a backup) so the shared restore's refusal can put them back."""
+    from modelver.checkpoint.catalog import _backup, _roll_back, restore_checkpoint
 
     manifest = fmt.read_manifest(path)
     meta = read_state_json(path, manifest)
     saved_per_rank = set(meta.get("per_rank", []))
     shared = {c: o for c, o in state.items() if c not in saved_per_rank}
-    restore_checkpoint(path, shared, restore_rngs=False)
-    state.update({c: shared[c] for c in shared if not is_stateful(state[c])})
     name = rank_file(me)
     if manifest.world_size != world or name not in manifest.files:
+        restore_checkpoint(path, shared, restore_rngs=False)
+        state.update({c: shared[c] for c in shared if not is_stateful(state[c])})
         warnings.warn(
             f"{path} was saved by {manifest.world_size} ranks, this run has {world}: "
             "per-rank RNG and data positions are not restored",
@@ -413,25 +421,45 @@ def _restore_one(path: Path, state: MutableMapping[str, Any], me: int, world: in
             stacklevel=3,
         )
         return manifest.step
-    data = (path / name).read_bytes()
-    if fmt.hash_bytes(data) != manifest.files[name].hash:
-        raise CheckpointCorruptedError(path, [f"{name} content hash differs"])
-    doc = json.loads(data)
-    for comp, entry in doc["components"].items():
-        if comp not in state:
-            continue
-        obj = state[comp]
-        value = unflatten(entry["state"], {})
-        if is_stateful(obj):
-            obj.load_state_dict(value)
-        else:
-            state[comp] = value
+    doc, set_rngs = _read_rank_file(path, manifest, name)
     missing = [c for c in state if c in saved_per_rank and c not in doc["components"]]
     if missing:
         raise StateMismatchError(missing[0], detail=f"{name} has no such component")
-    restore_rng(doc["rng"])
+    mine = {c: unflatten(e["state"], {}) for c, e in doc["components"].items() if c in state}
+    backups: dict[str, Any] = {}
+    try:
+        for comp, value in mine.items():
+            if is_stateful(state[comp]):
+                backups[comp] = _backup(state[comp])
+                state[comp].load_state_dict(value)
+        restore_checkpoint(path, shared, restore_rngs=False)
+    except BaseException:
+        _roll_back(state, backups)
+        raise
+    state.update({c: shared[c] for c in shared if not is_stateful(state[c])})
+    state.update({c: v for c, v in mine.items() if not is_stateful(state[c])})
+    set_rngs()
     for obj in state.values():
         hook = getattr(obj, "_modelver_after_restore", None)
         if callable(hook):
             hook()
     return manifest.step
+
+
+def _read_rank_file(
+    path: Path, manifest: fmt.Manifest, name: str
+) -> tuple[dict[str, Any], Any]:
+    """A rank file, hash-checked and validated in full (states and RNGs), or corrupted."""
+    data = fmt.read_member(path, name, limit=untrusted.MAX_JSON_BYTES)
+    if fmt.hash_bytes(data) != manifest.files[name].hash:
+        raise CheckpointCorruptedError(path, [f"{name} content hash differs"])
+    try:
+        doc = dict(untrusted.mapping(untrusted.load_json(data, what=name), what=name,
+                                     field="content"))
+        comps = untrusted.mapping(doc.get("components"), what=name, field="components")
+        for comp, entry in comps.items():
+            entry = untrusted.mapping(entry, what=name, field=f"components.{comp}")
+            unflatten(entry.get("state"), None, names=set())
+        return doc, prepare_rng(doc.get("rng"))
+    except MalformedDataError as e:
+        raise CheckpointCorruptedError(path, [e.message]) from e

@@ -1,27 +1,43 @@
-"""On-disk checkpoint format: safetensors files, state.json, MANIFEST.json (the commit marker).
+"""On-disk checkpoint format: the step directory, its MANIFEST.json (the commit marker) and
+how its files are opened, checked, listed and made durable.
 
 A checkpoint is a directory ``step-NNNNNNNN``. Readers trust nothing that is not listed in a
-valid ``MANIFEST.json``; the manifest is written last, after every file is fsync'd.
-
-The safetensors files are written by :func:`write_safetensors` directly from tensor memory (no
-intermediate ``bytes`` copy, no pickle) and stay readable by the ``safetensors`` library.
-Tensors are ordered by element size so each data offset is aligned for zero-copy views.
+valid ``MANIFEST.json``; the manifest is written last, after every file is fsync'd. One
+safetensors file (dtypes, header, layout, tree hash) is :mod:`modelver.checkpoint.tensorfile`.
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import io
+import math
 import os
-import struct
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-import xxhash
-
-from modelver.errors import CheckpointCorruptedError, CheckpointNotFoundError
+from modelver import untrusted
+from modelver.checkpoint.tensorfile import (
+    DTYPES,
+    HASH_ALGO,
+    MAX_DIMS,
+    MAX_SIZE,
+    READ_BUF,
+    hash_safetensors,
+    new_hasher,
+)
+from modelver.errors import (
+    CheckpointCorruptedError,
+    CheckpointNotFoundError,
+    CheckpointUnreadableError,
+    MalformedDataError,
+    UnsafeCheckpointError,
+    UnsafePathError,
+    clip,
+)
 from modelver.untrusted import STEP_DIR_RE
 
 FORMAT_NAME = "modelver-checkpoint"
@@ -30,100 +46,43 @@ DELTA_FORMAT_VERSION = 2  # a manifest with delta-encoded files: older readers r
 DELTA_SUFFIX = ".delta"
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "state.json"
-HASH_ALGO = "xxh3-128"
-CHUNK = 16 << 20
-
-# torch dtype name -> (safetensors dtype, element size)
-DTYPES: dict[str, tuple[str, int]] = {
-    "float64": ("F64", 8),
-    "float32": ("F32", 4),
-    "float16": ("F16", 2),
-    "bfloat16": ("BF16", 2),
-    "float8_e4m3fn": ("F8_E4M3", 1),
-    "float8_e5m2": ("F8_E5M2", 1),
-    "int64": ("I64", 8),
-    "int32": ("I32", 4),
-    "int16": ("I16", 2),
-    "int8": ("I8", 1),
-    "uint64": ("U64", 8),
-    "uint32": ("U32", 4),
-    "uint16": ("U16", 2),
-    "uint8": ("U8", 1),
-    "bool": ("BOOL", 1),
-    "complex64": ("C64", 8),
-}
-ST_TO_TORCH = {st: name for name, (st, _) in DTYPES.items()}
-
+CHUNK = 16 << 20  # reads of whole files (publish, pull)
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 def step_dirname(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def new_hasher() -> Any:
-    return xxhash.xxh3_128()
-
-
 def hash_bytes(data: bytes | memoryview) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
-
-
-def tree_hash(header: bytes | bytearray, digests: Iterable[bytes]) -> str:
-    """A safetensors file's hash: its header, then each tensor's digest in file order.
-
-    Any changed byte changes a tensor digest or the header, so this detects what a plain content
-    hash detects, while the writer hashes every tensor byte once, not twice.
-    """
+    """The recorded hash of a small listed file (state.json, a rank file)."""
     h = new_hasher()
-    h.update(header)
-    for d in digests:
-        h.update(d)
+    h.update(data)
     return str(h.hexdigest())
 
 
-def hash_safetensors_file(path: Path) -> str:
-    """Recompute :func:`tree_hash` from a file's content (raises ValueError if malformed)."""
-    with open(path, "rb", buffering=0) as f:
-        return hash_safetensors_stream(f)
+_WHAT = "MANIFEST.json"
 
 
-def hash_safetensors_stream(f: Any) -> str:
-    """:func:`tree_hash` of an open file-like object positioned at 0 (a file or a delta chain)."""
-    start, header = read_safetensors_header(f)
-    f.seek(0)
-    head = f.read(start)
-    header.pop("__metadata__", None)
-    ranges = sorted(
-        (int(v["data_offsets"][0]), int(v["data_offsets"][1])) for v in header.values()
-    )
-    digests = []
-    pos = 0
-    buf = bytearray(CHUNK)
-    for begin, end in ranges:
-        if begin != pos or end < begin:
-            raise ValueError("tensor data ranges leave gaps or overlap")
-        h = new_hasher()
-        left = end - begin
-        while left:
-            n = f.readinto(memoryview(buf)[: min(left, CHUNK)])
-            if not n:
-                raise ValueError("file is truncated")
-            h.update(memoryview(buf)[:n])
-            left -= n
-        digests.append(h.digest())
-        pos = end
-    if f.read(1):
-        raise ValueError("bytes after the last tensor")
-    return tree_hash(head, digests)
+def _int(value: object, field: str, *, minimum: int = 0, maximum: int = MAX_SIZE) -> int:
+    return untrusted.integer(value, what=_WHAT, field=field, minimum=minimum, maximum=maximum)
 
 
-def hash_file(path: Path) -> str:
-    h = new_hasher()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(view):
-            h.update(view[:n])
-    return str(h.hexdigest())
+def _str(value: object, field: str, max_len: int = 256) -> str:
+    return untrusted.string(value, what=_WHAT, field=field, max_len=max_len)
+
+
+def _member(value: object, field: str, where: str | Path) -> str:
+    """A file name inside the step directory, in its one normal spelling."""
+    rel = untrusted.relative_path(value, field=field, root=where)
+    if str(rel) != value:
+        raise UnsafePathError(field, value, root=where, reason="not in normal form")
+    return str(rel)
+
+
+def _shape(value: object, field: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_DIMS:
+        raise MalformedDataError(_WHAT, field, value, expected=f"a list of ≤ {MAX_DIMS} sizes")
+    return tuple(_int(x, field) for x in value)
 
 
 @dataclass(frozen=True)
@@ -151,14 +110,32 @@ class TensorEntry:
         }
 
     @classmethod
-    def from_json(cls, name: str, d: Mapping[str, Any]) -> TensorEntry:
+    def from_json(
+        cls, name: str, d: Mapping[str, Any], *, where: str | Path = "the checkpoint"
+    ) -> TensorEntry:
+        """One index entry, its byte count checked against dtype and shape (no allocation
+        ever trusts a shape alone)."""
+        field = f"tensors.{name}"
+        d = untrusted.mapping(d, what=_WHAT, field=field)
+        dtype = _str(d.get("dtype"), f"{field}.dtype")
+        if dtype not in DTYPES:
+            raise MalformedDataError(_WHAT, f"{field}.dtype", dtype, expected="a known dtype")
+        shape = _shape(d.get("shape"), f"{field}.shape")
+        offsets = d.get("offsets")
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise MalformedDataError(_WHAT, f"{field}.offsets", offsets, expected="[begin, end]")
+        begin, end = (_int(x, f"{field}.offsets") for x in offsets)
+        if end - begin != math.prod(shape) * DTYPES[dtype][1]:
+            raise MalformedDataError(
+                _WHAT, f"{field}.offsets", offsets, expected=f"{shape} {dtype} bytes"
+            )
         return cls(
             name=name,
-            file=str(d["file"]),
-            dtype=str(d["dtype"]),
-            shape=tuple(int(x) for x in d["shape"]),
-            offsets=(int(d["offsets"][0]), int(d["offsets"][1])),
-            hash=str(d["hash"]),
+            file=_member(d.get("file"), f"{field}.file", where),
+            dtype=dtype,
+            shape=shape,
+            offsets=(begin, end),
+            hash=_str(d.get("hash"), f"{field}.hash"),
         )
 
 
@@ -174,6 +151,17 @@ class FileEntry:
         if self.md5:
             d["md5"] = self.md5
         return d
+
+    @classmethod
+    def from_json(cls, name: str, d: object) -> FileEntry:
+        d = untrusted.mapping(d, what=_WHAT, field=f"files.{name}")
+        md5 = d.get("md5")
+        return cls(
+            name,
+            _int(d.get("size"), f"files.{name}.size"),
+            _str(d.get("hash"), f"files.{name}.hash"),
+            None if md5 is None else _str(md5, f"files.{name}.md5"),
+        )
 
 
 @dataclass(frozen=True)
@@ -202,12 +190,18 @@ class DeltaEntry:
         }
 
     @classmethod
-    def from_json(cls, name: str, d: Mapping[str, Any]) -> DeltaEntry:
-        base = str(d["base"])
-        if not STEP_DIR_RE.match(base):
-            raise ValueError(f"delta base {base!r} is not a step directory")
+    def from_json(
+        cls, name: str, d: Mapping[str, Any], *, where: str | Path = "the checkpoint"
+    ) -> DeltaEntry:
+        field = f"deltas.{name}"
+        d = untrusted.mapping(d, what=_WHAT, field=field)
         return cls(
-            name, str(d["stored"]), base, str(d["base_hash"]), int(d["size"]), str(d["hash"])
+            _member(name, "deltas key", where),
+            _member(d.get("stored"), f"{field}.stored", where),
+            untrusted.step_dirname(d.get("base"), field=f"{field}.base", root=where),
+            _str(d.get("base_hash"), f"{field}.base_hash"),
+            _int(d.get("size"), f"{field}.size"),
+            _str(d.get("hash"), f"{field}.hash"),
         )
 
 
@@ -264,47 +258,171 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Manifest:
+    def from_json(cls, d: object, *, where: str | Path = "the checkpoint") -> Manifest:
+        """The one place a manifest is checked: every path relative and inside the step
+        directory, every number an int in range, every tensor's byte range inside its file.
+
+        Raises :class:`UnsafePathError` or :class:`MalformedDataError` (both ValueErrors)
+        naming the field and the value."""
+        d = untrusted.mapping(d, what=_WHAT, field="the manifest")
         if d.get("format") != FORMAT_NAME:
-            raise ValueError(f"not a {FORMAT_NAME} manifest")
-        version = int(d.get("format_version", 0))
+            raise MalformedDataError(_WHAT, "format", d.get("format"), expected=FORMAT_NAME)
+        version = _int(d.get("format_version", 0), "format_version", maximum=1 << 30)
         if version > DELTA_FORMAT_VERSION:
-            raise ValueError(f"format version {version} is newer than this modelver reads")
+            raise MalformedDataError(
+                _WHAT, "format_version", version,
+                expected=f"at most {DELTA_FORMAT_VERSION} (a newer modelver wrote it)",
+            )
+        raw_files = untrusted.mapping(d.get("files"), what=_WHAT, field="files")
         files = {
-            k: FileEntry(k, int(v["size"]), str(v["hash"]), v.get("md5"))
-            for k, v in d["files"].items()
+            _member(k, "files key", where): FileEntry.from_json(k, v)
+            for k, v in raw_files.items()
         }
-        tensors = {k: TensorEntry.from_json(k, v) for k, v in d["tensors"].items()}
-        deltas = {k: DeltaEntry.from_json(k, v) for k, v in (d.get("deltas") or {}).items()}
-        if any(v.stored not in files for v in deltas.values()):
-            raise ValueError("a delta's stored file is not listed in files")
+        raw_deltas = untrusted.mapping(d.get("deltas") or {}, what=_WHAT, field="deltas")
+        deltas = {k: DeltaEntry.from_json(k, v, where=where) for k, v in raw_deltas.items()}
+        for k, v in deltas.items():
+            if v.stored not in files or k in files:
+                raise MalformedDataError(
+                    _WHAT, f"deltas.{k}.stored", v.stored, expected="a file listed in files"
+                )
+        raw_tensors = untrusted.mapping(d.get("tensors"), what=_WHAT, field="tensors")
+        tensors = {k: TensorEntry.from_json(k, v, where=where) for k, v in raw_tensors.items()}
+        stored = {v.stored for v in deltas.values()}
+        for k, t in tensors.items():
+            if t.file in stored or not (t.file in files or t.file in deltas):
+                raise MalformedDataError(
+                    _WHAT, f"tensors.{k}.file", t.file, expected="a safetensors file listed"
+                )
+            size = deltas[t.file].size if t.file in deltas else files[t.file].size
+            if t.offsets[1] > size:
+                raise MalformedDataError(
+                    _WHAT, f"tensors.{k}.offsets", list(t.offsets),
+                    expected=f"a range inside {t.file} ({size} bytes)",
+                )
+        aliases = dict(untrusted.mapping(d.get("aliases") or {}, what=_WHAT, field="aliases"))
+        for k, v in aliases.items():
+            if _str(v, f"aliases.{k}", max_len=4096) not in tensors:
+                raise MalformedDataError(_WHAT, f"aliases.{k}", v, expected="a stored tensor")
+        epoch = d.get("epoch")
         return cls(
-            step=int(d["step"]),
-            epoch=None if d.get("epoch") is None else int(d["epoch"]),
-            created=str(d.get("created", "")),
-            metrics=dict(d.get("metrics") or {}),
+            step=_int(d.get("step"), "step"),
+            epoch=None if epoch is None else _int(epoch, "epoch"),
+            created=_str(d.get("created", ""), "created"),
+            metrics=untrusted.metrics(d.get("metrics"), what=_WHAT),
             files=files,
             tensors=tensors,
-            aliases=dict(d.get("aliases") or {}),
-            world_size=int(d.get("world_size", 1)),
-            extras=dict(d.get("extras") or {}),
+            aliases=aliases,
+            world_size=_int(d.get("world_size", 1), "world_size", minimum=1, maximum=1 << 24),
+            extras=dict(untrusted.mapping(d.get("extras") or {}, what=_WHAT, field="extras")),
             format_version=version,
             deltas=deltas,
         )
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    """Parse a checkpoint's manifest; a missing or unreadable one means "no checkpoint here"."""
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise CheckpointNotFoundError(
-            path, reason="no MANIFEST.json (incomplete or not a checkpoint)"
-        )
+# --- opening files of a checkpoint (never through a symlink, never outside) ------------------
+
+
+def manifest_token(path: Path) -> tuple[int, int] | None:
+    """Identity of a checkpoint's manifest file (device, inode), None once it is gone: a
+    reader that sees it change knows the checkpoint was retired or replaced, not damaged."""
     try:
-        return Manifest.from_json(json.loads(mpath.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointCorruptedError(path, [f"unreadable manifest: {e}"]) from e
+        st = os.lstat(path / MANIFEST)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def retired(path: Path, token: tuple[int, int] | None) -> bool:
+    """Whether the checkpoint read with manifest ``token`` is no longer the one at ``path``."""
+    return token is None or manifest_token(path) != token
+
+
+def unsafe(path: Path, e: UnsafePathError) -> UnsafeCheckpointError:
+    """The checkpoint-level error for a path refused by :mod:`modelver.untrusted`."""
+    reason = e.message[len(f"refusing {e.field} {clip(e.value)}: ") :].rsplit(" (root ", 1)[0]
+    return UnsafeCheckpointError(path, e.field, e.value, reason=reason)
+
+
+def member_error(path: Path, name: str, e: OSError) -> CheckpointCorruptedError:
+    """The error for a listed file that could not be opened; raises if the checkpoint itself
+    vanished (retired by a writer) since that is not damage."""
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        if manifest_token(path) is None:
+            raise CheckpointNotFoundError(path, reason="checkpoint was retired while being read")
+        return CheckpointCorruptedError(path, [f"{name} is missing"])
+    if e.errno == errno.ELOOP:
+        return UnsafeCheckpointError(path, "file", name, reason="is a symlink")
+    return CheckpointUnreadableError(path, name, e)
+
+
+def open_fd(path: Path, name: str, *, field: str = "files key") -> int:
+    """A read-only descriptor of the regular file ``name`` of step directory ``path``: inside
+    it, through no symlink (O_NOFOLLOW for the last part), never blocking on a FIFO."""
+    try:
+        full = untrusted.inside(path, name, field=field)
+    except UnsafePathError as e:
+        raise unsafe(path, e) from e
+    try:
+        fd = os.open(full, _OPEN_FLAGS)
+    except OSError as e:
+        raise member_error(path, name, e) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointCorruptedError(path, [f"{name} is not a regular file"])
+    return fd
+
+
+def open_member(path: Path, name: str, *, field: str = "files key") -> io.FileIO:
+    """:func:`open_fd` as an unbuffered binary file object."""
+    return io.FileIO(open_fd(path, name, field=field), "rb", closefd=True)
+
+
+def read_member(path: Path, name: str, *, limit: int) -> bytes:
+    """The whole content of a small listed file (state.json, a rank file), size-capped."""
+    with open_member(path, name) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise CheckpointCorruptedError(path, [f"{name} is {size} bytes, over {limit}"])
+        try:
+            return f.read()
+        except OSError as e:
+            raise member_error(path, name, e) from e
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse and check a checkpoint's manifest; a missing one means "no checkpoint here".
+
+    A step directory that is a symlink, a manifest that is one, or any entry leaving the
+    directory is refused (:class:`UnsafeCheckpointError`); anything malformed is
+    :class:`CheckpointCorruptedError`; an unreadable one :class:`CheckpointUnreadableError`."""
+    path = Path(path)
+    missing = CheckpointNotFoundError(
+        path, reason="no MANIFEST.json (incomplete or not a checkpoint)"
+    )
+    try:
+        if STEP_DIR_RE.match(path.name) and stat.S_ISLNK(os.lstat(path).st_mode):
+            raise UnsafeCheckpointError(path, "step directory", path.name, reason="is a symlink")
+        fd = os.open(path / MANIFEST, _OPEN_FLAGS)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise missing from e
+        raise member_error(path, MANIFEST, e) from e
+    with open(fd, "rb", buffering=0, closefd=True) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise missing
+        if st.st_size > untrusted.MAX_JSON_BYTES:
+            raise CheckpointCorruptedError(path, [f"{MANIFEST} is {st.st_size} bytes"])
+        try:
+            data = f.read()
+        except OSError as e:
+            raise member_error(path, MANIFEST, e) from e
+    try:
+        return Manifest.from_json(untrusted.load_json(data, what=MANIFEST), where=path)
+    except UnsafePathError as e:
+        raise unsafe(path, e) from e
+    except MalformedDataError as e:
+        raise CheckpointCorruptedError(path, [f"unreadable manifest: {e.message}"]) from e
 
 
 def delta_chain(path: Path, manifest: Manifest) -> list[tuple[Path, Manifest]]:
@@ -316,7 +434,7 @@ def delta_chain(path: Path, manifest: Manifest) -> list[tuple[Path, Manifest]]:
         base = todo.pop(0)
         if any(p.name == base for p, _ in chain):
             continue
-        base_path = path.parent / base
+        base_path = path.parent / base  # a step-NNNNNNNN name (checked): a sibling
         base_manifest = read_manifest(base_path)
         chain.append((base_path, base_manifest))
         todo += base_manifest.bases
@@ -327,12 +445,15 @@ def check_sizes(path: Path, manifest: Manifest) -> list[str]:
     """Cheap structural check (no data read): every listed file exists with its size."""
     problems = []
     for name, entry in manifest.files.items():
-        fp = path / name
         try:
-            size = fp.stat().st_size
-        except FileNotFoundError:
-            problems.append(f"{name} is missing")
+            fd = open_fd(path, name)
+        except CheckpointCorruptedError as e:
+            problems += e.problems
             continue
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
         if size != entry.size:
             problems.append(f"{name} has {size} bytes, manifest says {entry.size}")
     return problems
@@ -343,61 +464,86 @@ def verify_files(path: Path, manifest: Manifest, names: Iterable[str] | None = N
     problems = check_sizes(path, manifest)
     if problems:
         return problems
+    buf = bytearray(READ_BUF)
     for name in names if names is not None else sorted(manifest.files):
-        hasher = hash_safetensors_file if name.endswith(".safetensors") else hash_file
-        problem = hash_problem(name, partial(hasher, path / name), manifest.files[name].hash)
+        compute = partial(hash_member, path, name, buf)
+        problem = hash_problem(name, compute, manifest.files[name].hash)
         if problem:
             problems.append(problem)
     return problems
+
+
+def hash_member(path: Path, name: str, buf: bytearray | None = None) -> str:
+    """The recorded kind of hash of one listed file (tree hash for safetensors files), read
+    once through ``buf`` (a :data:`~modelver.checkpoint.tensorfile.READ_BUF` one by default)."""
+    buf = buf if buf is not None else bytearray(READ_BUF)
+    with open_member(path, name) as f:
+        try:
+            if name.endswith(".safetensors"):
+                return hash_safetensors(f, buf)
+            h = new_hasher()
+            view = memoryview(buf)
+            while n := f.readinto(view):
+                h.update(view[:n])
+            return str(h.hexdigest())
+        except OSError as e:
+            raise member_error(path, name, e) from e
 
 
 def hash_problem(label: str, compute: Callable[[], str], expected: str) -> str | None:
     """What is wrong with content whose hash ``compute`` recomputes, if anything."""
     try:
         actual = compute()
-    except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"{label} is malformed: {e}"
+    except CheckpointNotFoundError:
+        raise
+    except CheckpointCorruptedError as e:
+        return "; ".join(e.problems)
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"{label} is malformed: {getattr(e, 'message', e)}"
     return None if actual == expected else f"{label} content hash differs from the manifest"
 
 
+LIST_RETRIES = 5
+
+
+def _dir_stamp(directory: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
+
+
 def iter_checkpoint_dirs(directory: Path) -> Iterator[tuple[int, Path]]:
-    """Step directories that carry a manifest file (validity is checked by the caller)."""
-    if not directory.is_dir():
-        return
-    for child in directory.iterdir():
+    """Step directories that carry a manifest file (validity is checked by the caller).
+
+    Symlinked step directories and manifests are not followed; a directory that vanishes while
+    listed (retention) is skipped."""
+    entries: list[os.DirEntry[str]] = []
+    for _ in range(LIST_RETRIES):  # readdir may miss an entry renamed in while it runs
+        before = _dir_stamp(directory)
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:
+            return
+        if before is not None and _dir_stamp(directory) == before:
+            break
+    for child in entries:
         m = STEP_DIR_RE.match(child.name)
-        if m and (child / MANIFEST).is_file():
-            yield int(m.group(1)), child
+        if not m:
+            continue
+        try:
+            if not child.is_dir(follow_symlinks=False):
+                continue
+            st = os.lstat(Path(child.path) / MANIFEST)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield int(m.group(1)), Path(child.path)
 
 
-# --- safetensors --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-def plan_layout(tensors: list[PlannedTensor]) -> tuple[bytes, list[tuple[PlannedTensor, int, int]]]:
-    """Header bytes and (tensor, start, end) data ranges relative to the data section."""
-    order = sorted(tensors, key=lambda t: -DTYPES[t.dtype][1])  # stable: keeps name order
-    header: dict[str, Any] = {}
-    ranges = []
-    pos = 0
-    for t in order:
-        header[t.name] = {
-            "dtype": DTYPES[t.dtype][0],
-            "shape": list(t.shape),
-            "data_offsets": [pos, pos + t.nbytes],
-        }
-        ranges.append((t, pos, pos + t.nbytes))
-        pos += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)
-    return struct.pack("<Q", len(raw)) + raw, ranges
+# --- durable writes -----------------------------------------------------------------------
 
 
 WRITE_SLICE = 1 << 20
@@ -432,15 +578,3 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def read_safetensors_header(f: Any) -> tuple[int, dict[str, Any]]:
-    """Return (data section start, header dict) of an open safetensors file."""
-    raw = f.read(8)
-    if len(raw) != 8:
-        raise ValueError("file shorter than a safetensors header")
-    (n,) = struct.unpack("<Q", raw)
-    if n > 100 << 20:
-        raise ValueError("safetensors header too large")
-    header = json.loads(f.read(n))
-    return 8 + n, header

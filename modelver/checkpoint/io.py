@@ -1,8 +1,7 @@
-"""Write a checkpoint directory atomically and read tensors back straight into their destination.
+"""Write a checkpoint directory atomically, straight from tensor memory.
 
-Writing: snapshot -> ``.tmp-…`` directory -> files fsync'd -> ``MANIFEST.json`` -> rename.
-Reading: each file is read once, sequentially, into the destination tensors' own memory while its
-content hash is computed, so a restore costs about one read of the bytes.
+Snapshot -> ``.tmp-…`` directory -> files fsync'd -> ``MANIFEST.json`` -> rename. Reading back
+is :mod:`modelver.checkpoint.reader`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ import torch
 import xxhash
 
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.delta import DeltaEncoder, open_logical
+from modelver.checkpoint import tensorfile as tf
+from modelver.checkpoint.delta import DeltaEncoder
 from modelver.checkpoint.state import (
     FlatTensor,
     capture_rng,
@@ -33,7 +33,7 @@ from modelver.checkpoint.state import (
     is_stateful,
     safe_filename,
 )
-from modelver.errors import CheckpointCorruptedError, CheckpointWriteError
+from modelver.errors import CheckpointWriteError
 
 SHARD_BYTES = 64 << 20  # groups are packed into files up to this size; a bigger tensor gets its own
 
@@ -107,8 +107,10 @@ def take_snapshot(
         if not isinstance(comp, str) or not comp:
             raise ValueError("state keys must be non-empty strings")
         skeleton, flat = flatten(comp, component_state(obj), frozen_names(obj))
-        kind = "stateful" if is_stateful(obj) else "value"
-        components[comp] = {"kind": kind, "state": skeleton}
+        if is_stateful(obj):  # the class is compared at restore (SGD state into Adam: refused)
+            components[comp] = {"kind": "stateful", "class": class_name(obj), "state": skeleton}
+        else:
+            components[comp] = {"kind": "value", "state": skeleton}
         for ft in flat:
             key = _storage_key(ft.tensor)
             if key in seen and ft.tensor.numel() > 0:
@@ -136,7 +138,13 @@ def take_snapshot(
     )
 
 
-def _bytes_view(t: torch.Tensor) -> memoryview:
+def class_name(obj: object) -> str:
+    """``module.QualName`` of an object's class, as recorded in state.json."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def bytes_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, no copy: what the writer writes, a reader fills."""
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
@@ -205,32 +213,32 @@ def _write_shard(
     by_name = {}
     for ft in members:
         dtype = str(ft.tensor.dtype).removeprefix("torch.")
-        if dtype not in fmt.DTYPES:
+        if dtype not in tf.DTYPES:
             raise TypeError(f"dtype {dtype} of {ft.name} is not supported by safetensors")
         nbytes = ft.tensor.numel() * ft.tensor.element_size()
-        planned.append(fmt.PlannedTensor(ft.name, dtype, tuple(ft.tensor.shape), nbytes))
+        planned.append(tf.PlannedTensor(ft.name, dtype, tuple(ft.tensor.shape), nbytes))
         by_name[ft.name] = ft
-    header, ranges = fmt.plan_layout(planned)
-    views = [_bytes_view(by_name[pt.name].tensor) for pt, _, _ in ranges]
+    header, ranges = tf.plan_layout(planned)
+    views = [bytes_view(by_name[pt.name].tensor) for pt, _, _ in ranges]
     base = len(header)
     entries = [
         fmt.TensorEntry(pt.name, path.name, pt.dtype, pt.shape, (base + start, base + end), "")
         for pt, start, end in ranges
     ]
     digests: list[bytes] = []
-    parts = [(v, fmt.DTYPES[pt.dtype][1]) for v, (pt, _, _) in zip(views, ranges, strict=True)]
+    parts = [(v, tf.DTYPES[pt.dtype][1]) for v, (pt, _, _) in zip(views, ranges, strict=True)]
     base_dir = delta[1] if delta is not None else None
     if delta is not None and base_dir is not None:  # the delta needs the file's hash first
         encoder = delta[0]
         digests = [xxhash.xxh3_128_digest(v) for v in views]
-        file_hash = fmt.tree_hash(header, digests)
+        file_hash = tf.tree_hash(header, digests)
         encoded = encoder.encode(path.name, header, parts, file_hash)
         if encoded is not None:
             frames, base_hash = encoded
             stored = path.with_name(path.name + fmt.DELTA_SUFFIX)
             if md5 is not None:
                 md5.submit(stored.name, list(frames))
-            h = fmt.new_hasher()
+            h = tf.new_hasher()
             with open(stored, "wb", buffering=0) as f:
                 for frame in frames:
                     fmt.write_all(f, frame)
@@ -258,7 +266,7 @@ def _write_shard(
             os.fsync(f.fileno())
         size = f.tell()
     tentries = [replace(e, hash=d.hex()) for e, d in zip(entries, digests, strict=True)]
-    file_hash = fmt.tree_hash(header, digests)
+    file_hash = tf.tree_hash(header, digests)
     if delta is not None and delta[1] is None:  # a full checkpoint: the next save's base
         delta[0].keep(path.name, header, parts, file_hash)
     return fmt.FileEntry(path.name, size, file_hash), tentries, None
@@ -353,88 +361,39 @@ def write_checkpoint(
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Rename into place; a checkpoint of the same step is replaced, never half-visible."""
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{secrets.token_hex(3)}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        fmt.fsync_path(final.parent)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-        fmt.fsync_path(final.parent)
+    """Rename into place; a checkpoint of the same step is replaced, never half-visible.
 
-
-# --- reading ---------------------------------------------------------------------------------
-
-
-def _readinto_exact(f: Any, view: memoryview) -> bool:
-    while view.nbytes:
-        n = f.readinto(view)
-        if not n:
-            return False
-        view = view[n:]
-    return True
-
-
-def read_tensors(
-    path: Path,
-    manifest: fmt.Manifest,
-    *,
-    into: Mapping[str, torch.Tensor] | None = None,
-    names: set[str] | None = None,
-    verify: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Read tensors (all, or those in files holding ``names``), verifying each file's hash.
-
-    A tensor in ``into`` with the saved shape and dtype, contiguous on the CPU, is filled in place.
+    Replacing takes two renames (old -> ``.trash-<step>-<pid>-…``, then ``tmp`` -> ``final``).
+    A kill between them leaves both, complete: the next manager's start-up recovery
+    (:func:`~modelver.checkpoint.retention.recover_leftovers`) promotes ``tmp``. A failed second
+    rename puts the old one back. A step committed meanwhile by another manager of this process
+    is replaced in turn (the newest save of a step wins).
     """
-    into = into or {}
-    by_file: dict[str, list[fmt.TensorEntry]] = {}
-    for e in manifest.tensors.values():
-        by_file.setdefault(e.file, []).append(e)
-    out: dict[str, torch.Tensor] = {}
-    problems: list[str] = []
-    for fname in sorted(by_file):
-        entries = sorted(by_file[fname], key=lambda e: e.offsets[0])
-        if names is not None and not any(e.name in names for e in entries):
-            continue
-        digests = []
-        size, file_hash = manifest.logical(fname)
-        with open_logical(path, manifest, fname) as f:
-            header = bytearray(entries[0].offsets[0] if entries else size)
-            complete = _readinto_exact(f, memoryview(header))
-            for e in entries:
-                dtype = getattr(torch, e.dtype)
-                dest = into.get(e.name)
-                if not (
-                    dest is not None
-                    and type(dest) is torch.Tensor  # not a DTensor: its bytes are elsewhere
-                    and dest.device.type == "cpu"
-                    and dest.dtype == dtype
-                    and tuple(dest.shape) == e.shape
-                    and dest.is_contiguous()
-                ):
-                    dest = torch.empty(e.shape, dtype=dtype)
-                view = _bytes_view(dest)
-                complete = complete and _readinto_exact(f, view)
-                if verify:
-                    digests.append(xxhash.xxh3_128_digest(view))
-                out[e.name] = dest
-            complete = complete and f.read(1) == b""
-        if not complete:
-            problems.append(f"{fname} is truncated")
-        elif verify and fmt.tree_hash(header, digests) != file_hash:
-            problems.append(f"{fname} content hash differs from the manifest")
-    if problems:
-        raise CheckpointCorruptedError(path, problems)
-    return out
+    import errno
 
-
-def read_state_json(path: Path, manifest: fmt.Manifest) -> dict[str, Any]:
-    data = (path / fmt.STATE_FILE).read_bytes()
-    entry = manifest.files.get(fmt.STATE_FILE)
-    if entry is None or fmt.hash_bytes(data) != entry.hash:
-        raise CheckpointCorruptedError(path, [f"{fmt.STATE_FILE} content hash differs"])
-    result: dict[str, Any] = json.loads(data)
-    return result
+    for _ in range(5):
+        trash = None
+        if os.path.lexists(final):
+            trash = final.with_name(f".trash-{final.name}-{os.getpid()}-{secrets.token_hex(3)}")
+            try:
+                os.rename(final, trash)
+            except FileNotFoundError:  # retired or replaced meanwhile
+                trash = None
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # committed meanwhile: displace it
+                if trash is not None:  # the one we displaced is older than both
+                    shutil.rmtree(trash, ignore_errors=True)
+                continue
+            if trash is not None:
+                try:
+                    os.rename(trash, final)
+                except OSError as undo:  # start-up recovery puts it back
+                    e.add_note(f"the replaced checkpoint is kept as {trash.name} ({undo})")
+            raise
+        fmt.fsync_path(final.parent)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return
+    raise FileExistsError(errno.EEXIST, "other saves of this step keep committing", str(final))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import numbers
 import os
-import re
 import shutil
 import signal
 import threading
@@ -26,11 +27,21 @@ from modelver.checkpoint.catalog import (
     restore_checkpoint,
 )
 from modelver.checkpoint.delta import DeltaEncoder
+from modelver.checkpoint.dirlock import DirLock, prepare_directory
 from modelver.checkpoint.io import BufferPool, Snapshot, take_snapshot, write_checkpoint
-from modelver.checkpoint.retention import execute_retention, plan_retention
+from modelver.checkpoint.retention import (
+    check_count,
+    check_flag,
+    check_policy,
+    check_seconds,
+    execute_retention,
+    plan_retention,
+    recover_leftovers,
+)
 from modelver.errors import (
     AsyncSaveError,
     CheckpointCorruptedError,
+    InvalidArgumentError,
     ModelverWarning,
     TrainingInterrupted,
 )
@@ -38,15 +49,15 @@ from modelver.errors import (
 if TYPE_CHECKING:
     from modelver.publish import Publisher
 
-_TMP_RE = re.compile(r"^\.(?:tmp|trash)-step-\d+-(\d+)-[0-9a-f]+$|^\.trash-step-\d+-[0-9a-f]+$")
-
-
-def _pid_alive(pid: int) -> bool:
+def _pid_live(pid: int) -> bool:
+    """This process (another manager of it may be mid-save) or a live one on this host."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
@@ -60,6 +71,13 @@ class CheckpointManager:
     Inside an initialised ``torch.distributed`` process group (torchrun, DDP, FSDP2) every rank
     builds the manager and calls ``restore``/``maybe_save``/``save`` with the same steps; the
     ranks then write one checkpoint together (see :mod:`modelver.checkpoint.distributed`).
+
+    Every option is checked at construction (:class:`~modelver.errors.InvalidArgumentError`), and
+    so is the directory: created if missing, then a probe file written and removed
+    (:class:`~modelver.errors.CheckpointWriteError` with the hint for its errno). One process
+    writes into a directory at a time: the manager holds an exclusive ``flock`` on it (on
+    rank 0 under ``torch.distributed``) and refuses a second process with
+    :class:`~modelver.errors.CheckpointLockedError`; managers of one process share the lock.
     """
 
     def __init__(
@@ -78,22 +96,45 @@ class CheckpointManager:
         dvc_hashes: bool | None = None,
         delta_full_every: int | None = None,
     ) -> None:
-        if every_steps is not None and every_steps <= 0:
-            raise ValueError("every_steps must be a positive number of steps")
-        if every_seconds is not None and every_seconds <= 0:
-            raise ValueError("every_seconds must be positive")
-        if mode not in ("min", "max"):
-            raise ValueError("mode must be 'min' or 'max'")
-        if keep_best and not monitor:
-            raise ValueError("keep_best needs monitor= naming a metric")
+        if not isinstance(directory, str | os.PathLike) or not isinstance(
+            os.fspath(directory), str
+        ) or not os.fspath(directory):
+            raise InvalidArgumentError("directory", directory, expected="a non-empty path")
+        every_steps = check_count("every_steps", every_steps, minimum=1)
+        every_seconds = check_seconds("every_seconds", every_seconds)
+        keep_last, keep_best, monitor, mode = check_policy(
+            keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode
+        )
+        handle_signals = bool(check_flag("handle_signals", handle_signals))
+        async_save = bool(check_flag("async_save", async_save))
+        dvc_hashes = check_flag("dvc_hashes", dvc_hashes, none=True)
+        if not isinstance(push, bool) and (not isinstance(push, str) or not push):
+            raise InvalidArgumentError("push", push, expected="True, False or a remote name/URL")
+        full_every = check_count("delta_full_every", delta_full_every, minimum=0)
+        if full_every == 1:  # 0 and None: no deltas
+            raise InvalidArgumentError(
+                "delta_full_every", delta_full_every, expected="None (no deltas) or an integer >= 2"
+            )
         self._distributed = distributed.active()
         if self._distributed and async_save:
-            raise ValueError("async_save is not supported under torch.distributed yet")
+            raise InvalidArgumentError(
+                "async_save", async_save, expected="False under torch.distributed (not supported)"
+            )
+        if handle_signals and threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(
+                "handle_signals=True needs the manager to be built in the main thread"
+            )
+        self.root = Path(directory)
+        # the directory is checked now, not at the first save after an interval of training;
+        # every rank writes into it, rank 0 alone commits, cleans and holds the lock
+        prepare_directory(self.root)
+        self._lock: DirLock | None = None
+        if not self._distributed or distributed.rank() == 0:
+            self._lock = DirLock(self.root)
         # XOR deltas against the previous checkpoint, a full one every K (modelver.checkpoint
         # .delta); costs one host copy of the state, kept between saves (under torch.distributed
         # on rank 0, which writes the replicated tensors)
-        self._delta = DeltaEncoder(full_every=delta_full_every) if delta_full_every else None
-        self.root = Path(directory)
+        self._delta = DeltaEncoder(full_every=full_every) if full_every else None
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.keep_last = keep_last
@@ -135,7 +176,7 @@ class CheckpointManager:
                 target=_warm_dvc, args=(self.root,), name="modelver-dvc-warm", daemon=True
             )
             self._dvc_warm.start()
-        self._clean_stale()
+        self._recover()
         if handle_signals:
             self._install_signals()
 
@@ -177,14 +218,21 @@ class CheckpointManager:
                 raise CheckpointCorruptedError(
                     self.root / fmt.step_dirname(step), ["no committed checkpoint at this step"]
                 )
+        from modelver.errors import CheckpointNotFoundError, MalformedDataError, UnsafePathError
+
         overwritten = False
         for info in candidates:
+            # a bad checkpoint (corrupted, malformed, unsafe, unreadable) is skipped for the
+            # previous one; StateMismatchError (the live objects changed) is not: it propagates
             try:
                 restored = restore_checkpoint(info.path, state)
-            except CheckpointCorruptedError as e:
+            except CheckpointNotFoundError:  # retired by a writer since it was listed
+                continue
+            except (CheckpointCorruptedError, MalformedDataError, UnsafePathError) as e:
                 overwritten = overwritten or bool(getattr(e, "partial", False))
+                why = "; ".join(getattr(e, "problems", [e.message])[:3])
                 warnings.warn(
-                    f"skipping corrupted checkpoint {info.path}: {'; '.join(e.problems[:3])}",
+                    f"skipping corrupted checkpoint {info.path}: {why}",
                     ModelverWarning,
                     stacklevel=2,
                 )
@@ -225,6 +273,7 @@ class CheckpointManager:
         extras: Mapping[str, Any] | None = None,
     ) -> bool:
         """Save when due by steps or seconds; after a stop signal, save and exit cleanly."""
+        step = int(check_count("step", step, minimum=0, none=False) or 0)
         self._raise_background_error()
         due = self.due(step)
         if self._distributed and (self._old_handlers or self.every_seconds):
@@ -251,9 +300,15 @@ class CheckpointManager:
         epoch: int | None = None,
         extras: Mapping[str, Any] | None = None,
     ) -> CheckpointInfo | None:
-        """Save now. Returns the committed checkpoint, or None while an async save runs."""
+        """Save now. Returns the committed checkpoint, or None while an async save runs.
+
+        ``step``, ``metrics`` (numbers; NaN allowed: a diverged run is recorded, never ranked
+        best), ``epoch`` and ``extras`` (JSON) are checked before anything is written, so a
+        manifest never holds what its readers would refuse.
+        """
         if self._closed:
             raise RuntimeError("this CheckpointManager is closed")
+        step, metrics, epoch, extras = _check_save(step, metrics, epoch, extras)
         t0 = time.perf_counter()
         self._wait_inflight()  # not the deletions of old checkpoints: they never block a save
         existing = self.root / fmt.step_dirname(step)
@@ -302,20 +357,35 @@ class CheckpointManager:
         if self.dvc_hashes:
             if self._dvc_warm is not None:
                 self._dvc_warm.join()
-            _record_dvc_hashes(self.root / fmt.step_dirname(manifest.step), manifest)
+            try:
+                _record_dvc_hashes(self.root / fmt.step_dirname(manifest.step), manifest)
+            except OSError as e:  # committed already; e.g. retired at once by another manager
+                warnings.warn(
+                    f"could not record checkpoint hashes for DVC ({e}); DVC will hash the files",
+                    ModelverWarning,
+                    stacklevel=3,
+                )
         return self._after_commit(manifest)
 
     def _after_commit(self, manifest: fmt.Manifest, *, retain: bool = True) -> CheckpointInfo:
         path = self.root / fmt.step_dirname(manifest.step)
         if retain:
-            plan = plan_retention(
-                self.checkpoints(),
-                keep_last=self.keep_last,
-                keep_best=self.keep_best,
-                monitor=self.monitor,
-                mode=self.mode,
-            )
-            execute_retention(plan, remove=self._remove_later)
+            try:
+                plan = plan_retention(
+                    self.checkpoints(),
+                    keep_last=self.keep_last,
+                    keep_best=self.keep_best,
+                    monitor=self.monitor,
+                    mode=self.mode,
+                )
+                execute_retention(plan, remove=self._remove_later)
+            except Exception as e:  # the save is committed: never an exception for it now
+                warnings.warn(
+                    f"step {manifest.step} is saved, but deleting older checkpoints in "
+                    f"{self.root} failed ({type(e).__name__}: {e}); they are kept",
+                    ModelverWarning,
+                    stacklevel=4,
+                )
             if self._publisher is not None:
                 self._publisher.submit(path, manifest)
         return CheckpointInfo(
@@ -378,6 +448,8 @@ class CheckpointManager:
             for sig, handler in self._old_handlers.items():
                 signal.signal(sig, handler)
             self._old_handlers.clear()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -387,17 +459,17 @@ class CheckpointManager:
 
     # --- housekeeping ------------------------------------------------------------------------
 
-    def _clean_stale(self) -> None:
-        """Temp dirs of dead writers and trash of interrupted deletes are invisible: remove them."""
-        if not self.root.is_dir() or (self._distributed and distributed.rank() != 0):
+    def _recover(self) -> None:
+        """Leftovers of dead writers: a save killed between its two renames is completed (or
+        the displaced checkpoint put back), the rest removed (see ``recover_leftovers``)."""
+        if self._lock is None:
             return  # under torch.distributed rank 0 alone cleans (temp dirs carry its pid)
-        for child in self.root.iterdir():
-            m = _TMP_RE.match(child.name)
-            if not m:
-                continue
-            pid = int(m.group(1)) if m.group(1) else None
-            if pid is None or (pid != os.getpid() and not _pid_alive(pid)):
-                shutil.rmtree(child, ignore_errors=True)
+        try:
+            recover_leftovers(self.root, live=_pid_live)
+        except OSError as e:  # never fatal: the leftovers are invisible to readers
+            warnings.warn(
+                f"could not clean up {self.root} ({e})", ModelverWarning, stacklevel=3
+            )
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -453,6 +525,43 @@ def _record_dvc_hashes(path: Path, manifest: fmt.Manifest) -> None:
             ModelverWarning,
             stacklevel=3,
         )
+
+
+def _check_save(
+    step: object, metrics: object, epoch: object, extras: object
+) -> tuple[int, dict[str, float] | None, int | None, dict[str, Any] | None]:
+    checked_step = int(check_count("step", step, minimum=0, none=False) or 0)
+    checked_epoch = check_count("epoch", epoch, minimum=0)
+    values: dict[str, float] | None = None
+    if metrics is not None:
+        if not isinstance(metrics, Mapping):
+            raise InvalidArgumentError("metrics", metrics, expected="a mapping of name to number")
+        values = {}
+        for k, v in metrics.items():
+            if not isinstance(k, str) or not k:
+                raise InvalidArgumentError("metrics key", k, expected="a non-empty string")
+            values[k] = _number(f"metrics[{k!r}]", v)
+    if extras is not None:
+        if not isinstance(extras, Mapping) or not all(isinstance(k, str) for k in extras):
+            raise InvalidArgumentError("extras", extras, expected="a mapping with string keys")
+        try:
+            json.dumps(dict(extras), allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError("extras", extras, expected=f"JSON values ({e})") from e
+        extras = dict(extras)
+    return checked_step, values, checked_epoch, extras
+
+
+def _number(name: str, value: object) -> float:
+    """A metric: a real number (a 0-d tensor or NumPy scalar too), not a bool or a string."""
+    if isinstance(value, bool | str | bytes) or value is None:
+        raise InvalidArgumentError(name, value, expected="a number")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InvalidArgumentError(name, value, expected="a number") from e
 
 
 def _epoch_of(state: Mapping[str, Any]) -> int | None:

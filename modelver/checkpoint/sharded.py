@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.io import _bytes_view, _readinto_exact, _write_shard
+from modelver.checkpoint.io import _write_shard, bytes_view
+from modelver.checkpoint.reader import readinto_exact
 from modelver.checkpoint.state import FlatTensor
 from modelver.errors import CheckpointCorruptedError
 
@@ -52,10 +53,13 @@ def _dcp_classes() -> Any:
 
 def _read_chunk(path: Path, entry: fmt.TensorEntry) -> torch.Tensor:
     dest = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
-    view = _bytes_view(dest)
-    with open(path / entry.file, "rb", buffering=0) as f:
+    view = bytes_view(dest)
+    with fmt.open_member(path, entry.file, field=f"tensors.{entry.name}.file") as f:
         f.seek(entry.offsets[0])
-        complete = _readinto_exact(f, view)
+        try:
+            complete = readinto_exact(f, view)
+        except OSError as e:
+            raise fmt.member_error(path, entry.file, e) from e
     if not complete or fmt.hash_bytes(view) != entry.hash:
         raise CheckpointCorruptedError(path, [f"{entry.file}: {entry.name} differs from the index"])
     return dest

@@ -11,14 +11,15 @@ import base64
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from modelver.errors import NotSerializableError
+from modelver import untrusted
+from modelver.errors import MalformedDataError, NotSerializableError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -97,8 +98,31 @@ def flatten(
     return walk(value, ()), tensors
 
 
-def unflatten(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`flatten`; dicts come back as ``OrderedDict`` like ``state_dict()``."""
+_MARKERS = {"__tensor__", "__ndarray__", "__dict__", "__tuple__", "__size__", "__dtype__",
+            "__device__"}
+_MARKER_RE = re.compile(r"^__\w+__$")
+_WHAT = "state.json"
+
+
+def _bad(value: object, expected: str) -> MalformedDataError:
+    return MalformedDataError(_WHAT, "a value", value, expected=expected)
+
+
+def unflatten(
+    skeleton: Any, tensors: Mapping[str, torch.Tensor] | None, *, names: set[str] | None = None
+) -> Any:
+    """Inverse of :func:`flatten`; dicts come back as ``OrderedDict`` like ``state_dict()``.
+
+    Strict: an unknown ``__marker__`` or a marker of the wrong shape raises
+    :class:`MalformedDataError`. With ``tensors=None`` it only checks (every tensor reference
+    must be in ``names``), so a restore can reject a bad ``state.json`` before anything changes.
+    """
+
+    def tensor(inner: Any) -> Any:
+        known = names if tensors is None else tensors
+        if not isinstance(inner, str) or known is None or inner not in known:
+            raise _bad(inner, "the name of a stored tensor")
+        return None if tensors is None else tensors[inner]
 
     def walk(v: Any) -> Any:
         if isinstance(v, list):
@@ -107,23 +131,61 @@ def unflatten(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
             return v
         if len(v) == 1:
             ((key, inner),) = v.items()
-            if key == "__tensor__":
-                return tensors[inner]
-            if key == "__ndarray__":
-                return walk(inner).numpy()
-            if key == "__dict__":
-                return OrderedDict((k, walk(x)) for k, x in inner)
-            if key == "__tuple__":
-                return tuple(walk(x) for x in inner)
-            if key == "__size__":
-                return torch.Size(inner)
-            if key == "__dtype__":
-                return getattr(torch, inner)
-            if key == "__device__":
-                return torch.device(inner)
+            if key in _MARKERS:
+                return marker(key, inner)
+            if _MARKER_RE.match(key):
+                raise MalformedDataError(_WHAT, "marker", key, expected="a known __marker__")
         return OrderedDict((k, walk(x)) for k, x in v.items())
 
+    def marker(key: str, inner: Any) -> Any:
+        if key == "__tensor__":
+            return tensor(inner)
+        if key == "__ndarray__":
+            if not (isinstance(inner, dict) and list(inner) == ["__tensor__"]):
+                raise _bad(inner, "a tensor reference")
+            t = walk(inner)
+            return None if t is None else t.numpy()
+        if key in ("__dict__", "__tuple__", "__size__") and not isinstance(inner, list):
+            raise _bad(inner, f"a list after {key}")
+        if key == "__dict__":
+            pairs = []
+            for item in inner:
+                if not (isinstance(item, list) and len(item) == 2) or isinstance(
+                    item[0], list | dict
+                ):
+                    raise _bad(item, "a [key, value] pair with a scalar key")
+                pairs.append((item[0], walk(item[1])))
+            return OrderedDict(pairs)
+        if key == "__tuple__":
+            return tuple(walk(x) for x in inner)
+        if key == "__size__":
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in inner):
+                raise _bad(inner, "a list of sizes")
+            return torch.Size(inner)
+        if key == "__dtype__":
+            dtype = getattr(torch, inner, None) if isinstance(inner, str) else None
+            if not isinstance(dtype, torch.dtype):
+                raise _bad(inner, "a torch dtype name")
+            return dtype
+        if not isinstance(inner, str) or len(inner) > 64:
+            raise _bad(inner, "a device name")
+        try:
+            return torch.device(inner)
+        except (RuntimeError, ValueError) as e:
+            raise _bad(inner, "a device name") from e
+
     return walk(skeleton)
+
+
+def skeleton_is_dict(value: object) -> bool:
+    """Whether a state.json value comes back from :func:`unflatten` as a dict: a plain object
+    or a ``__dict__`` marker, not another marker (checked before ``.items()`` is called)."""
+    if not isinstance(value, dict):
+        return False
+    if len(value) != 1:
+        return True
+    key = next(iter(value))
+    return key == "__dict__" or not _MARKER_RE.match(key)
 
 
 def safe_filename(component: str) -> str:
@@ -138,7 +200,10 @@ def _b64(t: torch.Tensor) -> str:
 
 
 def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+    raw = bytearray(base64.b64decode(s, validate=True))
+    if not raw:
+        raise ValueError("an empty RNG state")
+    return torch.frombuffer(raw, dtype=torch.uint8)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -156,16 +221,56 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(rng: Mapping[str, Any]) -> None:
+    """Put the saved global RNG states back (checked in full first: nothing half-set)."""
+    prepare_rng(rng)()
+
+
+def prepare_rng(rng: object) -> Callable[[], None]:
+    """Check saved RNG states on scratch generators and return what sets the global ones.
+
+    Every state is validated before the returned call, which then cannot fail half-way."""
+    try:
+        return _prepare_rng(untrusted.mapping(rng, what=_WHAT, field="rng"))
+    except MalformedDataError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as e:
+        raise MalformedDataError(_WHAT, "rng", str(e), expected="saved RNG states") from e
+
+
+def _prepare_rng(rng: Mapping[str, Any]) -> Callable[[], None]:
     version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
+    py_state = (version, tuple(internal), gauss)
+    random.Random().setstate(py_state)  # validates (raises) without touching the global one
     kind, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(rng["torch"]))
+    np_state = (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
+    np.random.RandomState().set_state(np_state)
+    torch_state = _unb64(_b64_text(rng["torch"]))
+    torch.Generator().set_state(torch_state)
     cuda = rng.get("cuda")
+    cuda_states: list[torch.Tensor] = []
     if cuda and torch.cuda.is_available():
-        states = [_unb64(s) for s in cuda]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-        else:  # a different number of GPUs: seed what overlaps, the rest keep theirs
-            for i, s in enumerate(states[: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(s, i)
+        if not isinstance(cuda, list):
+            raise TypeError("cuda RNG states are not a list")
+        cuda_states = [_unb64(_b64_text(s)) for s in cuda]
+        size = torch.cuda.get_rng_state(0).numel() if torch.cuda.device_count() else 0
+        if any(s.numel() != size for s in cuda_states):
+            raise ValueError("a CUDA RNG state has the wrong size")
+
+    def apply() -> None:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states:
+            if len(cuda_states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_states)
+            else:  # a different number of GPUs: seed what overlaps, the rest keep theirs
+                for i, st in enumerate(cuda_states[: torch.cuda.device_count()]):
+                    torch.cuda.set_rng_state(st, i)
+
+    return apply
+
+
+def _b64_text(s: object) -> str:
+    if not isinstance(s, str) or len(s) > 1 << 20:
+        raise TypeError("an RNG state is not base64 text")
+    return s

@@ -23,13 +23,16 @@ if TYPE_CHECKING:
 @click.option("--model", metavar="MODULE:FACTORY",
               help="Callable returning the training state ({'model': ..., 'optimizer': ...}) "
               "to restore into; default: buffers shaped like the saved tensors.")
+@click.option("--allow-nan", is_flag=True,
+              help="Evaluate NaN/infinite metrics in rules (IEEE: NaN compares false) instead "
+              "of failing the check; missing and non-numeric metrics still fail it.")
 @click.option("--md", "md_file", type=click.Path(dir_okay=False, writable=True),
               help="Write a Markdown report (for a pull-request comment) to FILE.")
 @json_option
 @quiet_option
 def check_cmd(
     candidate: str, baseline: str, rules: tuple[str, ...], model: str | None,
-    md_file: str | None, as_json: bool, quiet: bool,
+    allow_nan: bool, md_file: str | None, as_json: bool, quiet: bool,
 ) -> None:
     """Gate CANDIDATE against a baseline: metric rules, integrity, resumability.
 
@@ -37,18 +40,24 @@ def check_cmd(
     directories, or the word 'workspace' (the newest checkpoint in the working tree, with the
     metrics files there). Metrics are the DVC metrics files' (dvc.yaml 'metrics:') and the
     checkpoint manifest's (also as checkpoint.NAME). Rules use metric names, baseline.NAME,
-    numbers, + - * /, comparisons, and/or/not, abs/min/max. Exit 1 with the reason when a rule
-    fires, the checkpoint is corrupted or cannot be restored; exit 2 for a malformed rule.
+    numbers, + - * /, comparisons, and/or/not, abs(x), min/max(x, y, ...); at most 1000
+    characters. Exit 1 with the reason when a rule fires, reads a metric that is missing, not a
+    number, NaN or infinite (see --allow-nan), or the checkpoint is corrupted or cannot be
+    restored; exit 2 for a malformed rule.
     """
     from modelver import api
     from modelver.check import to_markdown
-    from modelver.errors import CheckFailedError
+    from modelver.errors import CheckFailedError, ModelverError
 
     with progress("fetching candidate", quiet=quiet or as_json) as cb:
         report = api.check(candidate, baseline=baseline, rules=rules, model=model,
-                           repo_root=".", progress=cb)
+                           repo_root=".", progress=cb, allow_nan=allow_nan)
     if md_file:
-        Path(md_file).write_text(to_markdown(report), encoding="utf-8")
+        try:
+            Path(md_file).write_text(to_markdown(report), encoding="utf-8")
+        except OSError as e:
+            raise ModelverError(f"cannot write --md {md_file}: {e.strerror or e}",
+                                hint="give a writable path") from e
     if as_json:
         echo_json(report.to_json())
     elif not quiet:
@@ -61,7 +70,7 @@ def check_cmd(
 def _render(report: CheckReport) -> None:
     from rich.table import Table
 
-    from modelver.check import resume_summary
+    from modelver.check import non_numeric_summary, resume_summary
 
     out = console()
     c, b = report.candidate, report.baseline
@@ -83,6 +92,9 @@ def _render(report: CheckReport) -> None:
     out.print("integrity: " + (f"ok ({i.files} files)" if i.ok else "; ".join(i.problems[:5])),
               markup=False)
     out.print(f"resumable: {report.resume.status}: {resume_summary(report.resume)}", markup=False)
+    other = non_numeric_summary(report)
+    if other:
+        out.print(f"non-numeric metrics (not compared): {other}", markup=False)
     for r in report.rules:
         out.print(f"rule {r.status}: {r.rule}  ({r.detail})", markup=False)
     if report.passed:
@@ -121,6 +133,8 @@ def mlflow_sync_cmd(
         aliases = f"  aliases: {', '.join(v.aliases)}" if v.aliases else ""
         out.print(f"{v.tag} -> {v.model} version {v.mlflow_version} ({state}){aliases}",
                   markup=False)
+    for skipped in res.skipped:
+        out.print(f"{skipped.tag} skipped: {skipped.reason}", markup=False)
     if not res.versions:
         out.print("no versions to sync", markup=False)
 

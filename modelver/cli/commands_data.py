@@ -20,7 +20,11 @@ def checkout_cmd(ref: str, to: str | None, force: bool, quiet: bool) -> None:
     with progress("checking out", quiet=quiet) as cb:
         res = api.checkout(ref, to=to, force=force, repo_root=".", progress=cb)
     if not quiet:
-        console().print(f"{res.ref.tag or res.ref.ref}: step {res.step} in {res.path} (verified)")
+        # name what was checked: the checkpoint (and its delta bases), or every step directory
+        # of the output; nothing else is called verified
+        what = ", ".join(res.verified) if res.verified else "nothing"
+        console().print(f"{res.ref.tag or res.ref.ref}: step {res.step} in {res.path} "
+                        f"(verified: {what})")
 
 
 @click.command("push")
@@ -87,7 +91,8 @@ def verify_cmd(ctx: click.Context, target: str | None, as_json: bool, quiet: boo
             bad = sum(1 for c in res.checked if c.problems)
             click.secho(
                 f"error: {bad} of {len(res.checked)} checkpoint(s) failed verification "
-                "(hint: checkout or pull the version again)", fg="red", err=True,
+                "(modelver verify; hint: pull the version again, or checkout --force)",
+                fg="red", err=True,
             )
         ctx.exit(1)
 

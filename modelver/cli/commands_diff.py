@@ -128,8 +128,8 @@ def _render(out: Console, result: CheckpointDiff, *, top: int) -> None:
             rel = None if m.rel_delta is None else 100 * m.rel_delta
             table.add_row(
                 escape(m.name),
-                _num(m.a),
-                _num(m.b),
+                escape(m.a_text) if m.a_text is not None else _num(m.a),
+                escape(m.b_text) if m.b_text is not None else _num(m.b),
                 _num(m.delta, "+.4g"),
                 "-" if rel is None else f"{rel:+.2f}%",
             )

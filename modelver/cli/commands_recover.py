@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
+from rich.markup import escape
 
 from modelver import api
 from modelver.cli.output import (
@@ -14,12 +17,16 @@ from modelver.cli.output import (
     quiet_option,
 )
 
+if TYPE_CHECKING:
+    from modelver.api.recovery import ListedRun
+
 
 @click.command("recover")
 @click.option("-r", "--remote", help="DVC remote name or URL (default: the default remote).")
 @click.option("--run", "run_id", metavar="ID", help="Recover this run (see --list).")
 @click.option("--list", "list_only", is_flag=True,
-              help="List the runs of this repository that pushed checkpoints, newest first.")
+              help="List the runs of this repository that pushed checkpoints: checked ones "
+              "(listing and manifest read from the remote) newest first, then the rest.")
 @click.option("--repro", is_flag=True, help="Run 'dvc repro' right after restoring.")
 @json_option
 @quiet_option
@@ -34,10 +41,8 @@ def recover_cmd(remote: str | None, run_id: str | None, list_only: bool, repro: 
             echo_json([r.to_json() for r in runs])
         elif not quiet:
             out = console()
-            for r in runs:
-                metrics = format_metrics(r.metrics)
-                out.print(f"{r.run}  {r.branch or '-'}  step {r.step}  pushed {r.pushed}  "
-                          f"{r.host}" + (f"  {metrics}" if metrics else ""))
+            for r in runs:  # records are data others wrote: printed as text, not markup
+                out.print(escape(_listed(r)))
         return
     with progress("recovering", quiet=quiet or as_json) as cb:
         res = api.recover(remote=remote, run=run_id, repro=repro, quiet=quiet or as_json,
@@ -46,10 +51,23 @@ def recover_cmd(remote: str | None, run_id: str | None, list_only: bool, repro: 
         echo_json(res.to_json())
     elif not quiet:
         then = "" if repro else "; run 'dvc repro' to continue training"
-        console().print(
+        console().print(escape(
             f"recovered run {res.run.run} (branch {res.run.branch or '-'}): step {res.run.step} "
             f"in {res.path} (verified, {res.objects} object(s) from '{res.remote}'){then}"
-        )
+        ))
+
+
+def _listed(r: ListedRun) -> str:
+    """One run: its checked step, or the step it only claims and why it is not believed."""
+    rec = r.record
+    if rec is None:
+        return f"{r.run}  refused: {r.reason}"
+    if r.status == "checked":
+        metrics = format_metrics(r.metrics)
+        step = f"step {r.step} (checked)" + (f"  {metrics}" if metrics else "")
+    else:
+        step = f"claimed step {rec.step} ({r.status}: {r.reason})"
+    return f"{rec.run}  {rec.branch or '-'}  {step}  pushed {rec.pushed}  {rec.host}"
 
 
 COMMANDS = [recover_cmd]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from modelver import api
@@ -100,7 +101,8 @@ def promote_cmd(ref: str, stage: str, quiet: bool) -> None:
 @click.argument("name", required=False)
 @json_option
 def list_cmd(name: str | None, as_json: bool) -> None:
-    """Versions with stages, commit, date, step and metrics."""
+    """Versions with stages, commit, date, step and metrics; a tag whose metadata is refused
+    is listed as invalid (with the reason) and cannot be used."""
     rows = api.list_versions(name, repo_root=".")
     if as_json:
         echo_json([r.to_json() for r in rows])
@@ -112,10 +114,13 @@ def list_cmd(name: str | None, as_json: bool) -> None:
     table = Table(box=None, pad_edge=False)
     for col in ("name", "version", "stages", "commit", "date", "step", "metrics"):
         table.add_column(col, justify="right" if col == "step" else "left")
-    for r in rows:
+    for r in rows:  # tag text is data others wrote: never rich markup
         table.add_row(
-            r.name, r.version, ",".join(r.stages), r.commit[:10], r.date[:19].replace("T", " "),
-            "" if r.step is None else str(r.step), format_metrics(r.metrics),
+            escape(r.name), r.version + (" [red](invalid)[/red]" if r.invalid else ""),
+            escape(",".join(r.stages)), r.commit[:10], escape(r.date[:19].replace("T", " ")),
+            "" if r.step is None else str(r.step),
+            f"[red]invalid: {escape(r.invalid)}[/red]" if r.invalid
+            else escape(format_metrics(r.metrics)),
         )
     out.print(table)
 
@@ -140,21 +145,21 @@ def show_cmd(ref: str, as_json: bool) -> None:
         ("in cache", yes_no[d.in_cache]), ("in remote", yes_no[d.in_remote]),
         ("message", i.message),
     ]
-    for k, val in fields:
-        out.print(f"[bold]{k:>10}[/bold]  {val}")
+    for k, val in fields:  # values are data others wrote (tag messages): never rich markup
+        out.print(f"[bold]{k:>10}[/bold]  {escape(str(val))}")
     if d.params:
         out.print("[bold]    params[/bold]")
         for file, values in d.params.items():  # dvc.lock keys params by file
             where = "" if file == "params.yaml" else f"  ({file})"
             for line in _flatten(values):
-                out.print(f"            {line}{where}")
+                out.print(f"            {escape(line)}{escape(where)}")
     if d.files:
         table = Table(box=None, pad_edge=False, title=None)
         table.add_column("file")
         table.add_column("size", justify="right")
         table.add_column("md5")
         for f in d.files:
-            table.add_row(f.path, "" if f.size is None else str(f.size), f.md5)
+            table.add_row(escape(f.path), "" if f.size is None else str(f.size), f.md5)
         out.print(table)
 
 

@@ -54,7 +54,9 @@ class ModelverGroup(click.Group):
         except ModelverError as e:
             if os.environ.get("MODELVER_DEBUG"):
                 raise
-            line = f"error: {e.message}" + (f" (hint: {e.hint})" if e.hint else "")
+            # every line names the command that was run: a script running several sees which
+            cmd = f"modelver {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "modelver"
+            line = f"error: {e.message} ({cmd}" + (f"; hint: {e.hint})" if e.hint else ")")
             click.secho(line, fg="red", err=True)
             ctx.exit(e.exit_code)
 

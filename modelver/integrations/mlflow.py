@@ -6,26 +6,38 @@ version tags (``modelver.tag``, ``modelver.commit``, ``modelver.checkpoint``, me
 ``metric.*``, the stage's params from ``dvc.lock`` as ``param.*``), and each GTO stage becomes
 an alias. The ``modelver.tag`` version tag is the key, so syncing again updates in place and
 never duplicates. Needs ``mlflow`` (or ``mlflow-skinny`` with SQLAlchemy for a SQLite store).
+
+Tags are data anyone with push access wrote: a version whose tag is invalid (or whose commit's
+``dvc.lock`` is refused) is skipped with a warning and reported in ``SyncResult.skipped``, never
+half-synced; metrics go through :mod:`modelver.untrusted`, and a metric or param whose name
+MLflow would refuse is left out (with a warning) instead of failing the whole sync.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelver import untrusted
 from modelver import versions as v
-from modelver.errors import ArtifactNotFoundError, ModelverError
+from modelver.errors import ArtifactNotFoundError, ModelverError, ModelverWarning, clip
 from modelver.gitrepo import GitRepo
 from modelver.refs import artifacts_at, load_registry, open_git
 
 TAG = "modelver.tag"  # the version tag that identifies a synced version
 MANAGED_ALIASES = "modelver.aliases"  # registered-model tag: aliases this module set
 _RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
+# what MLflow accepts as a tag key (mlflow.utils.validation): checked here so that one odd
+# metric or param name cannot fail the sync of every version
+_TAG_KEY = re.compile(r"^[/\w.\- :]{1,250}$")
+MAX_VALUE = 5000  # tag values and descriptions are clipped (MLflow stores at most 8000)
+MAX_PARAM_DEPTH = 32  # params nested deeper are stored as text
 
 
 @dataclass(frozen=True)
@@ -39,11 +51,18 @@ class SyncedVersion:
 
 
 @dataclass(frozen=True)
+class SkippedVersion:
+    tag: str
+    reason: str  # why it was not synced (its tag or its commit's dvc.lock was refused)
+
+
+@dataclass(frozen=True)
 class SyncResult:
     tracking_uri: str
     registry_uri: str
     versions: list[SyncedVersion]
     removed_aliases: list[str]  # "model@alias" of stages no longer assigned
+    skipped: list[SkippedVersion] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,8 +80,13 @@ def alias_name(stage: str) -> str:
 
 
 def lineage_tags(ver: v.VersionTag, params: Mapping[str, Any]) -> dict[str, str]:
-    """What reproduces the version: tag, commit, checkpoint hash, metrics, params."""
+    """What reproduces the version: tag, commit, checkpoint hash, metrics, params.
+
+    Refuses an invalid tag (:meth:`VersionTag.check`); leaves out, with a warning, a metric or
+    param whose tag key MLflow would refuse; clips long values."""
+    ver.check()
     meta = ver.meta
+    metrics = untrusted.metrics(meta.get("metrics"), what=f"tag {ver.tag}")
     tags = {
         TAG: ver.tag,
         "modelver.name": ver.name,
@@ -74,19 +98,31 @@ def lineage_tags(ver: v.VersionTag, params: Mapping[str, Any]) -> dict[str, str]
     for key in ("checkpoint", "path", "step", "step_dir", "stage", "parent"):
         if meta.get(key) is not None:
             tags[f"modelver.{key}"] = str(meta[key])
-    tags.update({f"metric.{k}": repr(float(x)) for k, x in sorted(ver.metrics.items())})
-    tags.update({f"param.{k}": str(x) for k, x in _flatten(params).items()})
-    return tags
+    extra = {f"metric.{k}": repr(x) for k, x in sorted(metrics.items())}
+    extra.update({f"param.{k}": str(x) for k, x in _flatten(params).items()})
+    dropped = sorted(k for k in extra if not _key_ok(k))
+    if dropped:
+        warnings.warn(
+            f"mlflow sync: {ver.tag}: left out {len(dropped)} metric/param name(s) MLflow "
+            f"refuses, e.g. {clip(dropped[0], 60)}", ModelverWarning, stacklevel=2,
+        )
+    tags.update({k: x for k, x in extra.items() if _key_ok(k)})
+    return {k: x[:MAX_VALUE] for k, x in tags.items()}
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _key_ok(key: str) -> bool:
+    """A tag key MLflow accepts: its characters, at most 250 of them, a normalised path."""
+    return bool(_TAG_KEY.match(key)) and not any(p in ("", ".", "..") for p in key.split("/"))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "", depth: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, x in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(x, Mapping):
-            out.update(_flatten(x, key))
+        if isinstance(x, Mapping) and depth < MAX_PARAM_DEPTH:
+            out.update(_flatten(x, key, depth + 1))
         else:
-            out[key] = x
+            out[key] = clip(x, MAX_VALUE) if isinstance(x, Mapping) else x
     return out
 
 
@@ -112,7 +148,8 @@ def _description(ver: v.VersionTag) -> str:
         bits.append(f"step {ver.step}")
     if ver.metrics:
         bits.append(", ".join(f"{k}={x:.6g}" for k, x in sorted(ver.metrics.items())))
-    return f"{ver.message}\n\n" + "; ".join(bits) + " (synced by modelver)"
+    tail = "\n\n" + "; ".join(bits) + " (synced by modelver)"
+    return ver.message[: MAX_VALUE - len(tail)] + tail
 
 
 @contextmanager
@@ -150,7 +187,14 @@ def sync(
         v.check_name(name, "artifact name")
         if not registry.of(name):
             raise ArtifactNotFoundError(name, known=registry.names())
-    wanted = registry.of(name) if name else list(registry.versions)
+    wanted, skipped = [], []
+    for ver in registry.of(name) if name else registry.versions:
+        try:
+            ver.check()
+        except ModelverError as e:
+            skipped.append(_skip(ver, e))
+        else:
+            wanted.append(ver)
     with _quiet_mlflow():
         try:
             client = MlflowClient(
@@ -159,9 +203,10 @@ def sync(
             synced, removed = [], []
             for artifact in sorted({x.name for x in wanted}):
                 mine = [x for x in wanted if x.name == artifact]
-                done, gone = _sync_model(client, git, artifact, mine, MlflowException)
+                done, gone, bad = _sync_model(client, git, artifact, mine, MlflowException)
                 synced += done
                 removed += gone
+                skipped += bad
         except ModelverError:
             raise
         except Exception as e:  # MLflow raises its own, SQLAlchemy's and OS errors alike
@@ -170,7 +215,15 @@ def sync(
             raise ModelverError(
                 f"MLflow registry error: {line}", hint="check --tracking-uri / --registry-uri"
             ) from e
-    return SyncResult(str(client.tracking_uri), str(client._registry_uri), synced, removed)
+    return SyncResult(
+        str(client.tracking_uri), str(client._registry_uri), synced, removed, skipped
+    )
+
+
+def _skip(ver: v.VersionTag, e: ModelverError) -> SkippedVersion:
+    """A version left out of the sync: warned about once, reported in the result."""
+    warnings.warn(f"mlflow sync: skipped {ver.tag}: {e.message}", ModelverWarning, stacklevel=3)
+    return SkippedVersion(ver.tag, e.message)
 
 
 def _sync_model(
@@ -179,7 +232,7 @@ def _sync_model(
     artifact: str,
     versions: list[v.VersionTag],
     not_ok: type[Exception],
-) -> tuple[list[SyncedVersion], list[str]]:
+) -> tuple[list[SyncedVersion], list[str], list[SkippedVersion]]:
     model = model_name(artifact)
     try:
         registered = client.get_registered_model(model)
@@ -198,8 +251,15 @@ def _sync_model(
     }
     numbers: dict[str, str] = {}
     results = []
+    skipped = []
+    kept = []
     for ver in versions:
-        tags = lineage_tags(ver, _params(git, ver))
+        try:
+            tags = lineage_tags(ver, _params(git, ver))
+        except ModelverError as e:  # its commit's dvc.yaml/dvc.lock refused: sync the others
+            skipped.append(_skip(ver, e))
+            continue
+        kept.append(ver)
         description = _description(ver)
         mv = existing.get(ver.tag)
         created = updated = False
@@ -231,7 +291,7 @@ def _sync_model(
                 [alias_name(s) for s in ver.stages],
             )
         )
-    return results, _sync_aliases(client, model, registered, versions, numbers)
+    return results, _sync_aliases(client, model, registered, kept, numbers), skipped
 
 
 def _sync_aliases(
