@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
+from modelver.checkpoint.dirlock import pid_alive
 from modelver.errors import ModelverError
 
 if TYPE_CHECKING:
@@ -152,18 +153,6 @@ def side_path(dest: Path, kind: str) -> Path:
     return dest.with_name(f".{dest.name}.modelver-{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: someone else's live process
-        return True
-    return True
-
-
 def clean_side_dirs(dest: Path) -> list[Path]:
     """Finish what a killed swap of ``dest`` left: put the old tree back when ``dest`` is gone,
     remove half-written new trees and old trees already replaced. Returns what was removed."""
@@ -176,7 +165,7 @@ def clean_side_dirs(dest: Path) -> list[Path]:
     removed: list[Path] = []
     for n in names:
         m = _SIDE_RE.match(n)
-        if not m or m["name"] != dest.name or _alive(int(m["pid"])):
+        if not m or m["name"] != dest.name or pid_alive(int(m["pid"])):
             continue
         if m["kind"] == "old":
             olds.append(parent / n)

@@ -41,7 +41,7 @@ def relative_path(value: object, *, field: str, root: str | Path) -> PurePosixPa
     return PurePosixPath(*parts)
 
 
-def inside(root: str | Path, value: object, *, field: str, allow_root: bool = False) -> Path:
+def inside(root: str | Path, value: object, *, field: str) -> Path:
     """``root / value``, refused unless it stays inside ``root`` without following a symlink.
 
     The path need not exist (callers write there). Every existing component below ``root`` must
@@ -49,17 +49,13 @@ def inside(root: str | Path, value: object, *, field: str, allow_root: bool = Fa
     checkpoint or a repository could otherwise redirect a read or a delete outside.
     """
     root = Path(root)
-    if allow_root and value in (".", ""):
-        return root
     rel = relative_path(value, field=field, root=root)
     path = root
     for part in rel.parts:
         path = path / part
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
-            break
-        except OSError:
+        except OSError:  # missing (to be written) or unreachable: nothing to follow
             break
         if stat.S_ISLNK(st.st_mode):
             raise UnsafePathError(field, value, root=root, reason="goes through a symlink")
@@ -129,10 +125,6 @@ def integer(
             what, field, value, expected=f"an integer in [{minimum}, {maximum}]"
         )
     return value
-
-
-def optional_integer(value: object, *, what: str, field: str) -> int | None:
-    return None if value is None else integer(value, what=what, field=field)
 
 
 def string(value: object, *, what: str, field: str, max_len: int = 4096) -> str:

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from click.testing import CliRunner, Result
+
 from modelver import api
+from modelver.cli.main import cli
 
 TRAIN = '''\
 import random, yaml, torch
@@ -100,3 +103,23 @@ def model_hashes(step_dir: Path) -> dict[str, str]:
 
     m = read_manifest(step_dir)
     return {k: t.hash for k, t in m.tensors.items() if k.startswith("model/")}
+
+
+def run(cwd: Path, *args: str) -> Result:
+    """The CLI in-process, from ``cwd`` (CliRunner keeps stdout and stderr apart)."""
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def one_error_line(res: Result, *, exit_code: int | None = None) -> str:
+    """The single ``error: ... hint: ...`` line a user error must print, and nothing else."""
+    if exit_code is not None:
+        assert res.exit_code == exit_code, (res.exit_code, res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ") and "hint:" in lines[0]
+    return lines[0]

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from modelver import api
-from modelver.cli.main import cli
 from tests.registry_helpers import (
     dvc,
     git,
     make_project,
     model_hashes,
+    one_error_line,
+    run,
     set_params,
     train_and_commit,
 )
@@ -29,21 +28,6 @@ pytest_plugins = ["tests.registry_fixtures"]
 COMMANDS = ["init", "tag", "promote", "list", "show", "checkout", "push", "pull", "verify",
             "resume"]
 
-
-def run(cwd: Path, *args: str) -> Result:
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    finally:
-        os.chdir(old)
-
-
-def one_error_line(res: Result) -> str:
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: ") and "hint:" in lines[0]
-    return lines[0]
 
 
 def same_tree(a: Path, b: Path) -> bool:

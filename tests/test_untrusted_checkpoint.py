@@ -662,3 +662,29 @@ def test_readers_racing_keep_last_1_never_fail(tmp_path: Path) -> None:
             t.join(timeout=300)
     mgr.close()
     assert not errors, repr(errors[0])
+
+
+def test_state_only_the_optimizer_class_refuses_is_caught_before_any_weight_changes(
+    tmp_path: Path,
+) -> None:
+    """Adam state without ``step`` is well-formed JSON that only Adam's own load_state_dict
+    refuses; it used to refuse after the model's weights were overwritten in place."""
+    root = tmp_path / "ck"
+    save(root, 1, make_state(seed=1))
+    step = save(root, 2, make_state(seed=2))
+
+    def drop_step(s: dict[str, Any]) -> None:
+        for _, per_param in s["components"]["optimizer"]["state"]["state"]["__dict__"]:
+            per_param.pop("step")
+
+    edit_state_json(step, drop_step)
+    live = make_state(seed=3)
+    before = live_snapshot(live)
+    with pytest.raises(CheckpointCorruptedError, match="components.optimizer"):
+        restore_checkpoint(step, live)
+    assert_unchanged(live, before)
+    with pytest.warns(ModelverWarning, match="skipping corrupted"):
+        assert CheckpointManager(root, keep_last=None).restore(live) == 1
+    expected = make_state(seed=1)["model"].state_dict()
+    for k, v in live["model"].state_dict().items():
+        assert torch.equal(v, expected[k])

@@ -20,30 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from modelver.cli.main import cli
 from modelver.dvcrepo import DvcRepo, TreeFile
 from modelver.errors import MalformedDataError, UnsafePathError
-from tests.registry_helpers import git, set_params, train_and_commit
+from tests.registry_helpers import git, one_error_line, run, set_params, train_and_commit
 
 pytest_plugins = ["tests.registry_fixtures"]
 
-
-def run(cwd: Path, *args: str) -> Result:
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    finally:
-        os.chdir(old)
-
-
-def one_error_line(res: Result) -> str:
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: ") and "hint:" in lines[0]
-    return lines[0]
 
 
 def pinned(project: Path) -> str:

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from torch import nn
 
 from modelver import api
 from modelver import versions as v
 from modelver.checkpoint import CheckpointManager
 from modelver.checkpoint.format import read_manifest
-from modelver.cli.main import cli
 from modelver.dvcrepo import DvcRepo, TreeFile, find_locked_out, parse_artifacts
 from modelver.errors import (
     MalformedDataError,
@@ -34,26 +32,10 @@ from modelver.errors import (
 from modelver.publish import Publisher, RunRecord, read_run_records
 from modelver.refs import tree
 from modelver.storage import read_config
-from tests.registry_helpers import dvc, git
+from tests.registry_helpers import dvc, git, one_error_line, run
 
 pytest_plugins = ["tests.registry_fixtures"]
 
-
-def run(cwd: Path, *args: str) -> Result:
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    finally:
-        os.chdir(old)
-
-
-def one_error_line(res: Result) -> str:
-    assert res.exit_code == 1, (res.exit_code, res.stdout, res.stderr)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: ") and "hint:" in lines[0]
-    return lines[0]
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -400,7 +382,7 @@ def test_forged_run_record_is_skipped_and_named_run_is_one_error(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run(root, "recover", "--run", "evil")
-    line = one_error_line(result)
+    line = one_error_line(result, exit_code=1)
     assert "evil" in line and any(k in line for k in changes), line
     assert snapshot(root) == before
     assert not (tmp_path / "x").exists() and not Path("/tmp/abs-x").exists()

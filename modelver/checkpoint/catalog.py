@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from collections import defaultdict
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +33,7 @@ from modelver.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
     CheckpointUnreadableError,
+    MalformedDataError,
     ModelverError,
     ModelverWarning,
     StateMismatchError,
@@ -291,6 +293,38 @@ def _optimizer_mismatch(
         raise StateMismatchError(comp, mismatched=mismatched)
 
 
+class _Placeholders(dict[str, torch.Tensor]):
+    """Every tensor name maps to an empty tensor: the state's structure without its bytes."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        return torch.empty(0)
+
+
+def _dry_run(comp: str, opt: torch.optim.Optimizer, entry: Mapping[str, Any]) -> None:
+    """Let the optimizer's own ``load_state_dict`` judge the saved structure on a throwaway
+    twin (same class, groups copied, empty tensors), so a refusal that depends on the class
+    (Adam state without ``step``) comes before any live tensor is overwritten.
+
+    With the class recorded (and equal) the checkpoint is at fault: malformed, so a manager
+    falls back to an earlier one. Without it, the live optimizer may be another one.
+    """
+    twin = object.__new__(type(opt))
+    twin.__dict__.update(opt.__dict__)
+    twin.param_groups = [dict(g) for g in opt.param_groups]
+    twin.state = defaultdict(dict)
+    try:
+        twin.load_state_dict(unflatten(entry["state"], _Placeholders()))
+    except Exception as e:  # whatever the class raises: its verdict on this checkpoint
+        if entry.get("class") is not None:
+            raise MalformedDataError(
+                fmt.STATE_FILE, f"components.{comp}", str(e), expected="a state its class accepts"
+            ) from e
+        raise StateMismatchError(comp, detail=f"its load_state_dict refused the state: {e}") from e
+
+
 def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[str, Any]) -> None:
     saved_components = meta["components"]
     chunks = chunk_names(meta)
@@ -323,6 +357,7 @@ def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[s
         elif isinstance(obj, torch.optim.Optimizer):
             _class_mismatch(comp, saved_components[comp], obj)
             _optimizer_mismatch(comp, saved_components[comp]["state"], obj, manifest)
+            _dry_run(comp, obj, saved_components[comp])
         elif isinstance(obj, LRScheduler):
             _class_mismatch(comp, saved_components[comp], obj)
         if is_stateful(obj) and saved_components[comp]["kind"] != "stateful":
@@ -356,7 +391,10 @@ def _restore(path: Path, state: MutableMapping[str, Any], *, restore_rngs: bool)
     if problems:
         raise CheckpointCorruptedError(path, problems)
     meta = read_state_json(path, manifest)  # validated in full, RNG states included
-    _check_fit(manifest, meta, state)
+    try:
+        _check_fit(manifest, meta, state)
+    except MalformedDataError as e:  # the optimizer's own verdict on a state of its class
+        raise CheckpointCorruptedError(path, [e.message]) from e
     if restore_rngs and "rng" not in meta:
         raise CheckpointCorruptedError(path, [f"{fmt.STATE_FILE} has no RNG states"])
     set_rngs = prepare_rng(meta["rng"]) if restore_rngs else None

@@ -32,6 +32,19 @@ from typing import Any
 from modelver.errors import CheckpointLockedError, CheckpointWriteError, ModelverWarning
 
 
+def pid_alive(pid: int) -> bool:
+    """This process (another manager of it may be mid-save) or a live one on this host."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def prepare_directory(root: Path) -> None:
     """Raise :class:`CheckpointWriteError` unless ``root`` is (or can be made) a directory
     that takes a file."""

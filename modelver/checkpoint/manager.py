@@ -27,7 +27,7 @@ from modelver.checkpoint.catalog import (
     restore_checkpoint,
 )
 from modelver.checkpoint.delta import DeltaEncoder
-from modelver.checkpoint.dirlock import DirLock, prepare_directory
+from modelver.checkpoint.dirlock import DirLock, pid_alive, prepare_directory
 from modelver.checkpoint.io import BufferPool, Snapshot, take_snapshot, write_checkpoint
 from modelver.checkpoint.retention import (
     check_count,
@@ -41,25 +41,16 @@ from modelver.checkpoint.retention import (
 from modelver.errors import (
     AsyncSaveError,
     CheckpointCorruptedError,
+    CheckpointNotFoundError,
     InvalidArgumentError,
+    MalformedDataError,
     ModelverWarning,
     TrainingInterrupted,
+    UnsafePathError,
 )
 
 if TYPE_CHECKING:
     from modelver.publish import Publisher
-
-def _pid_live(pid: int) -> bool:
-    """This process (another manager of it may be mid-save) or a live one on this host."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 class CheckpointManager:
@@ -218,8 +209,6 @@ class CheckpointManager:
                 raise CheckpointCorruptedError(
                     self.root / fmt.step_dirname(step), ["no committed checkpoint at this step"]
                 )
-        from modelver.errors import CheckpointNotFoundError, MalformedDataError, UnsafePathError
-
         overwritten = False
         for info in candidates:
             # a bad checkpoint (corrupted, malformed, unsafe, unreadable) is skipped for the
@@ -465,7 +454,7 @@ class CheckpointManager:
         if self._lock is None:
             return  # under torch.distributed rank 0 alone cleans (temp dirs carry its pid)
         try:
-            recover_leftovers(self.root, live=_pid_live)
+            recover_leftovers(self.root, live=pid_alive)
         except OSError as e:  # never fatal: the leftovers are invisible to readers
             warnings.warn(
                 f"could not clean up {self.root} ({e})", ModelverWarning, stacklevel=3
