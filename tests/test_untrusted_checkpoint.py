@@ -680,7 +680,7 @@ def test_state_only_the_optimizer_class_refuses_is_caught_before_any_weight_chan
     edit_state_json(step, drop_step)
     live = make_state(seed=3)
     before = live_snapshot(live)
-    with pytest.raises(CheckpointCorruptedError, match="components.optimizer"):
+    with pytest.raises(CheckpointCorruptedError, match=r"components\.optimizer"):
         restore_checkpoint(step, live)
     assert_unchanged(live, before)
     with pytest.warns(ModelverWarning, match="skipping corrupted"):

@@ -74,7 +74,7 @@ def test_typed_fields() -> None:
         with pytest.raises(MalformedDataError):
             untrusted.integer(bad, what="tag", field="step")
     assert untrusted.integer(3, what="tag", field="step") == 3
-    with pytest.raises(MalformedDataError, match="metrics.acc"):
+    with pytest.raises(MalformedDataError, match=r"metrics\.acc"):
         untrusted.metrics({"acc": "high"}, what="tag")
     with pytest.raises(MalformedDataError):
         untrusted.metrics({"acc": True}, what="tag")
