@@ -30,6 +30,7 @@ import modelver.checkpoint.dirlock as dirlock
 import modelver.checkpoint.manager as ckmanager
 from modelver import CheckpointManager, list_checkpoints, load_checkpoint, verify_checkpoint
 from modelver.checkpoint.catalog import CheckpointInfo
+from modelver.checkpoint.dirlock import pid_alive
 from modelver.checkpoint.retention import plan_retention, recover_leftovers
 from modelver.errors import (
     CheckpointLockedError,
@@ -327,7 +328,7 @@ def test_a_forked_worker_does_not_keep_a_dead_parents_lock(tmp_path: Path) -> No
         proc.kill()
         proc.wait()
         mgr = CheckpointManager(tmp_path)  # the orphaned worker is still alive
-        assert ckmanager._pid_live(worker)
+        assert pid_alive(worker)
         mgr.close()
     finally:
         proc.kill()
@@ -546,7 +547,7 @@ def test_recovery_leaves_live_writers_alone_and_checks_what_it_promotes(tmp_path
     probe.write_text("x")
     live_probe = root / f".probe-{os.getpid()}-abc124"
     live_probe.write_text("x")
-    assert recover_leftovers(root, live=ckmanager._pid_live) == []
+    assert recover_leftovers(root, live=pid_alive) == []
     assert mine.exists() and live_probe.exists()  # another manager of this process may write
     assert not other_step.exists() and not probe.exists()
     assert steps(root) == []
