@@ -63,7 +63,8 @@ def verify_dir(path: Path) -> VerifyResult:
         checked[child.name] = VerifiedCheckpoint(
             child, None, ["is a symlink (not followed: a step directory must be a directory)"]
         )
-    for _ in range(RETRIES):
+    empty = 0
+    for _ in fmt.while_retiring():
         todo = [p for _, p in fmt.iter_checkpoint_dirs(path) if p.name not in checked]
         retired = False
         for p in sorted(todo):
@@ -72,14 +73,13 @@ def verify_dir(path: Path) -> VerifyResult:
                 retired = True
             else:
                 checked[p.name] = result
-        if not retired:
-            break
+        if not retired:  # readdir may miss both the step retired and the one committed
+            if checked or empty >= fmt.EMPTY_RELISTS:
+                break
+            empty += 1
     if not checked:
         raise CheckpointNotFoundError(path)
     return VerifyResult([checked[k] for k in sorted(checked)])
-
-
-RETRIES = 5  # listings of a root while a writer keeps retiring what each one found
 
 
 def _symlinked_steps(path: Path) -> list[Path]:

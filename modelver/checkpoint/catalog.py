@@ -6,7 +6,7 @@ import contextlib
 import copy
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -91,15 +91,37 @@ def _info(path: Path, m: fmt.Manifest) -> CheckpointInfo:
 
 def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
     """Committed checkpoints under ``root`` in step order; unreadable manifests are skipped."""
+    return _committed(Path(root))[0]
+
+
+def _committed(root: Path) -> tuple[list[CheckpointInfo], bool]:
+    """The listing, and whether an entry vanished while it was read (a writer retiring)."""
     out = []
-    for _, path in fmt.iter_checkpoint_dirs(Path(root)):
+    vanished = False
+    for _, path in fmt.iter_checkpoint_dirs(root):
         try:
             out.append(_info(path, fmt.read_manifest(path)))
         except CheckpointNotFoundError:  # retired (renamed away) since the directory listing
-            continue
+            vanished = True
         except CheckpointCorruptedError as e:
             warnings.warn(f"skipping {path}: {e.problems[0]}", ModelverWarning, stacklevel=2)
-    return sorted(out, key=lambda i: i.step)
+    return sorted(out, key=lambda i: i.step), vanished
+
+
+def _newest_first(root: Path) -> Iterator[list[CheckpointInfo]]:
+    """Listings of ``root``, newest first, for as long as a writer keeps retiring what they
+    found. An empty listing ends it unless an entry vanished meanwhile (readdir can miss both
+    the step a writer retires and the one it commits in its place): then list again."""
+    empty = 0
+    for _ in fmt.while_retiring():
+        found, vanished = _committed(root)
+        if found:
+            yield list(reversed(found))
+        elif vanished or empty < fmt.EMPTY_RELISTS:
+            empty += not vanished
+        else:
+            return
+
 
 
 def latest_checkpoint(root: str | Path) -> CheckpointInfo | None:
@@ -112,12 +134,9 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     if fmt.manifest_token(path) is not None:
         return path
-    for _ in range(RETRIES):  # a writer may retire the newest between listing and use
-        newest = latest_checkpoint(path)
-        if newest is not None and fmt.manifest_token(newest.path) is not None:
-            return newest.path
-        if newest is None and not path.is_dir():
-            break
+    for found in _newest_first(path):  # a writer may retire the newest between listing and use
+        if fmt.manifest_token(found[0].path) is not None:
+            return found[0].path
     raise CheckpointNotFoundError(path)
 
 
@@ -186,8 +205,8 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> LoadedCheckpoin
     path = Path(path)
     if fmt.manifest_token(path) is not None:
         return _load_one(path, verify=verify)
-    for _ in range(RETRIES):
-        for info in reversed(list_checkpoints(path)):
+    for found in _newest_first(path):
+        for info in found:
             token = fmt.manifest_token(info.path)
             try:
                 return _load_one(info.path, verify=verify)
@@ -195,9 +214,6 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> LoadedCheckpoin
                 if not fmt.retired(info.path, token):
                     raise
     raise CheckpointNotFoundError(path)
-
-
-RETRIES = 5  # listings of a root tried while a writer retires what each one found
 
 
 def _load_one(path: Path, *, verify: bool) -> LoadedCheckpoint:

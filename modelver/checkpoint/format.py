@@ -13,6 +13,7 @@ import io
 import math
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -504,6 +505,19 @@ def hash_problem(label: str, compute: Callable[[], str], expected: str) -> str |
 
 
 LIST_RETRIES = 5
+RETIRING_SECONDS = 60.0  # how long a reader of a root keeps up with a writer retiring its finds
+EMPTY_RELISTS = 3  # an empty listing is taken after this many more, unless an entry vanished
+
+
+def while_retiring() -> Iterator[int]:
+    """Attempts at reading "the newest" of a root: each fails only because a writer retired
+    what it found, so keep trying (at least once) until the writer is outpaced or time is up;
+    a count would give up under a fast ``keep_last=1`` writer on a loaded machine."""
+    deadline = time.monotonic() + RETIRING_SECONDS
+    attempt = 0
+    while attempt == 0 or time.monotonic() < deadline:
+        yield attempt
+        attempt += 1
 
 
 def _dir_stamp(directory: Path) -> tuple[int, int, int] | None:
