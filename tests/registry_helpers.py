@@ -123,3 +123,14 @@ def one_error_line(res: Result, *, exit_code: int | None = None) -> str:
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("error: ") and "hint:" in lines[0]
     return lines[0]
+
+
+def init_repo(tmp_path: Path) -> Path:
+    """A committed Git + DVC repository with a local-directory default remote."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q")
+    api.init(root, remote=str(tmp_path / "remote"))
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
+    return root

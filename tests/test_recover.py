@@ -26,7 +26,7 @@ from modelver.dvcrepo import DvcRepo, RemoteStore
 from modelver.errors import ModelverError, RemoteError
 from modelver.publish import Publisher, read_runs
 from tests.conftest import S3_BUCKET, free_port
-from tests.registry_helpers import git
+from tests.registry_helpers import git, init_repo
 
 TRAIN = '''\
 import os, random, time, yaml, torch
@@ -235,12 +235,7 @@ def test_recover_unreachable_s3(
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A committed Git + DVC repository with a local-directory default remote."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    git(root, "init", "-q")
-    api.init(root, remote=str(tmp_path / "remote"))
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "init")
+    root = init_repo(tmp_path)
     return root
 
 

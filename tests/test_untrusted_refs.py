@@ -32,7 +32,7 @@ from modelver.errors import (
 from modelver.publish import Publisher, RunRecord, read_run_records
 from modelver.refs import tree
 from modelver.storage import read_config
-from tests.registry_helpers import dvc, git, one_error_line, run
+from tests.registry_helpers import dvc, git, init_repo, one_error_line, run
 
 pytest_plugins = ["tests.registry_fixtures"]
 
@@ -320,12 +320,7 @@ def test_listing_paths_and_hashes_are_checked(relpath: str, md5: str) -> None:
 @pytest.fixture
 def pushed(tmp_path: Path) -> tuple[Path, RunRecord]:
     """A Git + DVC repository whose default remote holds one real run (step 7)."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    git(root, "init", "-q")
-    api.init(root, remote=str(tmp_path / "remote"))
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "init")
+    root = init_repo(tmp_path)
     torch.manual_seed(0)
     model = nn.Linear(8, 8)
     mgr = CheckpointManager(root / "checkpoints", keep_last=None)
