@@ -98,7 +98,7 @@ if sys.argv[1:]:
     sys.argv[0] = "modelver"
     main()
 else:
-    import torch, modelver.api, modelver.diff, modelver.cli.commands_diff
+    import torch, modelver.api, modelver.diff, modelver.cli.diff
 """
 
 

@@ -25,8 +25,8 @@ from torch import nn
 from modelver import CheckpointManager, api
 from modelver.publish import Publisher
 
-SUBMIT: list[float] = []  # time the training thread spent in Publisher.submit (the hook)
-_submit = Publisher.submit
+SUBMIT: list[float] = []  # time the training thread spent in Publisher.committed (the hook)
+_submit = Publisher.committed
 
 
 def timed_submit(self: Publisher, *args: object) -> None:
@@ -35,7 +35,7 @@ def timed_submit(self: Publisher, *args: object) -> None:
     SUBMIT.append(time.perf_counter() - t0)
 
 
-Publisher.submit = timed_submit  # type: ignore[method-assign,assignment]
+Publisher.committed = timed_submit  # type: ignore[method-assign,assignment]
 
 
 def build_state(mib: float) -> dict[str, object]:

@@ -6,9 +6,11 @@ pay for torch until a checkpoint name is used.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelver._version import __version__
+from modelver.checkpoint import hooks as _hooks
 
 if TYPE_CHECKING:
     from modelver.checkpoint import (
@@ -43,3 +45,21 @@ def __getattr__(name: str) -> Any:
 
         return getattr(checkpoint, name)
     raise AttributeError(f"module 'modelver' has no attribute {name!r}")
+
+
+# What the checkpoint manager's ``push`` and ``dvc_hashes`` options do after each commit: the
+# core names them, this package provides them (modelver.checkpoint.hooks), each loaded on use.
+def _push_hook(root: Path, target: Any) -> _hooks.CommitHook:
+    from modelver.publish import Publisher
+
+    return Publisher(root, target)
+
+
+def _dvc_hashes_hook(root: Path, value: Any) -> _hooks.CommitHook:
+    from modelver.storage.dvcstate import DvcHashState
+
+    return DvcHashState(root, value)
+
+
+_hooks.provide("push", _push_hook)
+_hooks.provide("dvc_hashes", _dvc_hashes_hook)

@@ -8,20 +8,11 @@ and their error messages; this module owns the file system side, the same for bo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-
-def md5_of(path: Path | str) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def corrupt(

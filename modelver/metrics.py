@@ -114,7 +114,7 @@ def metrics_files(git: GitRepo, commit: str | None) -> dict[str, MetricSet]:
     """path -> flattened metrics, as ``dvc metrics show`` reads them at ``commit`` (None: the
     workspace). A file DVC caches instead of Git is read from the DVC cache. Paths come from
     ``dvc.yaml`` and must stay inside the repository."""
-    from modelver.dvcrepo import find_locked_out
+    from modelver.storage.dvcfile import find_locked_out
 
     where = "the workspace" if commit is None else commit[:10]
     if commit is None:
@@ -167,9 +167,9 @@ def _cached_text(git: GitRepo, md5: object, *, what: str) -> str | None:
     if not isinstance(md5, str) or not _MD5_RE.match(md5):
         raise MalformedDataError(f"dvc.lock entry of {what}", "md5", md5,
                                  expected="a hex object hash")
-    from modelver.refs import open_dvc
+    from modelver.storage.dvc import DvcStorage  # DVC caches it: dvc.lock names the object
 
-    dvc = open_dvc(git.root)
+    dvc = DvcStorage(git.root)
     try:
         dvc.fetch([md5])
         path = dvc.object_path(md5)

@@ -1,7 +1,8 @@
 """A DVC remote as modelver uses it beside ``dvc push``: objects, run records, janitor work.
 
-:class:`RemoteStore` wraps the file system and object database that ``dvcrepo.DvcRepo``
-opens (this module imports no ``dvc``: ``dvcrepo`` stays the only one), so every remote error
+:class:`RemoteStore` wraps the file system and object database that
+:class:`~modelver.storage.dvc.DvcStorage` opens (this module imports no ``dvc``: that one stays
+the only one), so every remote error
 becomes one :class:`~modelver.errors.RemoteError` line naming the remote.
 """
 

@@ -1,9 +1,12 @@
-"""Shared fixtures: every test runs with its own HOME and Git identity, never the user's."""
+"""Shared fixtures: every test runs with its own HOME and Git identity, never the user's.
+
+Helpers that are not fixtures are in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -13,48 +16,69 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).parent
-REPO = TESTS.parent
+from tests.helpers import (
+    S3_BUCKET,
+    free_port,
+    git,
+    isolated_env_vars,
+    make_project,
+    run,
+    write_gitconfig,
+    write_metrics,
+)
 
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / ".gitconfig"))
-    for key, value in {
-        "GIT_AUTHOR_NAME": "modelver tests",
-        "GIT_AUTHOR_EMAIL": "tests@modelver.invalid",
-        "GIT_COMMITTER_NAME": "modelver tests",
-        "GIT_COMMITTER_EMAIL": "tests@modelver.invalid",
-    }.items():
+    for key, value in isolated_env_vars(home).items():
         monkeypatch.setenv(key, value)
-    (home / ".gitconfig").write_text("[init]\n\tdefaultBranch = main\n")
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(home / ".dvc-site"))
+    write_gitconfig(home)
     monkeypatch.delenv("MODELVER_DEBUG", raising=False)
     return home
 
 
-def run_py(*args: str | Path, cwd: Path | None = None, check: bool = True,
-           timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run a Python script of the test suite with the interpreter running the tests."""
-    return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-        check=check, timeout=timeout, env=os.environ.copy(),
-    )
+# --- a trained Git + DVC project ----------------------------------------------------------------
 
 
-S3_BUCKET = "models"
+@pytest.fixture(scope="session")
+def template_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Built once per session (training is the slow part); tests get copies."""
+    home = tmp_path_factory.mktemp("template-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in isolated_env_vars(home).items():
+            mp.setenv(key, value)
+        write_gitconfig(home)
+        yield make_project(tmp_path_factory.mktemp("template") / "proj")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def project(template_project: Path, tmp_path: Path) -> Path:
+    """A private copy of the template with its own default remote (under this test's HOME)."""
+    from modelver import api
+
+    root = tmp_path / "proj"
+    shutil.copytree(template_project, root, symlinks=True)
+    (root / ".dvc" / "config.local").unlink()
+    shutil.rmtree(root / ".dvc" / "tmp", ignore_errors=True)
+    api.init(root)
+    return root
+
+
+@pytest.fixture
+def gated(project: Path) -> Path:
+    """The tiny project with a Git-tracked metrics file, v0.1.0 in production at 20 steps."""
+    with open(project / "dvc.yaml", "a") as f:
+        f.write("metrics:\n  - metrics.json\n")
+    write_metrics(project, accuracy=0.90, eval={"f1": 0.80})
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "metrics")
+    assert run(project, "tag", "tiny@v0.1.0", "-q").exit_code == 0
+    assert run(project, "promote", "tiny@v0.1.0", "production", "-q").exit_code == 0
+    return project
+
+
+# --- S3 -----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Run the real ``modelver`` CLI and SIGKILL this process at one point of a directory swap.
 
 ``python tests/kill_swap.py POINT [--no-exchange] -- ARGS...`` instruments
-``modelver.storage`` from outside (production code has no test hooks) and then calls
+``modelver.checkpoint.commit`` from outside (production code has no test hooks) and then calls
 ``modelver.cli.main:main`` with ARGS:
 
 - ``swap``: just before the atomic exchange of the new tree with the old one;
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import modelver.storage as storage
+import modelver.checkpoint.commit as commit
 from modelver.cli.main import main
 
 POINTS = ("swap", "swapped", "between", "none")
@@ -34,7 +34,7 @@ def _die() -> None:
 
 
 def instrument(point: str, *, no_exchange: bool) -> None:
-    real_exchange = storage._exchange
+    real_exchange = commit._exchange
     real_rename = os.rename
 
     def exchange(a: Path, b: Path) -> bool:
@@ -50,7 +50,7 @@ def instrument(point: str, *, no_exchange: bool) -> None:
         if point == "between" and ".modelver-old-" in os.path.basename(os.fspath(dst)):
             _die()  # the old tree is aside, the new one not yet in place
 
-    storage._exchange = exchange
+    commit._exchange = exchange
     os.rename = rename
 
 

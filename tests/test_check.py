@@ -1,4 +1,4 @@
-"""`modelver check`: the CI gate, on real Git + DVC projects (tests/registry_fixtures.py)."""
+"""`modelver check`: the CI gate, on real Git + DVC projects (the `project` fixture)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,19 @@ import yaml
 from click.testing import Result
 
 from modelver.check import CheckReport
+from modelver.check.rules import parse_rule
 from modelver.errors import InvalidRuleError
 from modelver.metrics import metrics_paths, parse_metrics
-from modelver.rules import parse_rule
-from tests.registry_helpers import git, set_params, train_and_commit
-from tests.test_cli import one_error_line, run
+from tests.helpers import (
+    REPO,
+    git,
+    one_error_line,
+    run,
+    set_params,
+    train_and_commit,
+    write_metrics,
+)
 
-pytest_plugins = ["tests.registry_fixtures"]
-
-ROOT = Path(__file__).resolve().parents[1]
 RULE = "accuracy < baseline.accuracy - 0.01"
 
 FACTORY = """\
@@ -45,23 +49,6 @@ class Picky:
 def picky():
     return {"model": build_state()["model"], "optimizer": Picky()}
 """
-
-
-def write_metrics(root: Path, **values: object) -> None:
-    (root / "metrics.json").write_text(json.dumps(values) + "\n")
-
-
-@pytest.fixture
-def gated(project: Path) -> Path:
-    """The tiny project with a Git-tracked metrics file, v0.1.0 in production at 20 steps."""
-    with open(project / "dvc.yaml", "a") as f:
-        f.write("metrics:\n  - metrics.json\n")
-    write_metrics(project, accuracy=0.90, eval={"f1": 0.80})
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "metrics")
-    assert run(project, "tag", "tiny@v0.1.0", "-q").exit_code == 0
-    assert run(project, "promote", "tiny@v0.1.0", "production", "-q").exit_code == 0
-    return project
 
 
 def check(root: Path, *args: str) -> Result:
@@ -118,7 +105,7 @@ def test_rules_outside_the_language_are_refused(rule: str) -> None:
 
 
 def test_metrics_files_as_dvc_reads_them() -> None:
-    assert metrics_paths((ROOT / "dvc.yaml").read_text()) == ["metrics.json"]
+    assert metrics_paths((REPO / "dvc.yaml").read_text()) == ["metrics.json"]
     assert metrics_paths("stages:\n  a:\n    metrics:\n      - m.yaml:\n          cache: false\n"
                          "metrics: [top.json]\n") == ["top.json", "m.yaml"]
     assert parse_metrics("m.yaml", "a: 1\nb:\n  c: 0.5\n  d: text\n  e: true\n") == {
@@ -274,7 +261,7 @@ def test_check_outside_git_compares_directories(gated: Path, tmp_path: Path) -> 
 
 def test_report_api_is_plain_data(gated: Path) -> None:
     from modelver import api
-    from modelver.check import to_markdown
+    from modelver.cli.check import to_markdown
 
     report = api.check("workspace", baseline="tiny", rules=[RULE], repo_root=gated)
     assert isinstance(report, CheckReport) and report.passed
@@ -298,7 +285,7 @@ def _modelver_calls(workflow: dict) -> list[list[str]]:
 
 
 def test_github_actions_workflow_uses_real_commands(tmp_path: Path) -> None:
-    workflow = yaml.safe_load((ROOT / "examples" / "ci" / "github-actions.yml").read_text())
+    workflow = yaml.safe_load((REPO / "examples" / "ci" / "github-actions.yml").read_text())
     triggers = workflow[True] if True in workflow else workflow["on"]  # YAML 1.1: on == true
     assert "pull_request" in triggers
     steps = [s for job in workflow["jobs"].values() for s in job["steps"]]
@@ -318,7 +305,7 @@ def test_github_actions_workflow_uses_real_commands(tmp_path: Path) -> None:
             if word.startswith("--"):
                 assert word.split("=")[0] in res.stdout, f"modelver {call[0]}: no {word}"
     model = next(c[c.index("--model") + 1] for c in calls if "--model" in c)
-    assert (ROOT / model.split(":")[0]).is_file()
+    assert (REPO / model.split(":")[0]).is_file()
 
 
 def test_help_lists_check_and_mlflow(tmp_path: Path) -> None:
@@ -335,11 +322,11 @@ def test_demo_pipeline_gate_with_training_state(tmp_path: Path) -> None:
     import shutil
     import subprocess
 
-    from tests.test_demo_pipeline import make_pipeline_repo, repro, set_train_params
+    from tests.helpers import make_pipeline_repo, repro, set_train_params
 
     repo, env = make_pipeline_repo(tmp_path)
     (repo / "examples" / "ci").mkdir()
-    shutil.copy(ROOT / "examples" / "ci" / "digits_state.py", repo / "examples" / "ci")
+    shutil.copy(REPO / "examples" / "ci" / "digits_state.py", repo / "examples" / "ci")
 
     def sh(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True,

@@ -20,7 +20,6 @@ import modelver.checkpoint.io as ckio
 import modelver.checkpoint.manager as ckmanager
 from modelver import (
     CheckpointManager,
-    ResumableSampler,
     list_checkpoints,
     load_checkpoint,
     restore_checkpoint,
@@ -36,25 +35,7 @@ from modelver.errors import (
     StateMismatchError,
     TrainingInterrupted,
 )
-
-
-def make_state(hidden: int = 8, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, hidden), nn.Dropout(0.2), nn.Linear(hidden, 3))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    sampler = ResumableSampler(range(10), shuffle=True, seed=3)
-    return {"model": model, "optimizer": opt, "scheduler": sched, "data": sampler}
-
-
-def train_steps(state: dict, n: int) -> None:
-    model, opt, sched = state["model"], state["optimizer"], state["scheduler"]
-    for _ in range(n):
-        loss = model(torch.randn(5, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+from tests.helpers import make_state, train_steps
 
 
 def assert_same_state(a: dict, b: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import filecmp
 import json
 import shutil
 import subprocess
@@ -12,31 +11,20 @@ from pathlib import Path
 import pytest
 
 from modelver import api
-from tests.registry_helpers import (
+from tests.helpers import (
     dvc,
     git,
     make_project,
     model_hashes,
     one_error_line,
     run,
+    same_tree,
     set_params,
     train_and_commit,
 )
 
-pytest_plugins = ["tests.registry_fixtures"]
-
 COMMANDS = ["init", "tag", "promote", "list", "show", "checkout", "push", "pull", "verify",
             "resume"]
-
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    cmp = filecmp.dircmp(a, b)
-    names = cmp.common_files
-    _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
-    return not (cmp.left_only or cmp.right_only or mismatch or errors) and all(
-        same_tree(a / d, b / d) for d in cmp.common_dirs
-    )
 
 
 @pytest.mark.parametrize("command", COMMANDS)

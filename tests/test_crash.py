@@ -11,22 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.conftest import TESTS, run_py
+from tests.helpers import TESTS, run_py, saving, weights_equal
 
 SCRIPT = TESTS / "train_script.py"
-
-
-def weights_equal(a: Path, b: Path) -> bool:
-    wa, wb = load_file(a), load_file(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def saving(ck: Path) -> bool:
-    """A save is under way (or was cut short): its temp directory exists."""
-    return ck.is_dir() and any(p.name.startswith(".tmp-") for p in ck.iterdir())
 
 
 def reference(tmp_path: Path, total: int, *extra: str) -> Path:

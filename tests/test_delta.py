@@ -16,9 +16,7 @@ from modelver.checkpoint import format as fmt
 from modelver.checkpoint.delta import DeltaEncoder, open_logical
 from modelver.diff import DiffSide, diff_checkpoints
 from modelver.errors import CheckpointCorruptedError, ModelverWarning
-from tests.registry_helpers import git, model_hashes, set_params, train_and_commit
-
-pytest_plugins = ["tests.registry_fixtures"]  # the `project` fixture (a trained Git + DVC repo)
+from tests.helpers import git, model_hashes, set_params, train_and_commit
 
 
 def make_state(seed: int = 0) -> dict:
@@ -266,7 +264,7 @@ def test_older_readers_refuse_delta_manifests(tmp_path: Path) -> None:
 
 
 def test_cli_tags_verifies_checks_out_and_diffs_a_delta_version(project: Path) -> None:
-    from tests.test_cli import run
+    from tests.helpers import run
 
     train_py = project / "train.py"
     text = train_py.read_text()

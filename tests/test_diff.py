@@ -30,8 +30,6 @@ from modelver.diff import (
 )
 from modelver.errors import CheckpointCorruptedError, CheckpointNotFoundError, UnknownRefError
 
-pytest_plugins = ["tests.registry_fixtures"]  # the `project` fixture (a trained Git + DVC repo)
-
 
 def save(root: Path, step: int, tensors: Mapping[str, Any], **metrics: float) -> Path:
     """One real checkpoint (CheckpointManager.save) holding ``{"w": tensors}``."""
@@ -368,7 +366,7 @@ def test_installed_script(pair: Any) -> None:
 
 
 def test_diff_between_versions_and_the_workspace(project: Path, monkeypatch: Any) -> None:
-    from tests.registry_helpers import set_params, train_and_commit
+    from tests.helpers import set_params, train_and_commit
 
     root = project  # trained to step 20, committed
     api.tag("tiny@v0.1.0", repo_root=root)

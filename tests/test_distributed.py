@@ -38,7 +38,7 @@ from modelver.checkpoint import format as fmt
 from modelver.cli.main import cli
 from modelver.diff import DiffSide, diff_checkpoints
 from modelver.errors import CheckpointCorruptedError, ModelverWarning
-from tests.conftest import REPO, TESTS
+from tests.helpers import TESTS, repo_env, saving, weights_equal
 
 SCRIPT = TESTS / "ddp_train_script.py"
 TOTAL = 60
@@ -51,24 +51,13 @@ def torchrun_cmd(nproc: int, *args: str | Path) -> list[str]:
     ]  # fmt: skip
 
 
-def env() -> dict[str, str]:
-    e = os.environ.copy()
-    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
-    return e
-
-
 def torchrun(nproc: int, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        torchrun_cmd(nproc, *args), capture_output=True, text=True, timeout=300, env=env()
+        torchrun_cmd(nproc, *args), capture_output=True, text=True, timeout=300, env=repo_env()
     )
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
     return proc
-
-
-def weights_equal(a: Path, b: Path) -> bool:
-    wa, wb = load_file(a), load_file(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.fixture(scope="module")
@@ -323,13 +312,6 @@ def sigkill(*procs: psutil.Process) -> None:
             p.send_signal(signal.SIGKILL)
 
 
-def saving(ck: Path) -> bool:
-    try:
-        return any(name.startswith(".tmp-") for name in os.listdir(ck))
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.slow
 def test_ddp_random_sigkills_end_bit_identical(tmp_path: Path, reference: Path) -> None:
     """8 SIGKILLs: every process or one rank, at random moments or while a save is under way."""
@@ -340,7 +322,7 @@ def test_ddp_random_sigkills_end_bit_identical(tmp_path: Path, reference: Path) 
     kills = inside_save = 0
     starts = []
     while True:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=repo_env())
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.startswith("START"), first
@@ -378,7 +360,8 @@ def test_sigterm_gives_one_coordinated_checkpoint(
     out = tmp_path / "out.safetensors"
     ck = tmp_path / "ck"
     args = ["train", ck, out, TOTAL, "--graceful", "--every", "50", "--step-sleep", "0.05"]
-    proc = subprocess.Popen(torchrun_cmd(2, *args), stdout=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen(torchrun_cmd(2, *args), stdout=subprocess.PIPE, text=True,
+                            env=repo_env())
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("START 0")
     time.sleep(1.0)
@@ -426,7 +409,7 @@ def test_sharded_state_saved_by_2_loads_in_1_and_4(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_tags_shows_checks_out_and_diffs_a_ddp_checkpoint(tmp_path: Path) -> None:
     """A 2-rank checkpoint as a DVC stage output goes through the registry like any other."""
-    from tests.registry_helpers import dvc, git
+    from tests.helpers import dvc, git
 
     root = tmp_path / "proj"
     root.mkdir()

@@ -18,7 +18,7 @@ from dvc_data.hashfile import hash as dvc_hash
 
 from modelver import CheckpointManager
 from modelver.checkpoint import format as fmt
-from modelver.dvcrepo import dir_object
+from modelver.storage.dvc import dir_object
 
 TRAIN = """\
 import sys

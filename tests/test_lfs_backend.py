@@ -6,7 +6,6 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,46 +15,24 @@ import torch
 
 from modelver import api
 from modelver.errors import DirtyWorkspaceError
-from tests.registry_helpers import TRAIN, git, set_params
-from tests.test_cli import run, same_tree
+from tests.helpers import (
+    commit_all,
+    git,
+    make_lfs_project,
+    run,
+    run_train_py,
+    same_tree,
+    skip_without_git_lfs,
+)
 
-
-def _lfs_missing() -> bool:
-    if shutil.which("git") is None:
-        return True
-    return subprocess.run(["git", "lfs", "version"], capture_output=True).returncode != 0
-
-
-if _lfs_missing() and not os.environ.get("CI"):  # in CI a missing git-lfs must fail
-    pytest.skip("git-lfs is not installed (Debian: apt-get install git-lfs)",
-                allow_module_level=True)
-
-
-def train(root: Path, steps: int) -> None:
-    set_params(root, steps=steps)
-    subprocess.run([sys.executable, "train.py"], cwd=root, check=True, capture_output=True)
-
-
-def commit_all(root: Path, message: str) -> str:
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", message)
-    return git(root, "rev-parse", "HEAD")
+skip_without_git_lfs()
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A Git LFS project (no DVC) with two trained commits: v0.1.0 (step 20), HEAD (step 40)."""
-    root = tmp_path / "proj"
-    root.mkdir()
-    git(root, "init", "-q")
-    (root / "train.py").write_text(TRAIN)
-    res = run(root, "init", "--backend", "lfs", "--artifact", "tiny=checkpoints")
-    assert res.exit_code == 0, res.stderr
-    train(root, 20)
-    commit_all(root, "train 20")
-    tagged = run(root, "tag", "tiny@v0.1.0", "-q")
-    assert tagged.exit_code == 0, tagged.stderr
-    train(root, 40)
+    root = make_lfs_project(tmp_path / "proj")
+    run_train_py(root, 40)
     commit_all(root, "train 40")
     return root
 
@@ -101,7 +78,7 @@ def test_tag_list_show_verify_diff(project: Path) -> None:
 
 
 def test_tag_refuses_uncommitted_checkpoints(project: Path) -> None:
-    train(project, 50)
+    run_train_py(project, 50)
     res = run(project, "tag", "tiny@v0.2.0")
     assert res.exit_code == 1 and "uncommitted changes" in res.stderr
     assert "tiny@v0.2.0" not in git(project, "tag", "-l")
@@ -163,7 +140,7 @@ def test_push_clone_pull_checkout_identical(project: Path, tmp_path: Path) -> No
 
 
 def test_checkout_protects_uncommitted_checkpoints(project: Path) -> None:
-    train(project, 50)
+    run_train_py(project, 50)
     with pytest.raises(DirtyWorkspaceError):
         api.checkout("tiny@v0.1.0", repo_root=project)
     assert (project / "checkpoints" / "step-00000050").is_dir()

@@ -9,15 +9,13 @@ from pathlib import Path
 import pytest
 
 from modelver.errors import ModelverWarning
-from tests.registry_helpers import git, set_params, train_and_commit
-from tests.test_cli import one_error_line, run
+from tests.helpers import git, one_error_line, run, set_params, train_and_commit
 
 pytest.importorskip("mlflow")
 pytest.importorskip("sqlalchemy")
 
 from mlflow import MlflowClient
 
-pytest_plugins = ["tests.registry_fixtures"]
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")  # MLflow's
 
 

@@ -22,63 +22,24 @@ from modelver.api.recovery import RecoverResult
 from modelver.checkpoint import CheckpointManager
 from modelver.checkpoint.format import read_manifest
 from modelver.cli.main import cli
-from modelver.dvcrepo import DvcRepo, RemoteStore
 from modelver.errors import ModelverError, RemoteError
-from modelver.publish import Publisher, read_runs
-from tests.conftest import S3_BUCKET, free_port
-from tests.registry_helpers import git, init_repo
+from modelver.publish import Publisher
+from modelver.remote import RemoteStore
+from modelver.runs import read_runs
+from modelver.storage.dvc import DvcStorage
+from tests.helpers import DVC_STAGE, S3_BUCKET, dvc, free_port, git, init_repo, train_py
 
-TRAIN = '''\
-import os, random, time, yaml, torch
-from torch import nn
-from modelver import CheckpointManager
-
-p = yaml.safe_load(open("params.yaml"))["train"]
-torch.set_num_threads(1)
-random.seed(0)
-torch.manual_seed(p["seed"])
-g = torch.Generator().manual_seed(123)
-x = torch.randn(256, 32, generator=g)
-y = (x.sum(1) > 0).long()
-model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 2))
-opt = torch.optim.AdamW(model.parameters(), lr=p["lr"])
-state = {"model": model, "optimizer": opt}
-push = os.environ.get("TEST_PUSH") == "1"
-delta = int(os.environ.get("TEST_DELTA", "0")) or None
-mgr = CheckpointManager("checkpoints", every_steps=p["every"], keep_last=2, push=push,
-                        delta_full_every=delta)
-start = mgr.restore(state)
-print("START", start, flush=True)
-sleep = float(os.environ.get("TEST_STEP_SLEEP", "0"))
-for step in range(start, p["steps"]):
-    idx = torch.randint(0, 256, (32,))
-    loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    mgr.maybe_save(step + 1, state, metrics={"loss": loss.item()})
-    time.sleep(sleep)
-mgr.close()
-'''
-
-DVC_YAML = """\
-stages:
-  train:
-    cmd: {python} train.py
-    deps: [train.py]
-    params: [train]
-    outs:
-      - checkpoints:
-          persist: true
-"""
+TRAIN = train_py(
+    rows=256, features=32, hidden=64, batch=32, optimizer="AdamW", imports="os, time, ",
+    setup='push = os.environ.get("TEST_PUSH") == "1"\n'
+          'delta = int(os.environ.get("TEST_DELTA", "0")) or None\n'
+          'sleep = float(os.environ.get("TEST_STEP_SLEEP", "0"))\n',
+    options=", push=push, delta_full_every=delta",
+    step_end="    time.sleep(sleep)\n",
+    final_save=False,
+)
 
 STEPS = 60
-
-
-def _dvc(cwd: Path, *args: str, env: dict[str, str] | None = None,
-         check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
-                          text=True, check=check, env={**os.environ, **(env or {})})
 
 
 def _origin(tmp: Path, remote: str, endpoint: str | None = None) -> Path:
@@ -87,12 +48,12 @@ def _origin(tmp: Path, remote: str, endpoint: str | None = None) -> Path:
     src.mkdir()
     git(src, "init", "-q")
     (src / "train.py").write_text(TRAIN)
-    (src / "dvc.yaml").write_text(DVC_YAML.format(python=sys.executable))
+    (src / "dvc.yaml").write_text(DVC_STAGE.format(python=sys.executable))
     (src / "params.yaml").write_text(f"train:\n  seed: 0\n  steps: {STEPS}\n  every: 5\n"
                                      "  lr: 0.01\n")
     api.init(src, remote=remote)
     if endpoint:
-        _dvc(src, "remote", "modify", "modelver", "endpointurl", endpoint)
+        dvc(src, "remote", "modify", "modelver", "endpointurl", endpoint)
     git(src, "add", "-A")
     git(src, "commit", "-q", "-m", "project")
     origin = tmp / "origin.git"
@@ -125,15 +86,15 @@ def _wait_for_record(work: Path, min_step: int, proc: subprocess.Popen[str]) -> 
 
 def _records_complete(work: Path) -> None:
     """Every record visible in the remote names objects that are all there."""
-    dvc = DvcRepo(work)
+    backend = DvcStorage(work)
     try:
-        store = dvc.remote_store()
+        store = backend.remote_store()
         for rec in read_runs(store):
             assert store.missing([rec.dir_md5, *rec.files.values()]) == []
             for base in rec.bases:
                 assert store.missing([base.dir_md5, *base.files.values()]) == []
     finally:
-        dvc.close()
+        backend.close()
 
 
 def _kill_recover_finish(
@@ -142,7 +103,7 @@ def _kill_recover_finish(
     """With ``capfd``: `modelver recover --repro` (the CLI); else api.recover, then dvc repro."""
     # an uninterrupted run, for reference (not pushing, so it leaves no record)
     ref = _clone(origin, tmp_path / "reference")
-    _dvc(ref, "repro", "-q", env={"TEST_PUSH": "0"})
+    dvc(ref, "repro", "-q", env={"TEST_PUSH": "0"})
     expected = _tensor_hashes(ref / "checkpoints" / f"step-{STEPS:08d}")
 
     work = _clone(origin, tmp_path / "machine1")
@@ -175,7 +136,7 @@ def _kill_recover_finish(
     else:
         recovered = api.recover(repo_root=fresh)
         step = recovered.run.step
-        started = _dvc(fresh, "repro", env={"TEST_PUSH": "0"}).stdout
+        started = dvc(fresh, "repro", env={"TEST_PUSH": "0"}).stdout
     assert 15 <= step < STEPS
     assert f"START {step}" in started  # training continued from the recovered checkpoint
     assert _tensor_hashes(fresh / "checkpoints" / f"step-{STEPS:08d}") == expected
@@ -256,11 +217,25 @@ def _write(root: Path, steps: list[int]) -> list[Path]:
 
 
 def _store(root: Path) -> RemoteStore:
-    dvc = DvcRepo(root)
+    backend = DvcStorage(root)
     try:
-        return dvc.remote_store()
+        return backend.remote_store()
     finally:
-        dvc.close()
+        backend.close()
+
+
+def _hold_uploads(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Every file upload waits for ``release``; ``entered`` is set once one has begun."""
+    entered, release = threading.Event(), threading.Event()
+    real = RemoteStore.put_file
+
+    def held(self: RemoteStore, p: Path, md5: str) -> bool:
+        entered.set()
+        assert release.wait(30)
+        return real(self, p, md5)
+
+    monkeypatch.setattr(RemoteStore, "put_file", held)
+    return entered, release
 
 
 def test_interrupted_upload_never_shows_a_record_and_retry_completes(
@@ -281,7 +256,7 @@ def test_interrupted_upload_never_shows_a_record_and_retry_completes(
 
     monkeypatch.setattr(RemoteStore, "put_file", flaky)
     pub = Publisher(path.parent, True, backoff=0.01)
-    pub.submit(path, read_manifest(path))
+    pub.committed(path, read_manifest(path))
     pub.close()
     assert seen_at_failure == [[]]  # nothing named the half-uploaded checkpoint
     assert pub.failures == 1 and pub.published == [10]
@@ -301,7 +276,7 @@ def test_upload_that_keeps_failing_leaves_no_record(
     monkeypatch.setattr(RemoteStore, "put_file", dead)
     pub = Publisher(path.parent, True, attempts=3, backoff=0.01)
     with pytest.warns(UserWarning, match="could not push checkpoint step 10 after 3 attempts"):
-        pub.submit(path, read_manifest(path))
+        pub.committed(path, read_manifest(path))
         pub.close()
     assert pub.failures == 3 and pub.published == []
     assert read_runs(_store(repo)) == []
@@ -313,20 +288,12 @@ def test_newer_checkpoint_supersedes_a_queued_one(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths = _write(repo, [1, 2, 3])
-    entered, release = threading.Event(), threading.Event()
-    real = RemoteStore.put_file
-
-    def gated(self: RemoteStore, p: Path, md5: str) -> bool:
-        entered.set()
-        assert release.wait(30)
-        return real(self, p, md5)
-
-    monkeypatch.setattr(RemoteStore, "put_file", gated)
+    entered, release = _hold_uploads(monkeypatch)
     pub = Publisher(paths[0].parent, True)
-    pub.submit(paths[0], read_manifest(paths[0]))
+    pub.committed(paths[0], read_manifest(paths[0]))
     assert entered.wait(60)  # step 1 is uploading
-    pub.submit(paths[1], read_manifest(paths[1]))
-    pub.submit(paths[2], read_manifest(paths[2]))
+    pub.committed(paths[1], read_manifest(paths[1]))
+    pub.committed(paths[2], read_manifest(paths[2]))
     release.set()
     pub.close()
     assert pub.published == [1, 3]
@@ -334,36 +301,31 @@ def test_newer_checkpoint_supersedes_a_queued_one(
 
 
 def test_push_does_not_block_training(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = RemoteStore.put_file
+    """Saves go on while an upload hangs, and close waits for the last checkpoint's upload.
+    How long a save blocks with and without push: benchmarks/push_blocking.py."""
+    entered, release = _hold_uploads(monkeypatch)
+    state = _state()
+    mgr = CheckpointManager(repo / "checkpoints", every_steps=1, keep_last=2, push=True)
+    for step in range(1, 9):
+        mgr.maybe_save(step, state)
+    assert entered.wait(60)
+    assert _publisher(mgr).published == []  # all 8 saved meanwhile
+    release.set()
+    mgr.close()
+    assert _publisher(mgr).published[-1] == 8
 
-    def slow(self: RemoteStore, p: Path, md5: str) -> bool:
-        time.sleep(1.0)  # a slow link: each file takes 1 s, a checkpoint (3 files) 3 s
-        return real(self, p, md5)
 
-    monkeypatch.setattr(RemoteStore, "put_file", slow)
-    blocked: dict[bool, list[float]] = {False: [], True: []}
-    for push in (False, True):
-        state = _state()
-        mgr = CheckpointManager(repo / f"ck-{push}", every_steps=1, keep_last=2, push=push)
-        for step in range(1, 9):
-            mgr.maybe_save(step, state)
-            blocked[push].append(mgr.last_blocking_seconds)
-        started = time.monotonic()
-        mgr.close()
-        if push:  # close waits for the last upload
-            assert time.monotonic() - started >= 2.0
-            assert mgr._publisher is not None and mgr._publisher.published[-1] == 8
-    # enqueueing costs nothing next to the 3 s upload of each checkpoint (margins for a busy CI)
-    assert max(blocked[True]) < max(blocked[False]) + 0.5
-    assert max(blocked[True]) < 1.0
+def _publisher(mgr: CheckpointManager) -> Publisher:
+    """The upload hook that push= gave the manager (one of its commit hooks)."""
+    (pub,) = [h for h in mgr._hooks if isinstance(h, Publisher)]
+    return pub
 
 
 def test_push_to_unknown_remote_is_raised_in_the_training_thread(repo: Path) -> None:
     state = _state()
     mgr = CheckpointManager(repo / "checkpoints", every_steps=1, push="no-such-remote")
     mgr.maybe_save(1, state)
-    assert mgr._publisher is not None
-    mgr._publisher.flush(timeout=60)
+    _publisher(mgr).flush(timeout=60)
     with pytest.raises(RemoteError, match="no-such-remote"):
         mgr.maybe_save(2, state)
     mgr.close()
@@ -373,7 +335,7 @@ def test_push_to_a_url_then_recover_from_it(repo: Path, tmp_path: Path) -> None:
     url = str(tmp_path / "other-remote")
     (path,) = _write(repo, [7])
     pub = Publisher(path.parent, url)
-    pub.submit(path, read_manifest(path))
+    pub.committed(path, read_manifest(path))
     pub.close()
     assert pub.published == [7]
     shutil.rmtree(repo / "checkpoints")
@@ -391,17 +353,9 @@ def test_checkpoint_removed_by_retention_mid_upload_is_skipped(
 ) -> None:
     (path,) = _write(repo, [4])
     manifest = read_manifest(path)
-    entered, release = threading.Event(), threading.Event()
-    real = RemoteStore.put_file
-
-    def gated(self: RemoteStore, p: Path, md5: str) -> bool:
-        entered.set()
-        assert release.wait(30)
-        return real(self, p, md5)
-
-    monkeypatch.setattr(RemoteStore, "put_file", gated)
+    entered, release = _hold_uploads(monkeypatch)
     pub = Publisher(path.parent, True, backoff=0.01)
-    pub.submit(path, manifest)
+    pub.committed(path, manifest)
     assert entered.wait(60)
     shutil.rmtree(path)  # keep_last deleted it: a newer checkpoint is on its way
     release.set()

@@ -12,10 +12,8 @@ import pytest
 
 from modelver import api
 from modelver.errors import RemoteError
-from tests.conftest import S3_BUCKET, free_port
-from tests.registry_helpers import dvc, model_hashes
+from tests.helpers import S3_BUCKET, dvc, free_port, model_hashes
 
-pytest_plugins = ["tests.registry_fixtures"]
 pytestmark = pytest.mark.s3
 
 

@@ -26,15 +26,10 @@ from torch import nn
 
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint import tensorfile as tf
-from modelver.checkpoint.catalog import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    resolve_checkpoint_dir,
-    restore_checkpoint,
-    verify_checkpoint,
-)
+from modelver.checkpoint.catalog import latest_checkpoint, list_checkpoints, resolve_checkpoint_dir
 from modelver.checkpoint.manager import CheckpointManager
+from modelver.checkpoint.restore import load_checkpoint, restore_checkpoint
+from modelver.checkpoint.verify import verify_checkpoint
 from modelver.errors import (
     CheckpointCorruptedError,
     ModelverError,
@@ -43,6 +38,7 @@ from modelver.errors import (
     UnsafeCheckpointError,
     UnsafePathError,
 )
+from modelver.hashing import xxh3_bytes
 from modelver.integrity import verify_dir
 
 
@@ -94,6 +90,17 @@ def assert_unchanged(state: dict[str, Any], before: dict[str, Any]) -> None:
     assert torch.equal(after["rng"][2], before["rng"][2])
 
 
+def assert_restore_refused(
+    step: Path, live: dict[str, Any], error: type[Exception], match: str | None = None
+) -> pytest.ExceptionInfo[Exception]:
+    """restore_checkpoint raises ``error`` and leaves every live object exactly as it was."""
+    before = live_snapshot(live)
+    with pytest.raises(error, match=match) as err:
+        restore_checkpoint(step, live)
+    assert_unchanged(live, before)
+    return err
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and torch.equal(a, b)
@@ -115,7 +122,7 @@ def rewrite_file(step_dir: Path, name: str, content: bytes) -> None:
     """Replace a listed file and record its new size and hash, as a careful attacker would."""
     (step_dir / name).write_bytes(content)
     digest = fmt.hash_member(step_dir, name) if name.endswith(".safetensors") else (
-        fmt.hash_bytes(content)
+        xxh3_bytes(content)
     )
 
     def fix(m: dict[str, Any]) -> None:
@@ -142,10 +149,7 @@ def every_reader_refuses(step_dir: Path, match: str | None = None) -> None:
         with pytest.raises(ModelverError, match=match):
             read(step_dir)
     live = make_state(seed=7)
-    before = live_snapshot(live)
-    with pytest.raises(ModelverError, match=match):
-        restore_checkpoint(step_dir, live)
-    assert_unchanged(live, before)
+    assert_restore_refused(step_dir, live, ModelverError, match=match)
     result = verify_dir(step_dir)
     assert not result.ok
 
@@ -170,7 +174,7 @@ def test_manifest_file_keys_outside_the_step_dir_are_refused(
     step = save(tmp_path / "ck", 1, make_state())
 
     def add(m: dict[str, Any]) -> None:
-        m["files"][bad] = {"size": 6, "hash": fmt.hash_bytes(b"secret")}
+        m["files"][bad] = {"size": 6, "hash": xxh3_bytes(b"secret")}
 
     edit_manifest(step, add)
     with pytest.raises(UnsafeCheckpointError, match="files key") as err:
@@ -230,7 +234,7 @@ def test_symlinked_subdirectory_of_a_listed_file_is_refused(tmp_path: Path, sent
     (step / "dcp-model").symlink_to(sentinel)
 
     def add(m: dict[str, Any]) -> None:
-        m["files"]["dcp-model/x.bin"] = {"size": 3, "hash": fmt.hash_bytes(b"abc")}
+        m["files"]["dcp-model/x.bin"] = {"size": 3, "hash": xxh3_bytes(b"abc")}
 
     edit_manifest(step, add)
     with pytest.raises(CheckpointCorruptedError, match="symlink"):
@@ -345,10 +349,7 @@ def test_malformed_safetensors_header_is_corrupted(tmp_path: Path, case: str) ->
         verify_checkpoint(step)
     assert len(str(err.value).splitlines()) == 1
     live = make_state(seed=3)
-    before = live_snapshot(live)
-    with pytest.raises(CheckpointCorruptedError):
-        restore_checkpoint(step, live)
-    assert_unchanged(live, before)
+    assert_restore_refused(step, live, CheckpointCorruptedError)
     with pytest.warns(ModelverWarning, match="skipping corrupted"):
         assert CheckpointManager(root, keep_last=None).restore(make_state(seed=3)) == 1
 
@@ -420,10 +421,7 @@ def test_old_checkpoint_without_recorded_class_compares_keys(tmp_path: Path) -> 
 
     edit_state_json(step, drop_classes)
     live = make_state(seed=4)
-    before = live_snapshot(live)
-    with pytest.raises(StateMismatchError, match="optimizer"):
-        restore_checkpoint(step, live)
-    assert_unchanged(live, before)
+    assert_restore_refused(step, live, StateMismatchError, match="optimizer")
     same = make_state(seed=4, opt="sgd", sched="exp")
     assert restore_checkpoint(step, same) == 1  # same classes still restore
 
@@ -431,10 +429,7 @@ def test_old_checkpoint_without_recorded_class_compares_keys(tmp_path: Path) -> 
 def test_scheduler_class_is_compared(tmp_path: Path) -> None:
     step = save(tmp_path / "ck", 1, make_state(sched="exp"))
     live = make_state(seed=4)
-    before = live_snapshot(live)
-    with pytest.raises(StateMismatchError, match="ExponentialLR"):
-        restore_checkpoint(step, live)
-    assert_unchanged(live, before)
+    assert_restore_refused(step, live, StateMismatchError, match="ExponentialLR")
 
 
 STATE_MUTATIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -472,11 +467,8 @@ def test_bad_state_json_changes_nothing_and_restore_falls_back(tmp_path: Path, c
     step = save(root, 2, make_state(seed=2))
     edit_state_json(step, STATE_MUTATIONS[case])
     live = make_state(seed=3)
-    before = live_snapshot(live)
-    with pytest.raises(CheckpointCorruptedError) as err:
-        restore_checkpoint(step, live)
+    err = assert_restore_refused(step, live, CheckpointCorruptedError)
     assert len(str(err.value).splitlines()) == 1 and len(str(err.value)) < 800
-    assert_unchanged(live, before)
     with pytest.raises(CheckpointCorruptedError):
         load_checkpoint(step)
     with pytest.warns(ModelverWarning, match="skipping corrupted"):
@@ -495,10 +487,7 @@ def test_hash_mismatch_in_a_later_file_leaves_the_model_untouched(tmp_path: Path
     raw[-1] ^= 0x40
     (step / name).write_bytes(bytes(raw))
     live = make_state(seed=3)
-    before = live_snapshot(live)
-    with pytest.raises(CheckpointCorruptedError, match="hash"):
-        restore_checkpoint(step, live)
-    assert_unchanged(live, before)
+    assert_restore_refused(step, live, CheckpointCorruptedError, match="hash")
 
 
 def test_file_truncated_while_it_is_hashed_is_corruption_not_a_crash(
@@ -550,10 +539,8 @@ def test_optimizer_state_torch_would_refuse_is_refused_first(tmp_path: Path, cas
     step = save(tmp_path / "ck", 1, make_state(seed=1))
     edit_state_json(step, OPTIMIZER_STATE_MUTATIONS[case])
     live = make_state(seed=3)
-    before = live_snapshot(live)
-    with pytest.raises(StateMismatchError, match="per-parameter state is not a mapping"):
-        restore_checkpoint(step, live)
-    assert_unchanged(live, before)
+    assert_restore_refused(step, live, StateMismatchError,
+                           match="per-parameter state is not a mapping")
 
 
 class Refuses:
@@ -576,10 +563,7 @@ def test_an_objects_own_refusal_rolls_everything_back(tmp_path: Path) -> None:
     step = save(tmp_path / "ck", 1, state)
     live = make_state(seed=3)
     live["data"] = Refuses(11)
-    before = live_snapshot(live)
-    with pytest.raises(StateMismatchError, match="11"):
-        restore_checkpoint(step, live)
-    assert_unchanged(live, before)
+    assert_restore_refused(step, live, StateMismatchError, match="11")
 
 
 # --- class 9: unreadable files -----------------------------------------------------------------
@@ -679,10 +663,7 @@ def test_state_only_the_optimizer_class_refuses_is_caught_before_any_weight_chan
 
     edit_state_json(step, drop_step)
     live = make_state(seed=3)
-    before = live_snapshot(live)
-    with pytest.raises(CheckpointCorruptedError, match=r"components\.optimizer"):
-        restore_checkpoint(step, live)
-    assert_unchanged(live, before)
+    assert_restore_refused(step, live, CheckpointCorruptedError, match=r"components\.optimizer")
     with pytest.warns(ModelverWarning, match="skipping corrupted"):
         assert CheckpointManager(root, keep_last=None).restore(live) == 1
     expected = make_state(seed=1)["model"].state_dict()

@@ -1,7 +1,7 @@
 """Issue 11, data commands: corrupt cache objects are healed, checkouts swap whole versions,
 killed pushes leave nothing behind for long, and paths from data never leave their root.
 
-Real Git + DVC projects (``tests.registry_fixtures``), real subprocesses for the kill tests:
+Real Git + DVC projects (the `project` fixture), real subprocesses for the kill tests:
 ``tests/kill_swap.py`` instruments ``modelver.storage`` from outside (before the exchange, after
 it, between the two fallback renames; ``--no-exchange`` forces the fallback), then runs the real
 CLI entry point. Production code has no test hooks.
@@ -21,12 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from modelver.dvcrepo import DvcRepo, TreeFile
 from modelver.errors import MalformedDataError, UnsafePathError
-from tests.registry_helpers import git, one_error_line, run, set_params, train_and_commit
-
-pytest_plugins = ["tests.registry_fixtures"]
-
+from modelver.storage import TreeFile
+from modelver.storage.dvc import DvcStorage
+from tests.helpers import (
+    TESTS,
+    git,
+    one_error_line,
+    repo_env,
+    run,
+    set_params,
+    train_and_commit,
+)
 
 
 def pinned(project: Path) -> str:
@@ -37,7 +43,7 @@ def pinned(project: Path) -> str:
 
 
 def files_of(project: Path, md5_dir: str) -> list[TreeFile]:
-    dvc = DvcRepo(project)
+    dvc = DvcStorage(project)
     try:
         return dvc.tree(md5_dir)
     finally:
@@ -48,7 +54,7 @@ def an_object(project: Path, step_dir: str) -> tuple[TreeFile, Path]:
     """A safetensors file of ``step_dir`` in the pinned output, and its cache object."""
     f = next(f for f in files_of(project, pinned(project))
              if f.relpath.startswith(step_dir + "/") and f.relpath.endswith(".safetensors"))
-    return f, cache_path(project, f.md5)
+    return f, cache_path(project, f.oid)
 
 
 def cache_path(project: Path, md5: str) -> Path:
@@ -56,7 +62,7 @@ def cache_path(project: Path, md5: str) -> Path:
 
 
 def remote_path(project: Path, md5: str) -> Path:
-    dvc = DvcRepo(project)
+    dvc = DvcStorage(project)
     try:
         found = dvc.default_remote()
     finally:
@@ -110,9 +116,9 @@ def test_checkout_heals_a_flipped_cache_byte_behind_a_linked_scratch_copy(pushed
     res = run(pushed, "checkout", "tiny@v0.1.0", "--to", str(out))
     assert res.exit_code == 0, res.stderr
     assert "(verified: step-00000020)" in res.stdout
-    assert md5(obj) == f.md5  # fetched again
+    assert md5(obj) == f.oid  # fetched again
     assert len(quarantined(pushed)) == 1  # the bad copy is kept aside, not deleted
-    assert md5(out / f.relpath) == f.md5
+    assert md5(out / f.relpath) == f.oid
     assert run(pushed, "verify", "tiny@v0.1.0").exit_code == 0
 
 
@@ -122,7 +128,7 @@ def test_pull_heals_what_it_has_and_reports_it(pushed: Path) -> None:
     res = run(pushed, "pull", "tiny@v0.1.0", "--json")
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["objects"] == 1
-    assert md5(obj) == f.md5 and len(quarantined(pushed)) == 1
+    assert md5(obj) == f.oid and len(quarantined(pushed)) == 1
     assert run(pushed, "verify", "tiny@v0.1.0").exit_code == 0
     res = run(pushed, "pull", "tiny@v0.1.0", "--json")
     assert json.loads(res.stdout)["objects"] == 0
@@ -131,27 +137,27 @@ def test_pull_heals_what_it_has_and_reports_it(pushed: Path) -> None:
 def test_bad_in_cache_and_remote_is_one_line_naming_both(pushed: Path) -> None:
     f, obj = an_object(pushed, "step-00000020")
     flip(obj)
-    flip(remote_path(pushed, f.md5))
+    flip(remote_path(pushed, f.oid))
     res = run(pushed, "pull", "tiny@v0.1.0")
     line = one_error_line(res)
     assert res.exit_code == 1
-    assert f.md5 in line and f.relpath in line and "remote 'modelver'" in line
+    assert f.oid in line and f.relpath in line and "remote 'modelver'" in line
     assert "modelver pull" in line and "has no good copy" in line
     assert not obj.exists()  # never left where DVC would use it
-    assert [p.name.split(".corrupt-")[0] for p in quarantined(pushed)] == [f.md5]
+    assert [p.name.split(".corrupt-")[0] for p in quarantined(pushed)] == [f.oid]
     before = snapshot(pushed / "checkpoints")
     res = run(pushed, "checkout", "tiny@v0.1.0", "--force")
-    assert res.exit_code == 1 and f.md5 in one_error_line(res)
+    assert res.exit_code == 1 and f.oid in one_error_line(res)
     assert snapshot(pushed / "checkpoints") == before
 
 
 def test_missing_from_remote_after_quarantine_names_the_object(pushed: Path) -> None:
     f, obj = an_object(pushed, "step-00000020")
     flip(obj)
-    remote_path(pushed, f.md5).unlink()
+    remote_path(pushed, f.oid).unlink()
     res = run(pushed, "pull", "tiny@v0.1.0")
     line = one_error_line(res)
-    assert f.md5 in line and "has no good copy" in line and "modelver-quarantine" in line
+    assert f.oid in line and "has no good copy" in line and "modelver-quarantine" in line
 
 
 def test_verify_covers_every_step_dir_and_checkout_verifies_all(pushed: Path) -> None:
@@ -164,14 +170,14 @@ def test_verify_covers_every_step_dir_and_checkout_verifies_all(pushed: Path) ->
     res = run(pushed, "checkout", "tiny@v0.1.0", "--force")
     assert res.exit_code == 0, res.stderr
     assert "(verified: step-00000010, step-00000020)" in res.stdout
-    assert md5(pushed / "checkpoints" / f.relpath) == f.md5
+    assert md5(pushed / "checkpoints" / f.relpath) == f.oid
     assert run(pushed, "verify", "tiny@v0.1.0").exit_code == 0
 
 
 def test_corrupt_older_step_unfetchable_stops_checkout_before_any_change(pushed: Path) -> None:
     f, obj = an_object(pushed, "step-00000010")
     flip(obj)
-    flip(remote_path(pushed, f.md5))
+    flip(remote_path(pushed, f.oid))
     before = snapshot(pushed / "checkpoints")
     res = run(pushed, "checkout", "tiny@v0.1.0", "--force")
     assert res.exit_code == 1 and f.relpath in one_error_line(res)
@@ -182,24 +188,24 @@ def test_corrupt_older_step_unfetchable_stops_checkout_before_any_change(pushed:
 def test_fetch_refuses_a_bad_remote_copy(pushed: Path, tmp_path: Path) -> None:
     f, obj = an_object(pushed, "step-00000020")
     obj.unlink()  # not here at all: the first copy comes from the remote, and is bad
-    flip(remote_path(pushed, f.md5))
+    flip(remote_path(pushed, f.oid))
     res = run(pushed, "checkout", "tiny@v0.1.0", "--to", str(tmp_path / "x"))
     line = one_error_line(res)
     # a local remote: DVC's status check drops the bad copy (S3: our own check refuses it)
-    assert f.md5 in line and f.relpath in line and "modelver checkout" in line
+    assert f.oid in line and f.relpath in line and "modelver checkout" in line
     assert not obj.exists() and not (tmp_path / "x").exists()
 
 
 def test_recover_path_materialize_heals(pushed: Path, tmp_path: Path) -> None:
-    """``recover`` writes through DvcRepo.materialize: it heals before linking."""
+    """``recover`` writes through DvcStorage.materialize: it heals before linking."""
     f, obj = an_object(pushed, "step-00000020")
     flip(obj)
-    dvc = DvcRepo(pushed)
+    dvc = DvcStorage(pushed)
     try:
         dvc.materialize(pinned(pushed), tmp_path / "s", prefix="step-00000020")
     finally:
         dvc.close()
-    assert md5(tmp_path / "s" / f.relpath.split("/", 1)[1]) == f.md5
+    assert md5(tmp_path / "s" / f.relpath.split("/", 1)[1]) == f.oid
 
 
 # --- class 8: checkout swaps whole versions; pushes leave no tmp objects -------------------
@@ -218,7 +224,7 @@ def two_versions(project: Path) -> tuple[dict[str, str], dict[str, str]]:
     return v1, v2
 
 
-KILL_SWAP = Path(__file__).with_name("kill_swap.py")
+KILL_SWAP = TESTS / "kill_swap.py"
 
 
 def cli_proc(
@@ -230,11 +236,9 @@ def cli_proc(
     else:
         opts = ["--no-exchange"] if no_exchange else []
         cmd = [sys.executable, str(KILL_SWAP), kill_at or "none", *opts, "--", *args]
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.Popen(
-        cmd, cwd=project, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        cmd, cwd=project, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=repo_env(),
     )
 
 
@@ -293,7 +297,7 @@ def test_checkout_killed_at_random_points(project: Path) -> None:
 
 def test_push_cleans_stale_tmp_uploads_in_the_remote(pushed: Path) -> None:
     f, _ = an_object(pushed, "step-00000020")
-    folder = remote_path(pushed, f.md5).parent
+    folder = remote_path(pushed, f.oid).parent
     stale = folder / ".AAAAAAAAAAAAAAAAAAAAAA.tmp"
     fresh = folder / ".BBBBBBBBBBBBBBBBBBBBBB.tmp"
     other = folder / "notes.tmp"  # not DVC's temp name: never touched
@@ -310,7 +314,7 @@ def test_push_killed_mid_upload_leftover_is_cleaned_next_time(project: Path) -> 
     """A real push killed while it writes: whatever .tmp it left goes with the next push."""
     assert run(project, "tag", "tiny@v0.1.0", "-q").exit_code == 0
     f, _ = an_object(project, "step-00000020")
-    folder = remote_path(project, f.md5).parent
+    folder = remote_path(project, f.oid).parent
     folder.mkdir(parents=True, exist_ok=True)
     planted = folder / ".CCCCCCCCCCCCCCCCCCCCCC.tmp"  # what a SIGKILL mid-copy leaves
     planted.write_bytes(b"x" * 10)
@@ -332,7 +336,7 @@ def test_replace_output_refuses_paths_outside_the_workspace(pushed: Path, tmp_pa
     (victim / "keep.txt").write_text("mine")
     md5_dir = pinned(pushed)
     files = files_of(pushed, md5_dir)
-    dvc = DvcRepo(pushed)
+    dvc = DvcStorage(pushed)
     try:
         for path in ("../victim", str(victim), ".git", ".dvc/cache", "", "a/../../victim"):
             r = ResolvedRef(kind="version", ref="x", path_in_repo=path, checkpoint_hash=md5_dir,
@@ -381,19 +385,19 @@ def test_crafted_tag_path_deletes_nothing(pushed: Path, tmp_path: Path) -> None:
 def test_crafted_dir_object_cannot_write_outside(pushed: Path, tmp_path: Path) -> None:
     f, _ = an_object(pushed, "step-00000020")
     for rel in ("../../escape.txt", "/abs/escape.txt", "a/./b"):
-        listing = json.dumps([{"md5": f.md5, "relpath": rel, "size": f.size}]).encode()
+        listing = json.dumps([{"md5": f.oid, "relpath": rel, "size": f.size}]).encode()
         oid = hashlib.md5(listing).hexdigest() + ".dir"
         p = cache_path(pushed, oid)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(listing)
-        dvc = DvcRepo(pushed)
+        dvc = DvcStorage(pushed)
         try:
             with pytest.raises((UnsafePathError, MalformedDataError)):
                 dvc.materialize(oid, tmp_path / "d" / "x")
         finally:
             dvc.close()
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "d").exists()
-    dvc = DvcRepo(pushed)
+    dvc = DvcStorage(pushed)
     try:
         for bad in ("../../etc/passwd", "zz" * 16, 5):
             with pytest.raises(MalformedDataError):
@@ -446,7 +450,7 @@ def test_s3_bad_remote_copy_is_refused_and_tmp_cleaned(project: Path, s3_endpoin
     import boto3
 
     from modelver import api
-    from tests.conftest import S3_BUCKET
+    from tests.helpers import S3_BUCKET
 
     api.init(project, remote=f"s3://{S3_BUCKET}/untrusted")
     dvc_cmd = [sys.executable, "-m", "dvc", "remote", "modify", "modelver", "endpointurl"]
@@ -455,14 +459,14 @@ def test_s3_bad_remote_copy_is_refused_and_tmp_cleaned(project: Path, s3_endpoin
     assert run(project, "push", "-q").exit_code == 0
     f, obj = an_object(project, "step-00000020")
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    key = f"untrusted/files/md5/{f.md5[:2]}/{f.md5[2:]}"
+    key = f"untrusted/files/md5/{f.oid[:2]}/{f.oid[2:]}"
     data = bytearray(s3.get_object(Bucket=S3_BUCKET, Key=key)["Body"].read())
     data[200] ^= 0xFF
     s3.put_object(Bucket=S3_BUCKET, Key=key, Body=bytes(data))
     flip(obj)  # bad here and there: healing moves ours aside, the fetched copy fails too
     res = run(project, "pull", "tiny@v0.1.0")
     line = one_error_line(res)
-    assert f.md5 in line and f.relpath in line and "remote 'modelver'" in line
+    assert f.oid in line and f.relpath in line and "remote 'modelver'" in line
     assert "fails it too" in line and not obj.exists()
     assert len(quarantined(project)) == 2  # ours and the fetched copy, both kept aside
 
@@ -470,7 +474,7 @@ def test_s3_bad_remote_copy_is_refused_and_tmp_cleaned(project: Path, s3_endpoin
     other = "untrusted/files/md5/00/notes.tmp"
     for k in (tmp_key, other):
         s3.put_object(Bucket=S3_BUCKET, Key=k, Body=b"partial")
-    dvc = DvcRepo(project)
+    dvc = DvcStorage(project)
     try:
         store = dvc.remote_store()
         assert store.clean_tmp() == []  # just written: an upload may still be running

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from modelver.check.rules import MAX_RULE_CHARS, RuleEvaluationError, parse_rule
 from modelver.diff import diff_metrics
 from modelver.errors import InvalidRuleError, MalformedDataError
 from modelver.metrics import (
@@ -26,12 +27,7 @@ from modelver.metrics import (
     read_metrics,
     split_values,
 )
-from modelver.rules import MAX_RULE_CHARS, RuleEvaluationError, parse_rule
-from tests.registry_helpers import git
-from tests.test_check import gated, write_metrics  # noqa: F401 - the fixture
-from tests.test_cli import one_error_line, run
-
-pytest_plugins = ["tests.registry_fixtures"]
+from tests.helpers import git, one_error_line, run, write_metrics
 
 NAN, INF = float("nan"), float("inf")
 ISSUE_RULE = "loss > baseline.loss + 0.1"
@@ -259,7 +255,7 @@ def test_diff_metrics_shows_non_numeric_and_stays_strict_json() -> None:
 # --- the command, end to end -------------------------------------------------------------------
 
 
-def test_nan_candidate_fails_the_gate_unless_allowed(gated: Path) -> None:  # noqa: F811
+def test_nan_candidate_fails_the_gate_unless_allowed(gated: Path) -> None:
     write_metrics(gated, accuracy=0.95, eval={"f1": 0.85}, loss=NAN)  # the issue's instance
     res = run(gated, "check", "workspace", "-b", "tiny#production", "--fail-if", ISSUE_RULE)
     assert res.exit_code == 1
@@ -289,7 +285,7 @@ def test_nan_candidate_fails_the_gate_unless_allowed(gated: Path) -> None:  # no
     assert res.exit_code == 1 and "candidate has no metric 'eval.nope'" in one_error_line(res)
 
 
-def test_nan_baseline_fails_the_gate(gated: Path) -> None:  # noqa: F811
+def test_nan_baseline_fails_the_gate(gated: Path) -> None:
     write_metrics(gated, accuracy=NAN, eval={"f1": 0.8})
     git(gated, "commit", "-qam", "a diverged evaluation")
     base = git(gated, "rev-parse", "HEAD")
@@ -302,7 +298,7 @@ def test_nan_baseline_fails_the_gate(gated: Path) -> None:  # noqa: F811
 
 @pytest.mark.parametrize("value", ["high", True, [0.9], None, {"nested": "x"}])
 def test_non_numeric_metric_is_shown_and_refused_by_rules(
-    gated: Path, value: object, tmp_path: Path,  # noqa: F811
+    gated: Path, value: object, tmp_path: Path,
 ) -> None:
     write_metrics(gated, accuracy=value, eval={"f1": 0.85})
     md = tmp_path / "r.md"
@@ -331,7 +327,7 @@ def test_non_numeric_metric_is_shown_and_refused_by_rules(
      b"\xff\xfe{}"],
 )
 def test_unreadable_metrics_file_fails_check_in_one_line(
-    gated: Path, content: str | bytes,  # noqa: F811
+    gated: Path, content: str | bytes,
 ) -> None:
     p = gated / "metrics.json"
     p.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -344,7 +340,7 @@ def test_unreadable_metrics_file_fails_check_in_one_line(
 @pytest.mark.parametrize("path", ["../outside.json", "/etc/hostname", "sub/../../x.json",
                                   "link/m.json"])
 def test_metrics_path_outside_the_repository_is_refused(
-    gated: Path, path: str, tmp_path: Path,  # noqa: F811
+    gated: Path, path: str, tmp_path: Path,
 ) -> None:
     (gated.parent / "outside.json").write_text('{"accuracy": 1.0}')
     (tmp_path / "elsewhere").mkdir()
@@ -359,7 +355,7 @@ def test_metrics_path_outside_the_repository_is_refused(
     assert "refusing dvc.yaml metrics path" in line
 
 
-def test_bad_rules_through_the_cli(gated: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_bad_rules_through_the_cli(gated: Path, tmp_path: Path) -> None:
     md = tmp_path / "r.md"
     for text in ["max(accuracy) < 1", "(" * 100_000 + "a" + ")" * 100_000 + " < 1",
                  "-" * 900 + "a < 1", "accuracy < 1e999", "foo(a) < 1", "a < 'x'",
@@ -377,7 +373,7 @@ def _modelver() -> list[str]:
     return [exe] if Path(exe).is_file() else [sys.executable, "-m", "modelver.cli.main"]
 
 
-def test_real_subprocess_one_line_no_traceback(gated: Path) -> None:  # noqa: F811
+def test_real_subprocess_one_line_no_traceback(gated: Path) -> None:
     write_metrics(gated, accuracy=0.95, eval={"f1": 0.85}, loss=NAN)
     cases = [
         (["--fail-if", "(" * 42_000 + "a" + ")" * 42_000 + " < 1"], 2, "invalid rule"),  # 85 KB
@@ -428,7 +424,7 @@ def test_diff_with_non_numeric_manifest_metric_is_never_a_traceback(tmp_path: Pa
 
 @pytest.mark.parametrize("params", ["train: [1, 2\n", "a: &a [*a]\n", "x: 1\n" * 1 + "\t- bad"])
 def test_diff_with_unreadable_params_yaml_is_one_line(
-    gated: Path, params: str,  # noqa: F811
+    gated: Path, params: str,
 ) -> None:
     (gated / "params.yaml").write_text(params)
     res = run(gated, "diff", "tiny@v0.1.0", "--stat")

@@ -6,34 +6,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from modelver import api
-from tests.registry_helpers import TRAIN, git, set_params
-from tests.test_cli import run
+from tests.helpers import git, make_lfs_project, run, skip_without_git_lfs
 
-_NO_LFS = subprocess.run(["sh", "-c", "git lfs version"], capture_output=True).returncode != 0
-if _NO_LFS and not os.environ.get("CI"):  # in CI a missing git-lfs must fail
-    pytest.skip("git-lfs is not installed", allow_module_level=True)
+skip_without_git_lfs()
 
 
 @pytest.fixture
 def lfs(tmp_path: Path) -> Path:
     """A Git LFS project, v0.1.0 at step 20, pushed to a bare 'origin' (LFS data included)."""
-    root = tmp_path / "proj"
-    root.mkdir()
-    git(root, "init", "-q")
-    (root / "train.py").write_text(TRAIN)
-    assert run(root, "init", "--backend", "lfs", "--artifact", "tiny=checkpoints").exit_code == 0
-    set_params(root, steps=20)
-    subprocess.run([sys.executable, "train.py"], cwd=root, check=True, capture_output=True)
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "train 20")
-    assert run(root, "tag", "tiny@v0.1.0", "-q").exit_code == 0
+    root = make_lfs_project(tmp_path / "proj")
     bare = tmp_path / "remote.git"
     git(tmp_path, "init", "-q", "--bare", str(bare))
     git(root, "remote", "add", "origin", bare.as_uri())

@@ -30,8 +30,8 @@ import modelver.checkpoint.dirlock as dirlock
 import modelver.checkpoint.manager as ckmanager
 from modelver import CheckpointManager, list_checkpoints, load_checkpoint, verify_checkpoint
 from modelver.checkpoint.catalog import CheckpointInfo
-from modelver.checkpoint.dirlock import pid_alive
-from modelver.checkpoint.retention import plan_retention, recover_leftovers
+from modelver.checkpoint.commit import pid_alive, recover_leftovers
+from modelver.checkpoint.retention import plan_retention
 from modelver.errors import (
     CheckpointLockedError,
     CheckpointWriteError,
@@ -39,8 +39,7 @@ from modelver.errors import (
     ModelverError,
     ModelverWarning,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def small_state(value: float = 0.0) -> dict:

@@ -22,7 +22,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from modelver import (
     CheckpointManager,
@@ -33,6 +32,7 @@ from modelver import (
 )
 from modelver.checkpoint import format as fmt
 from modelver.errors import ModelverError
+from tests.helpers import make_state, train_steps
 
 SETTINGS = settings(
     max_examples=60,
@@ -81,32 +81,15 @@ json_value = st.recursive(
 )
 
 
-def make_state(seed: int = 0) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    return {"model": model, "optimizer": opt, "scheduler": sched}
-
-
-def train(state: dict[str, Any], n: int) -> None:
-    for _ in range(n):
-        loss = state["model"](torch.randn(3, 4)).pow(2).mean()
-        state["optimizer"].zero_grad()
-        loss.backward()
-        state["optimizer"].step()
-        state["scheduler"].step()
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real checkpoints directory with two committed checkpoints."""
     root = tmp_path_factory.mktemp("pristine") / "ck"
-    state = make_state()
+    state = make_state(sampler=False)
     mgr = CheckpointManager(root, every_steps=1, keep_last=None)
-    train(state, 2)
+    train_steps(state, 2)
     mgr.save(2, state, metrics={"loss": 0.5})
-    train(state, 2)
+    train_steps(state, 2)
     mgr.save(4, state, metrics={"loss": 0.25})
     mgr.close()
     return root
@@ -222,7 +205,7 @@ def run_readers(box: Sandbox) -> None:
         for _name, reader in READERS:
             with contextlib.suppress(ModelverError):
                 reader(box)
-        live = make_state(seed=7)
+        live = make_state(seed=7, sampler=False)
         before = snapshot_live(live)
         try:
             restore_checkpoint(box.step, live)
@@ -230,7 +213,7 @@ def run_readers(box: Sandbox) -> None:
             assert same_live(before, snapshot_live(live)), "a failed restore changed live state"
         mgr = CheckpointManager(box.ck, every_steps=1, keep_last=None)
         try:
-            live = make_state(seed=7)
+            live = make_state(seed=7, sampler=False)
             mgr.restore(live)  # falls back or starts at 0: never a non-modelver exception
         except ModelverError:
             pass
@@ -332,7 +315,7 @@ def test_symlinks_are_not_followed_out(pristine: Path, what: str) -> None:
         run_readers(box)
         with pytest.raises(ModelverError):
             verify_checkpoint(box.step)
-        state = make_state()
+        state = make_state(sampler=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mgr = CheckpointManager(box.ck, every_steps=1, keep_last=1)

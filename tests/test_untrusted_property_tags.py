@@ -33,9 +33,7 @@ from modelver import versions as v
 from modelver.cli.main import cli
 from modelver.errors import ModelverError
 from modelver.gitrepo import TagRecord
-from tests.registry_helpers import git
-
-pytest_plugins = ["tests.registry_fixtures"]
+from tests.helpers import git
 
 # the metadata `modelver tag` writes (the repository test replaces it with the real one)
 BASE: dict[str, Any] = {

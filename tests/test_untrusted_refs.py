@@ -21,7 +21,6 @@ from modelver import api
 from modelver import versions as v
 from modelver.checkpoint import CheckpointManager
 from modelver.checkpoint.format import read_manifest
-from modelver.dvcrepo import DvcRepo, TreeFile, find_locked_out, parse_artifacts
 from modelver.errors import (
     MalformedDataError,
     ModelverError,
@@ -29,13 +28,13 @@ from modelver.errors import (
     NotPinnedError,
     UnsafePathError,
 )
-from modelver.publish import Publisher, RunRecord, read_run_records
-from modelver.refs import tree
-from modelver.storage import read_config
-from tests.registry_helpers import dvc, git, init_repo, one_error_line, run
-
-pytest_plugins = ["tests.registry_fixtures"]
-
+from modelver.materialize import tree
+from modelver.publish import Publisher
+from modelver.runs import RunRecord, read_run_records
+from modelver.storage import TreeFile, read_config
+from modelver.storage.dvc import DvcStorage
+from modelver.storage.dvcfile import find_locked_out, parse_artifacts
+from tests.helpers import dvc, git, init_repo, one_error_line, run
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -328,7 +327,7 @@ def pushed(tmp_path: Path) -> tuple[Path, RunRecord]:
     mgr.close()
     path = root / "checkpoints" / "step-00000007"
     pub = Publisher(path.parent, True)
-    pub.submit(path, read_manifest(path))
+    pub.committed(path, read_manifest(path))
     pub.close()
     assert pub.published == [7]
     (rec,) = read_run_records(_store(root))[0]
@@ -337,7 +336,7 @@ def pushed(tmp_path: Path) -> tuple[Path, RunRecord]:
 
 
 def _store(root: Path):  # type: ignore[no-untyped-def]
-    repo = DvcRepo(root)
+    repo = DvcStorage(root)
     try:
         return repo.remote_store()
     finally:

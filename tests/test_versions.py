@@ -21,9 +21,7 @@ from modelver.errors import (
     VersionExistsError,
 )
 from modelver.gitrepo import GitRepo, TagRecord
-from tests.registry_helpers import git, model_hashes, set_params, train_and_commit
-
-pytest_plugins = ["tests.registry_fixtures"]  # the project fixtures
+from tests.helpers import git, model_hashes, set_params, train_and_commit
 
 # --- pure parsing ---------------------------------------------------------------------------
 

@@ -4,11 +4,12 @@ Nothing here prints or exits: results are frozen dataclasses, problems are ``mod
 dvc and torch are imported inside the functions that need them so ``modelver list`` stays fast.
 """
 
-from modelver.api.compare import diff
+from modelver.api.check import check
 from modelver.api.data import checkout, pull, push, resume, verify
-from modelver.api.gate import check, mlflow_sync
+from modelver.api.diff import diff
+from modelver.api.mlflow import mlflow_sync
 from modelver.api.recovery import RecoverResult, list_runs, recover
-from modelver.api.registry import (
+from modelver.api.versions import (
     CheckoutResult,
     FileInfo,
     InitResult,
@@ -18,7 +19,6 @@ from modelver.api.registry import (
     TransferResult,
     VersionDetails,
     VersionInfo,
-    default_remote_dir,
     init,
     list_versions,
     promote,
@@ -26,10 +26,14 @@ from modelver.api.registry import (
     tag,
 )
 from modelver.integrity import VerifyResult
+from modelver.materialize import checkpoint_dir_for
 from modelver.params import parse_override
-from modelver.refs import ResolvedRef, checkpoint_dir_for, resolve_ref
+from modelver.refs import ResolvedRef, resolve_ref
+from modelver.storage import BACKENDS
+from modelver.storage.dvcfile import default_remote_dir
 
 __all__ = [
+    "BACKENDS",
     "CheckoutResult",
     "FileInfo",
     "InitResult",

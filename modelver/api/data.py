@@ -7,49 +7,34 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from modelver.api.registry import CheckoutResult, ResumeResult, TransferResult
+from modelver.api.versions import CheckoutResult, ResumeResult, TransferResult
+from modelver.checkpoint.commit import clean_side_dirs
 from modelver.errors import (
     ArtifactNotFoundError,
     CheckpointCorruptedError,
     CheckpointNotFoundError,
-    DataMissingError,
     DirtyWorkspaceError,
     MalformedDataError,
     ModelverWarning,
-    RemoteError,
     UnknownRefError,
     UnsafePathError,
 )
 from modelver.gitrepo import GitRepo
 from modelver.integrity import VerifiedCheckpoint, VerifyResult, verify_dir, verify_one
+from modelver.materialize import materialize_step, pin_problems, step_dirs, with_step
 from modelver.params import apply_overrides
 from modelver.refs import (
     ResolvedRef,
     artifacts_at,
     load_registry,
-    materialize_step,
     open_git,
-    open_storage,
-    pin_problems,
     resolve_ref,
-    step_dirs,
     version_ref,
-    with_step,
 )
-from modelver.storage import (
-    Storage,
-    backend_of,
-    clean_side_dirs,
-    hash_file_for,
-    is_lfs,
-    scratch_dir,
-)
+from modelver.storage import Storage, TreeFile, open_storage
 from modelver.untrusted import inside, relative_path, step_dirname
-
-if TYPE_CHECKING:
-    from modelver.dvcrepo import TreeFile
 
 Progress = Callable[[int, int], None]
 
@@ -81,9 +66,9 @@ def checkout(
 
     git = open_git(repo_root)
     r = _data_ref(git, ref, "checkout")
-    dvc = open_storage(git.root)
+    st = open_storage(git.root)
     try:
-        staged, r, files = _staged(dvc, r, progress=progress)
+        staged, r, files = _staged(st, r, progress=progress)
         assert r.checkpoint_hash and r.step_dir and r.path_in_repo and r.step is not None
         if to is not None:
             out = Path(to)
@@ -100,20 +85,20 @@ def checkout(
                         f"{there} exists", hint="choose another --to or --force"
                     )
             for sd in reversed(needed):  # bases first: the checkpoint appears last
-                dvc.materialize(r.checkpoint_hash, out / sd, prefix=sd, progress=progress)
+                st.materialize(r.checkpoint_hash, out / sd, prefix=sd, progress=progress)
             dest = out / step_dir
             verify_checkpoint(dest)
             verified = tuple(needed)
         else:
-            verified = _replace_output(dvc, r, files, force=force, progress=progress)
-            dest = dvc.root / r.path_in_repo / r.step_dir
+            verified = _replace_output(st, r, files, force=force, progress=progress)
+            dest = st.root / r.path_in_repo / r.step_dir
     finally:
-        dvc.close()
+        st.close()
     return CheckoutResult(r, dest, r.step, verified=verified)
 
 
 def _staged(
-    dvc: Storage, r: ResolvedRef, *, progress: Progress | None
+    st: Storage, r: ResolvedRef, *, progress: Progress | None
 ) -> tuple[Path, ResolvedRef, list[TreeFile]]:
     """REF's step directory in the scratch area, verified. A scratch copy that fails is
     rebuilt once after healing its cache objects (a corrupt object is moved aside and fetched
@@ -121,24 +106,24 @@ def _staged(
     from modelver.checkpoint import verify_checkpoint
 
     for attempt in (1, 2):
-        staged, r, files = materialize_step(dvc, r, progress=progress)
+        staged, r, files = materialize_step(st, r, progress=progress)
         try:
             verify_checkpoint(staged)  # corrupted data stops us before the destination changes
             return staged, r, files
         except (CheckpointCorruptedError, MalformedDataError):
             if attempt == 2:
                 raise
-            _drop_scratch(dvc, r, files, progress=progress)
+            _drop_scratch(st, r, files, progress=progress)
     raise AssertionError("unreachable")
 
 
 def _drop_scratch(
-    dvc: Storage, r: ResolvedRef, files: Sequence[TreeFile], *, progress: Progress | None
+    st: Storage, r: ResolvedRef, files: Sequence[TreeFile], *, progress: Progress | None
 ) -> None:
     """Heal a version's cache objects and forget its scratch copies (rebuilt on next use)."""
     assert r.checkpoint_hash
-    dvc.heal([f.md5 for f in files], progress=progress)
-    root = scratch_dir(dvc)
+    st.heal([f.oid for f in files], progress=progress)
+    root = st.scratch
     here = inside(root, r.checkpoint_hash, field="checkpoint hash")
     if here.is_dir():
         shutil.rmtree(here)
@@ -154,7 +139,7 @@ def output_path(root: Path, rel: object, *, field: str = "artifact path") -> Pat
 
 
 def _replace_output(
-    dvc: Storage,
+    st: Storage,
     r: ResolvedRef,
     files: Sequence[TreeFile],
     *,
@@ -166,16 +151,15 @@ def _replace_output(
     output). Returns the step directories verified."""
     from modelver.checkpoint import verify_checkpoint
 
-    target = output_path(dvc.root, r.path_in_repo)
+    target = output_path(st.root, r.path_in_repo)
     assert r.path_in_repo and r.checkpoint_hash
     clean_side_dirs(target)  # a killed checkout's old tree comes back before we judge it
-    if not force and not dvc.workspace_saved(r.path_in_repo):
-        saved = "committed to Git" if is_lfs(dvc) else "in the DVC cache"
+    if not force and not st.workspace_saved(r.path_in_repo):
         raise DirtyWorkspaceError(
-            f"'{r.path_in_repo}' holds checkpoints that are not {saved}",
+            f"'{r.path_in_repo}' holds checkpoints that are not {st.saved_in}",
             hint="commit them first, use --to DIR, or --force to discard them",
         )
-    dvc.fetch([f.md5 for f in files], progress=progress)
+    st.fetch([f.oid for f in files], progress=progress)
     carried = sorted(step_dirs(files))
     verified: list[str] = []
 
@@ -187,7 +171,7 @@ def _replace_output(
                 raise CheckpointCorruptedError(target / sd, e.problems) from e
             verified.append(sd)
 
-    dvc.materialize(r.checkpoint_hash, target, progress=progress, check=check)
+    st.materialize(r.checkpoint_hash, target, progress=progress, check=check)
     return tuple(verified)
 
 
@@ -202,8 +186,6 @@ def resume(
     progress: Progress | None = None,
 ) -> ResumeResult:
     """Rebuild REF's commit on a new branch, restore its checkpoint, override params, repro."""
-    from modelver.dvcrepo import repro as run_repro
-
     git = open_git(repo_root)
     r = _data_ref(git, ref, "resume")
     assert r.commit and r.path_in_repo
@@ -216,7 +198,7 @@ def resume(
     main = open_storage(git.root)
     try:
         r, files = with_step(main, r)
-        main.fetch([f.md5 for f in files], progress=progress)
+        main.fetch([f.oid for f in files], progress=progress)
         _staged(main, r, progress=progress)  # a bad checkpoint stops us before any branch exists
         assert r.commit and r.path_in_repo and r.step is not None
         if worktree is None:
@@ -236,24 +218,23 @@ def resume(
                     f"{workdir} exists and is not empty", hint="choose a new --worktree directory"
                 )
             git.add_worktree(workdir, branch, r.commit)
-            if not is_lfs(main):  # Git LFS worktrees share the objects already
-                from modelver.dvcrepo import DvcRepo
-
-                assert isinstance(main, DvcRepo)
-                main.share_config_with(workdir)
+            main.share_with(workdir)
+        runs_pipeline = main.runs_pipeline
     finally:
         main.close()
-    dvc = open_storage(workdir)
+    st = open_storage(workdir)
     try:
-        _replace_output(dvc, r, files, force=True, progress=progress)
+        _replace_output(st, r, files, force=True, progress=progress)
     finally:
-        dvc.close()
+        st.close()
     if overrides:
         apply_overrides(workdir / "params.yaml", overrides)
     # a Git LFS repository without a DVC pipeline has nothing to repro: training resumes
     # from the restored checkpoint when the user runs it
-    repro = repro and (backend_of(workdir) == "dvc" or (workdir / "dvc.yaml").is_file())
+    repro = repro and (runs_pipeline or (workdir / "dvc.yaml").is_file())
     if repro:
+        from modelver.storage.dvcfile import repro as run_repro
+
         run_repro(workdir, quiet=quiet)
     return ResumeResult(r, branch, workdir, r.step, overrides, repro)
 
@@ -287,23 +268,12 @@ def push(
     tags to the Git remote 'origin' when there is one."""
     git = open_git(repo_root)
     resolved = _version_refs(git, refs)
-    if backend_of(git.root) == "lfs":
-        return _push_lfs(git, resolved, refs)
-    from modelver.dvcrepo import DvcRepo
-
-    dvc = DvcRepo(git.root)
+    st = open_storage(git.root)
     try:
-        wanted: list[str] = []
-        for r in resolved:
-            assert r.checkpoint_hash
-            wanted += [r.checkpoint_hash] + [f.md5 for f in dvc.tree(r.checkpoint_hash)]
-        wanted = list(dict.fromkeys(wanted))
-        absent = dvc.missing_in_cache(wanted)
-        if absent and dvc.missing_in_remote(absent):
-            raise DataMissingError(f"{len(absent)} object(s) of {', '.join(refs) or 'versions'}")
-        sent = dvc.push([m for m in wanted if m not in set(absent)], progress=progress)
+        trees = [(str(r.checkpoint_hash), r.tag or r.ref, r.tag) for r in resolved]
+        sent = st.push(trees, what=", ".join(refs) or "versions", progress=progress)
     finally:
-        dvc.close()
+        st.close()
     tags = _tags_of(git, resolved) if git.has_remote("origin") else []
     git.push_tags(tags)
     return TransferResult([r.tag or r.ref for r in resolved], sent, tags)
@@ -317,28 +287,6 @@ def _tags_of(git: GitRepo, resolved: Sequence[ResolvedRef]) -> list[str]:
     return [r.tag for r in resolved if r.tag] + stage_tags
 
 
-def _push_lfs(git: GitRepo, resolved: Sequence[ResolvedRef], refs: Sequence[str]) -> TransferResult:
-    """Git LFS: upload the versions' LFS objects to 'origin', then their tags (and commits)."""
-    from modelver.lfsrepo import LfsRepo
-
-    if not git.has_remote("origin"):
-        raise RemoteError("origin", "no Git remote 'origin' (Git LFS stores data there)")
-    lfs = LfsRepo(git.root)
-    on_origin = lfs.remote_tags()
-    wanted: list[str] = []
-    for r in resolved:
-        assert r.checkpoint_hash
-        files = [f.md5 for f in lfs.tree(r.checkpoint_hash)]
-        absent = set(lfs.missing_in_cache(files))
-        if absent and r.tag not in on_origin:  # a pushed tag means its data went first
-            raise DataMissingError(f"{len(absent)} object(s) of {r.tag or r.ref}")
-        wanted += [m for m in files if m not in absent]
-    sent = lfs.publish(wanted)
-    tags = _tags_of(git, resolved)
-    git.push_tags(tags)
-    return TransferResult([r.tag or r.ref for r in resolved], sent, tags)
-
-
 def pull(
     ref: str, *, repo_root: str | Path = ".", progress: Progress | None = None
 ) -> TransferResult:
@@ -350,15 +298,15 @@ def pull(
     fetched = sorted({t.name for t in git.list_tags()} - before)
     r = _data_ref(git, ref, "pull")
     assert r.checkpoint_hash
-    dvc = open_storage(git.root)
+    st = open_storage(git.root)
     try:
-        files = dvc.tree(r.checkpoint_hash)
-        missing = dvc.missing_in_cache(f.md5 for f in files)
+        files = st.tree(r.checkpoint_hash)
+        missing = st.missing_in_cache(f.oid for f in files)
         # objects already here are read in full: one that fails its hash is fetched again
-        healed = dvc.heal([f.md5 for f in files if f.md5 not in set(missing)], progress=progress)
-        dvc.fetch(missing, progress=progress)
+        healed = st.heal([f.oid for f in files if f.oid not in set(missing)], progress=progress)
+        st.fetch(missing, progress=progress)
     finally:
-        dvc.close()
+        st.close()
     return TransferResult([r.tag or r.ref], len(missing) + len(healed), fetched)
 
 
@@ -390,33 +338,32 @@ def verify(target: str | None = None, *, repo_root: str | Path = ".") -> VerifyR
 def _verify_version(git: GitRepo, r: ResolvedRef) -> VerifyResult:
     """Every step directory the version carries, against dvc.lock and its manifest. Reads
     only: a corrupt cache object is reported (``pull`` fetches it again), not replaced."""
-    dvc = open_storage(git.root)
+    st = open_storage(git.root)
     checked: list[VerifiedCheckpoint] = []
     try:
-        r, files = with_step(dvc, r)
+        r, files = with_step(st, r)
         dirs = step_dirs(files)
-        hash_file = hash_file_for(dvc)
         for sd in sorted(dirs, key=lambda k: dirs[k]):
             mine = [f for f in files if f.relpath.startswith(sd + "/")]
-            bad = set(dvc.corrupt_in_cache(f.md5 for f in mine))
+            bad = set(st.corrupt_in_cache(f.oid for f in mine))
             if bad:
-                where = scratch_dir(dvc) / str(r.checkpoint_hash) / sd
+                where = st.scratch / str(r.checkpoint_hash) / sd
                 checked.append(VerifiedCheckpoint(where, dirs[sd], [
                     f"{f.relpath[len(sd) + 1:]} fails its hash in the local cache (object "
-                    f"{f.md5}; 'modelver pull {r.ref}' fetches it again)"
-                    for f in mine if f.md5 in bad
+                    f"{f.oid}; 'modelver pull {r.ref}' fetches it again)"
+                    for f in mine if f.oid in bad
                 ]))
                 continue
             one = replace(r, step_dir=sd, step=dirs[sd])
             for attempt in (1, 2):  # a stale scratch copy is rebuilt once before it counts
-                dest, _, _ = materialize_step(dvc, one, progress=None)
+                dest, _, _ = materialize_step(st, one, progress=None)
                 problems = verify_one(dest).problems + pin_problems(
-                    dest, sd, mine, full=True, hash_file=hash_file
+                    dest, sd, mine, full=True, hash_file=st.hash_file
                 )
                 if not problems or attempt == 2:
                     break
                 shutil.rmtree(dest)
             checked.append(VerifiedCheckpoint(dest, dirs[sd], problems))
     finally:
-        dvc.close()
+        st.close()
     return VerifyResult(checked)

@@ -21,7 +21,8 @@ from modelver.errors import (
     RemoteError,
     UnsafePathError,
 )
-from modelver.refs import open_dvc, open_git
+from modelver.refs import open_git
+from modelver.storage.dvc import DvcStorage
 
 Progress = Callable[[int, int], None]
 
@@ -30,9 +31,9 @@ Progress = Callable[[int, int], None]
 # A run's checkpoints pushed in the background (CheckpointManager(push=...)), back on any clone.
 
 if TYPE_CHECKING:
-    from modelver.dvcrepo import DvcRepo, RemoteStore
     from modelver.gitrepo import GitRepo
-    from modelver.publish import RunRecord
+    from modelver.remote import RemoteStore
+    from modelver.runs import RunRecord
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,10 @@ def list_runs(*, remote: str | None = None, repo_root: str | Path = ".") -> list
     against its step directory listing and manifest in the remote (two small reads, nothing
     written): checked runs first, newest (by the manifest's step) first, then unchecked ones,
     then refused ones. A crafted record cannot list itself as the newest run."""
-    from modelver.publish import read_run_records, runs_of_repo
+    from modelver.runs import read_run_records, runs_of_repo
 
     git = open_git(repo_root)
-    dvc = open_dvc(git.root)
+    dvc = DvcStorage(git.root)
     try:
         store = dvc.remote_store(remote)
         runs, bad = read_run_records(store)
@@ -124,7 +125,7 @@ def _check_listed(store: RemoteStore, rec: RunRecord) -> ListedRun:
     """``rec`` as listed: its listing and manifest read from the remote and compared."""
     from modelver import untrusted
     from modelver.checkpoint import format as ckfmt
-    from modelver.publish import read_object
+    from modelver.runs import read_object
 
     what = f"run record {rec.run}"
     try:
@@ -180,11 +181,11 @@ def recover(
     A record that fails is skipped with a warning (the next newest is tried); ``run`` naming
     it is an error. Nothing is written in the workspace before the checkpoint is chosen."""
     from modelver.checkpoint import verify_checkpoint
-    from modelver.dvcrepo import repro as run_repro
-    from modelver.publish import candidate_runs, read_run_records
+    from modelver.runs import candidate_runs, read_run_records
+    from modelver.storage.dvcfile import repro as run_repro
 
     git = open_git(repo_root)
-    dvc = open_dvc(git.root)
+    dvc = DvcStorage(git.root)
     try:
         store = dvc.remote_store(remote)
         branch = dvc.git_head()[1]
@@ -227,7 +228,7 @@ def recover(
 
 
 def _believe(
-    git: GitRepo, dvc: DvcRepo, rec: RunRecord, *, remote: str | None,
+    git: GitRepo, dvc: DvcStorage, rec: RunRecord, *, remote: str | None,
     progress: Progress | None,
 ) -> tuple[RunRecord, Path, int]:
     """Check a record against what it names, fetching its objects: (the record with its step
@@ -235,7 +236,7 @@ def _believe(
     ``_BAD_RECORD`` when the record is not borne out; writes nothing in the workspace."""
     from modelver import untrusted
     from modelver.checkpoint import format as ckfmt
-    from modelver.refs import tree
+    from modelver.materialize import tree
 
     what = f"run record {rec.run}"
     root = untrusted.inside(git.root, rec.path, field=f"{what} path")
@@ -246,7 +247,7 @@ def _believe(
     for step_dir, dir_md5, files in [(rec.step_dir, rec.dir_md5, rec.files),
                                      *((b.step_dir, b.dir_md5, b.files) for b in rec.bases)]:
         _fetch(dvc, [dir_md5], what=what, field=f"{step_dir} dir_md5", remote=remote)
-        listing = {f.relpath: f.md5 for f in tree(dvc, dir_md5, what=f"{what} {step_dir}")}
+        listing = {f.relpath: f.oid for f in tree(dvc, dir_md5, what=f"{what} {step_dir}")}
         if listing != files:
             raise MalformedDataError(what, f"{step_dir} files", sorted(files),
                                      expected="the files of the step directory it names")
@@ -273,7 +274,7 @@ def _believe(
 
 
 def _fetch(
-    dvc: DvcRepo, md5s: list[str], *, what: str, field: str, remote: str | None,
+    dvc: DvcStorage, md5s: list[str], *, what: str, field: str, remote: str | None,
     progress: Progress | None = None,
 ) -> None:
     """Fetch what a record names; an object the remote lacks makes the record a bad one
@@ -286,7 +287,7 @@ def _fetch(
         ) from e
 
 
-def _place(dvc: DvcRepo, dir_md5: str, dest: Path, *, progress: Progress | None) -> None:
+def _place(dvc: DvcStorage, dir_md5: str, dest: Path, *, progress: Progress | None) -> None:
     """Write a pushed step directory to ``dest``: staged under a name the CheckpointManager
     ignores (and cleans), verified, renamed. An identical one already there is kept."""
     import secrets

@@ -9,27 +9,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from modelver.checkpoint.catalog import (
-        CheckpointInfo,
-        LoadedCheckpoint,
-        latest_checkpoint,
-        list_checkpoints,
-        load_checkpoint,
-        restore_checkpoint,
-        verify_checkpoint,
-    )
+    from modelver.checkpoint.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints
     from modelver.checkpoint.manager import CheckpointManager
+    from modelver.checkpoint.restore import LoadedCheckpoint, load_checkpoint, restore_checkpoint
     from modelver.checkpoint.retention import RetentionPlan, plan_retention
     from modelver.checkpoint.sampler import ResumableSampler
+    from modelver.checkpoint.verify import verify_checkpoint
 
 _WHERE = {
     "CheckpointInfo": "catalog",
-    "LoadedCheckpoint": "catalog",
+    "LoadedCheckpoint": "restore",
     "latest_checkpoint": "catalog",
     "list_checkpoints": "catalog",
-    "load_checkpoint": "catalog",
-    "restore_checkpoint": "catalog",
-    "verify_checkpoint": "catalog",
+    "load_checkpoint": "restore",
+    "restore_checkpoint": "restore",
+    "verify_checkpoint": "verify",
     "CheckpointManager": "manager",
     "RetentionPlan": "retention",
     "plan_retention": "retention",

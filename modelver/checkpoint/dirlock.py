@@ -20,7 +20,6 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import socket
 import threading
 import time
@@ -29,20 +28,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from modelver.checkpoint.commit import probe_path
 from modelver.errors import CheckpointLockedError, CheckpointWriteError, ModelverWarning
-
-
-def pid_alive(pid: int) -> bool:
-    """This process (another manager of it may be mid-save) or a live one on this host."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def prepare_directory(root: Path) -> None:
@@ -54,7 +41,7 @@ def prepare_directory(root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         if not os.access(root, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "Permission denied", str(root))
-        probe = root / f".probe-{os.getpid()}-{secrets.token_hex(3)}"
+        probe = probe_path(root)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, b"modelver write probe\n")

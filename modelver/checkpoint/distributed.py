@@ -18,8 +18,6 @@ torch.distributed itself is imported lazily: single-process users never pay for 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import warnings
 from collections.abc import Mapping, MutableMapping
@@ -31,14 +29,14 @@ from typing import Any
 import torch
 
 from modelver import untrusted
+from modelver.checkpoint import commit
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.delta import DeltaEncoder
+from modelver.checkpoint.hooks import PerRank
 from modelver.checkpoint.io import (
-    _plan_shards,
-    _storage_key,
-    _write_shard,
-    _write_small,
-    commit_dir,
+    plan_shards,
+    storage_key,
+    write_shard,
 )
 from modelver.checkpoint.reader import read_state_json
 from modelver.checkpoint.sharded import chunk_names as chunk_names  # re-exported
@@ -62,6 +60,7 @@ from modelver.errors import (
     ModelverWarning,
     StateMismatchError,
 )
+from modelver.hashing import xxh3_bytes
 
 
 def active() -> bool:
@@ -83,7 +82,7 @@ def rank_file(r: int) -> str:
 
 def per_rank(obj: object) -> bool:
     """Objects whose state differs per rank say so (a ResumableSampler with num_replicas > 1)."""
-    return bool(getattr(obj, "modelver_per_rank", False))
+    return isinstance(obj, PerRank) and bool(obj.modelver_per_rank)
 
 
 # --- collectives (small Python objects between our own ranks; nothing here reads files) -----
@@ -161,7 +160,7 @@ def _host_tensors(flat: list[FlatTensor]) -> tuple[list[FlatTensor], dict[str, s
     aliases: dict[str, str] = {}
     out = []
     for ft in flat:
-        key = _storage_key(ft.tensor)
+        key = storage_key(ft.tensor)
         if key in seen and ft.tensor.numel() > 0:
             aliases[ft.name] = seen[key]
             continue
@@ -193,8 +192,8 @@ def save(
     me, world = dist.get_rank(), dist.get_world_size()
     final = root / fmt.step_dirname(step)
     # the temp dir carries rank 0's pid, so a restarted rank 0 can tell it is stale
-    token = _broadcast(f"{os.getpid()}-{secrets.token_hex(3)}" if me == 0 else None)
-    tmp = root / f".tmp-{final.name}-{token}"
+    token = _broadcast(commit.writer_token() if me == 0 else None)
+    tmp = commit.leftover(final, "tmp", token)
     files: dict[str, fmt.FileEntry] = {}
     tensors: dict[str, fmt.TensorEntry] = {}
     aliases: dict[str, str] = {}
@@ -212,12 +211,12 @@ def save(
             "components": parts.per_rank,
         }
         name = rank_file(me)
-        files[name] = _write_small(tmp / name, json.dumps(doc).encode())  # order kept, see io
+        files[name] = commit.write_small(tmp / name, json.dumps(doc).encode())  # order kept, see io
         if me == 0:
             host, aliases = _host_tensors(parts.replicated)
             against = None if delta is None else (delta, delta.begin(root, step))
-            for fname, members in _plan_shards(host):
-                fentry, tentries, dentry = _write_shard(tmp / fname, members, delta=against)
+            for fname, members in plan_shards(host):
+                fentry, tentries, dentry = write_shard(tmp / fname, members, delta=against)
                 files[fentry.path] = fentry
                 tensors.update((e.name, e) for e in tentries)
                 if dentry is not None:
@@ -312,7 +311,7 @@ def _commit(
             "world_size": world,
         }
         payload = json.dumps(doc).encode()  # dict order kept, as in io.write_checkpoint
-        files[fmt.STATE_FILE] = _write_small(tmp / fmt.STATE_FILE, payload)
+        files[fmt.STATE_FILE] = commit.write_small(tmp / fmt.STATE_FILE, payload)
         manifest = fmt.Manifest(
             step=step,
             epoch=epoch,
@@ -326,9 +325,7 @@ def _commit(
             format_version=fmt.DELTA_FORMAT_VERSION if deltas else fmt.FORMAT_VERSION,
             deltas=deltas,
         )
-        _write_small(tmp / fmt.MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
-        fmt.fsync_path(tmp)
-        commit_dir(tmp, final)
+        commit.seal(tmp, final, manifest)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         return f"{getattr(e, 'errno', None) or '-'} {e}", None  # errno first: the hint fits
@@ -340,13 +337,13 @@ def _commit(
 
 def _verify_share(path: Path, me: int, world: int) -> list[str]:
     """This rank's share of a full check: every size, the hashes of every world-th file."""
-    from modelver.checkpoint.catalog import _index_problems
+    from modelver.checkpoint.verify import index_problems
 
     try:
         manifest = fmt.read_manifest(path)
         problems = fmt.verify_files(path, manifest, sorted(manifest.files)[me::world])
         if not problems and me == 0:
-            problems = _index_problems(path, manifest)
+            problems = index_problems(path, manifest)
     except (CheckpointCorruptedError, OSError) as e:
         problems = [str(e)]
     return problems
@@ -404,7 +401,7 @@ def restore(root: Path, state: MutableMapping[str, Any], *, step: int | None = N
 def _restore_one(path: Path, state: MutableMapping[str, Any], me: int, world: int) -> int:
     """This rank's own file is read and checked before anything live changes; its objects are
     loaded first (with a backup) so the shared restore's refusal can put them back."""
-    from modelver.checkpoint.catalog import _backup, _roll_back, restore_checkpoint
+    from modelver.checkpoint.restore import after_restore, backup, restore_checkpoint, roll_back
 
     manifest = fmt.read_manifest(path)
     meta = read_state_json(path, manifest)
@@ -430,19 +427,16 @@ def _restore_one(path: Path, state: MutableMapping[str, Any], me: int, world: in
     try:
         for comp, value in mine.items():
             if is_stateful(state[comp]):
-                backups[comp] = _backup(state[comp])
+                backups[comp] = backup(state[comp])
                 state[comp].load_state_dict(value)
         restore_checkpoint(path, shared, restore_rngs=False)
     except BaseException:
-        _roll_back(state, backups)
+        roll_back(state, backups)
         raise
     state.update({c: shared[c] for c in shared if not is_stateful(state[c])})
     state.update({c: v for c, v in mine.items() if not is_stateful(state[c])})
     set_rngs()
-    for obj in state.values():
-        hook = getattr(obj, "_modelver_after_restore", None)
-        if callable(hook):
-            hook()
+    after_restore(state)
     return manifest.step
 
 
@@ -451,7 +445,7 @@ def _read_rank_file(
 ) -> tuple[dict[str, Any], Any]:
     """A rank file, hash-checked and validated in full (states and RNGs), or corrupted."""
     data = fmt.read_member(path, name, limit=untrusted.MAX_JSON_BYTES)
-    if fmt.hash_bytes(data) != manifest.files[name].hash:
+    if xxh3_bytes(data) != manifest.files[name].hash:
         raise CheckpointCorruptedError(path, [f"{name} content hash differs"])
     try:
         doc = dict(untrusted.mapping(untrusted.load_json(data, what=name), what=name,

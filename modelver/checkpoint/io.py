@@ -6,10 +6,8 @@ is :mod:`modelver.checkpoint.reader`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 import xxhash
 
+from modelver.checkpoint import commit
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint import tensorfile as tf
 from modelver.checkpoint.delta import DeltaEncoder
@@ -34,6 +33,7 @@ from modelver.checkpoint.state import (
     safe_filename,
 )
 from modelver.errors import CheckpointWriteError
+from modelver.hashing import md5_parts, new_hasher
 
 SHARD_BYTES = 64 << 20  # groups are packed into files up to this size; a bigger tensor gets its own
 
@@ -75,7 +75,7 @@ class BufferPool:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
-def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+def storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (
         t.device,
         t.untyped_storage().data_ptr(),
@@ -112,7 +112,7 @@ def take_snapshot(
         else:
             components[comp] = {"kind": "value", "state": skeleton}
         for ft in flat:
-            key = _storage_key(ft.tensor)
+            key = storage_key(ft.tensor)
             if key in seen and ft.tensor.numel() > 0:
                 aliases[ft.name] = seen[key]
                 continue
@@ -148,7 +148,7 @@ def bytes_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def _plan_shards(tensors: list[FlatTensor]) -> list[tuple[str, list[FlatTensor]]]:
+def plan_shards(tensors: list[FlatTensor]) -> list[tuple[str, list[FlatTensor]]]:
     """Deterministic from names, sizes and frozen flags only, so layouts repeat across saves."""
     shards: list[tuple[str, list[FlatTensor]]] = []
     open_shard: dict[
@@ -171,13 +171,6 @@ def _plan_shards(tensors: list[FlatTensor]) -> list[tuple[str, list[FlatTensor]]
     return shards
 
 
-def _md5(parts: list[bytes | memoryview]) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    for part in parts:
-        h.update(part)  # releases the GIL on large buffers: runs beside the writes
-    return h.hexdigest()
-
-
 class Md5Pool:
     """MD5 of files (what DVC hashes outputs with), computed from memory in helper threads
     while the files are written, so DVC need not read and hash them again."""
@@ -189,7 +182,7 @@ class Md5Pool:
         self._pending: dict[str, Future[str]] = {}
 
     def submit(self, name: str, parts: list[bytes | memoryview]) -> None:
-        self._pending[name] = self._pool.submit(_md5, parts)
+        self._pending[name] = self._pool.submit(md5_parts, parts)
 
     def fill(self, files: dict[str, fmt.FileEntry]) -> None:
         """Wait for the pending hashes and record them in ``files``."""
@@ -201,7 +194,7 @@ class Md5Pool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_shard(
+def write_shard(
     path: Path,
     members: list[FlatTensor],
     md5: Md5Pool | None = None,
@@ -238,7 +231,7 @@ def _write_shard(
             stored = path.with_name(path.name + fmt.DELTA_SUFFIX)
             if md5 is not None:
                 md5.submit(stored.name, list(frames))
-            h = tf.new_hasher()
+            h = new_hasher("xxh3")
             with open(stored, "wb", buffering=0) as f:
                 for frame in frames:
                     fmt.write_all(f, frame)
@@ -272,14 +265,6 @@ def _write_shard(
     return fmt.FileEntry(path.name, size, file_hash), tentries, None
 
 
-def _write_small(path: Path, data: bytes, *, md5: bool = False) -> fmt.FileEntry:
-    with open(path, "wb", buffering=0) as f:
-        fmt.write_all(f, data)
-        os.fsync(f.fileno())
-    digest = hashlib.md5(data, usedforsecurity=False).hexdigest() if md5 else None
-    return fmt.FileEntry(path.name, len(data), fmt.hash_bytes(data), digest)
-
-
 def state_json(snap: Snapshot) -> dict[str, Any]:
     return {
         "format_version": fmt.FORMAT_VERSION,
@@ -307,7 +292,7 @@ def write_checkpoint(
     stored as XOR deltas against the base where that saves space.
     """
     final = root / fmt.step_dirname(snap.step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(3)}"
+    tmp = commit.leftover(final, "tmp")
     pool = Md5Pool() if md5 else None
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -315,10 +300,10 @@ def write_checkpoint(
         files: dict[str, fmt.FileEntry] = {}
         tensors: dict[str, fmt.TensorEntry] = {}
         deltas: dict[str, fmt.DeltaEntry] = {}
-        for name, members in _plan_shards(snap.tensors):
+        for name, members in plan_shards(snap.tensors):
             # fsync after all files are written: the disk drains one file while the next is
             # written, instead of the writer idling at every file (measured 2x faster)
-            fentry, tentries, dentry = _write_shard(
+            fentry, tentries, dentry = write_shard(
                 tmp / name, members, pool, fsync=False, delta=delta
             )
             files[fentry.path] = fentry
@@ -326,13 +311,13 @@ def write_checkpoint(
             if dentry is not None:
                 deltas[name] = dentry
         for name in files:
-            fmt.fdatasync_path(tmp / name)
+            commit.fdatasync_path(tmp / name)
         if pool is not None:
             pool.fill(files)
         # dict order kept (not sorted): a restore rebuilds e.g. each optimizer state dict in the
         # order it was saved, so the next save lays its files out the same (deltas, dedup)
         payload = json.dumps(state_json(snap)).encode()
-        files[fmt.STATE_FILE] = _write_small(tmp / fmt.STATE_FILE, payload, md5=md5)
+        files[fmt.STATE_FILE] = commit.write_small(tmp / fmt.STATE_FILE, payload, md5=md5)
         manifest = fmt.Manifest(
             step=snap.step,
             epoch=snap.epoch,
@@ -345,9 +330,7 @@ def write_checkpoint(
             format_version=fmt.DELTA_FORMAT_VERSION if deltas else fmt.FORMAT_VERSION,
             deltas=deltas,
         )
-        _write_small(tmp / fmt.MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
-        fmt.fsync_path(tmp)
-        commit_dir(tmp, final)
+        commit.seal(tmp, final, manifest)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(final, e) from e
@@ -358,42 +341,3 @@ def write_checkpoint(
         if pool is not None:
             pool.close()
     return manifest
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Rename into place; a checkpoint of the same step is replaced, never half-visible.
-
-    Replacing takes two renames (old -> ``.trash-<step>-<pid>-…``, then ``tmp`` -> ``final``).
-    A kill between them leaves both, complete: the next manager's start-up recovery
-    (:func:`~modelver.checkpoint.retention.recover_leftovers`) promotes ``tmp``. A failed second
-    rename puts the old one back. A step committed meanwhile by another manager of this process
-    is replaced in turn (the newest save of a step wins).
-    """
-    import errno
-
-    for _ in range(5):
-        trash = None
-        if os.path.lexists(final):
-            trash = final.with_name(f".trash-{final.name}-{os.getpid()}-{secrets.token_hex(3)}")
-            try:
-                os.rename(final, trash)
-            except FileNotFoundError:  # retired or replaced meanwhile
-                trash = None
-        try:
-            os.rename(tmp, final)
-        except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # committed meanwhile: displace it
-                if trash is not None:  # the one we displaced is older than both
-                    shutil.rmtree(trash, ignore_errors=True)
-                continue
-            if trash is not None:
-                try:
-                    os.rename(trash, final)
-                except OSError as undo:  # start-up recovery puts it back
-                    e.add_note(f"the replaced checkpoint is kept as {trash.name} ({undo})")
-            raise
-        fmt.fsync_path(final.parent)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return
-    raise FileExistsError(errno.EEXIST, "other saves of this step keep committing", str(final))

@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import numbers
 import os
 import shutil
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from modelver.checkpoint import distributed
+from modelver.checkpoint import commit, distributed, hooks
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.catalog import (
-    CheckpointInfo,
-    latest_checkpoint,
-    list_checkpoints,
-    restore_checkpoint,
-)
+from modelver.checkpoint.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints
 from modelver.checkpoint.delta import DeltaEncoder
-from modelver.checkpoint.dirlock import DirLock, pid_alive, prepare_directory
+from modelver.checkpoint.dirlock import DirLock, prepare_directory
+from modelver.checkpoint.fallback import newest_valid
+from modelver.checkpoint.hooks import CommitHook, RestoreAware
 from modelver.checkpoint.io import BufferPool, Snapshot, take_snapshot, write_checkpoint
+from modelver.checkpoint.restore import restore_checkpoint
 from modelver.checkpoint.retention import (
     check_count,
     check_flag,
@@ -36,21 +30,14 @@ from modelver.checkpoint.retention import (
     check_seconds,
     execute_retention,
     plan_retention,
-    recover_leftovers,
 )
+from modelver.checkpoint.signals import StopSignals
 from modelver.errors import (
     AsyncSaveError,
-    CheckpointCorruptedError,
-    CheckpointNotFoundError,
     InvalidArgumentError,
-    MalformedDataError,
     ModelverWarning,
     TrainingInterrupted,
-    UnsafePathError,
 )
-
-if TYPE_CHECKING:
-    from modelver.publish import Publisher
 
 
 class CheckpointManager:
@@ -86,6 +73,7 @@ class CheckpointManager:
         push: bool | str = False,
         dvc_hashes: bool | None = None,
         delta_full_every: int | None = None,
+        on_commit: Sequence[CommitHook] = (),
     ) -> None:
         if not isinstance(directory, str | os.PathLike) or not isinstance(
             os.fspath(directory), str
@@ -101,6 +89,11 @@ class CheckpointManager:
         dvc_hashes = check_flag("dvc_hashes", dvc_hashes, none=True)
         if not isinstance(push, bool) and (not isinstance(push, str) or not push):
             raise InvalidArgumentError("push", push, expected="True, False or a remote name/URL")
+        hooks_given = list(on_commit) if isinstance(on_commit, list | tuple) else None
+        if hooks_given is None or not all(isinstance(h, CommitHook) for h in hooks_given):
+            raise InvalidArgumentError(
+                "on_commit", on_commit, expected="a list of objects with committed/check/close"
+            )
         full_every = check_count("delta_full_every", delta_full_every, minimum=0)
         if full_every == 1:  # 0 and None: no deltas
             raise InvalidArgumentError(
@@ -111,10 +104,9 @@ class CheckpointManager:
             raise InvalidArgumentError(
                 "async_save", async_save, expected="False under torch.distributed (not supported)"
             )
-        if handle_signals and threading.current_thread() is not threading.main_thread():
-            raise RuntimeError(
-                "handle_signals=True needs the manager to be built in the main thread"
-            )
+        self._stop = StopSignals(needs="the manager to be built")
+        if handle_signals:
+            self._stop.check_thread()
         self.root = Path(directory)
         # the directory is checked now, not at the first save after an interval of training;
         # every rank writes into it, rank 0 alone commits, cleans and holds the lock
@@ -139,17 +131,8 @@ class CheckpointManager:
         self._executor: ThreadPoolExecutor | None = None
         self._janitor: ThreadPoolExecutor | None = None
         self._inflight: Future[CheckpointInfo] | None = None
-        self._signal: int | None = None
-        self._old_handlers: dict[int, Any] = {}
         self._closed = False
         self.last_blocking_seconds = 0.0  # time the caller was blocked by the last save
-        # push=True (the default DVC remote), a remote name or URL: upload each committed
-        # checkpoint from a background thread (modelver.publish; DVC is imported there)
-        self._publisher: Publisher | None = None
-        if push:
-            from modelver.publish import Publisher
-
-            self._publisher = Publisher(self.root, push)
         # MD5 of each file, hashed from memory beside the writes, in the manifest and in DVC's
         # hash state, so DVC does not read every checkpoint byte again to hash it. Default: on
         # with push (uploads need it), and with async saves inside a DVC repository, where it
@@ -160,16 +143,18 @@ class CheckpointManager:
             if dvc_hashes is None
             else dvc_hashes
         )
-        self._dvc_warm: threading.Thread | None = None
-        if self.dvc_hashes and not self._distributed and importlib.util.find_spec("dvc"):
-            # importing DVC and opening the repository once takes seconds: not in the first save
-            self._dvc_warm = threading.Thread(
-                target=_warm_dvc, args=(self.root,), name="modelver-dvc-warm", daemon=True
-            )
-            self._dvc_warm.start()
+        # after each commit: DVC's hash state (single process), then push=True (the default
+        # DVC remote), a remote name or URL: an upload from a background thread, then the
+        # caller's own hooks; the modelver package provides the first two (checkpoint.hooks)
+        self._hooks: list[CommitHook] = []
+        if self.dvc_hashes and not self._distributed:
+            self._hooks.append(hooks.hook_for("dvc_hashes", self.root, True))
+        if push:
+            self._hooks.append(hooks.hook_for("push", self.root, push))
+        self._hooks += hooks_given
         self._recover()
         if handle_signals:
-            self._install_signals()
+            self._stop.install()
 
     # --- discovery ---------------------------------------------------------------------------
 
@@ -182,7 +167,7 @@ class CheckpointManager:
     @property
     def stop_requested(self) -> bool:
         """True once SIGTERM/SIGINT arrived (with ``handle_signals=True``)."""
-        return self._signal is not None
+        return self._stop.signum is not None
 
     # --- restore -----------------------------------------------------------------------------
 
@@ -202,49 +187,24 @@ class CheckpointManager:
                 if self._delta is not None and distributed.rank() == 0:
                     self._delta.seed(self.root / fmt.step_dirname(restored))
             return restored
-        candidates = list(reversed(self.checkpoints()))
-        if step is not None:
-            candidates = [c for c in candidates if c.step == step]
-            if not candidates:
-                raise CheckpointCorruptedError(
-                    self.root / fmt.step_dirname(step), ["no committed checkpoint at this step"]
-                )
-        overwritten = False
-        for info in candidates:
-            # a bad checkpoint (corrupted, malformed, unsafe, unreadable) is skipped for the
-            # previous one; StateMismatchError (the live objects changed) is not: it propagates
-            try:
-                restored = restore_checkpoint(info.path, state)
-            except CheckpointNotFoundError:  # retired by a writer since it was listed
-                continue
-            except (CheckpointCorruptedError, MalformedDataError, UnsafePathError) as e:
-                overwritten = overwritten or bool(getattr(e, "partial", False))
-                why = "; ".join(getattr(e, "problems", [e.message])[:3])
-                warnings.warn(
-                    f"skipping corrupted checkpoint {info.path}: {why}",
-                    ModelverWarning,
-                    stacklevel=2,
-                )
-                continue
-            self._last_step = restored
-            self._last_time = time.monotonic()
-            if self._delta is not None:
-                self._delta.seed(info.path)
-            return restored
-        if overwritten:
-            raise CheckpointCorruptedError(
-                self.root,
-                [
-                    "no valid checkpoint is left and the state was partly overwritten by a "
-                    "corrupted one; rebuild the model (or move the directory away) and start again"
-                ],
-            )
-        return 0
+        # a bad checkpoint (corrupted, malformed, unsafe, unreadable) is skipped for the
+        # previous one; StateMismatchError (the live objects changed) is not: it propagates
+        found = newest_valid(
+            self.root, lambda path: restore_checkpoint(path, state), step=step, stacklevel=2
+        )
+        if found is None:
+            return 0
+        info, restored = found
+        self._last_step = restored
+        self._last_time = time.monotonic()
+        if self._delta is not None:
+            self._delta.seed(info.path)
+        return restored
 
     # --- save --------------------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
-        if self._signal is not None:
+        if self._stop.signum is not None:
             return True
         if step == self._last_step:
             return False
@@ -265,14 +225,14 @@ class CheckpointManager:
         step = int(check_count("step", step, minimum=0, none=False) or 0)
         self._raise_background_error()
         due = self.due(step)
-        if self._distributed and (self._old_handlers or self.every_seconds):
+        if self._distributed and (self._stop.installed or self.every_seconds):
             # one small all-reduce: every rank saves at the step any rank was stopped or due at
-            agreed, due = distributed.agree(self._signal or 0, due)
-            if agreed and self._signal is None:
-                self._signal = agreed
+            agreed, due = distributed.agree(self._stop.signum or 0, due)
+            if agreed and self._stop.signum is None:
+                self._stop.signum = agreed
         if not due:
             return False
-        signum = self._signal
+        signum = self._stop.signum
         if step != self._last_step:
             self.save(step, state, metrics=metrics, epoch=epoch, extras=extras)
         if signum is not None:
@@ -343,17 +303,6 @@ class CheckpointManager:
         manifest = write_checkpoint(self.root, snap, md5=self.dvc_hashes, delta=delta)
         if self._delta is not None:
             self._delta.finish(fmt.step_dirname(snap.step), used_delta=bool(manifest.deltas))
-        if self.dvc_hashes:
-            if self._dvc_warm is not None:
-                self._dvc_warm.join()
-            try:
-                _record_dvc_hashes(self.root / fmt.step_dirname(manifest.step), manifest)
-            except OSError as e:  # committed already; e.g. retired at once by another manager
-                warnings.warn(
-                    f"could not record checkpoint hashes for DVC ({e}); DVC will hash the files",
-                    ModelverWarning,
-                    stacklevel=3,
-                )
         return self._after_commit(manifest)
 
     def _after_commit(self, manifest: fmt.Manifest, *, retain: bool = True) -> CheckpointInfo:
@@ -375,8 +324,14 @@ class CheckpointManager:
                     ModelverWarning,
                     stacklevel=4,
                 )
-            if self._publisher is not None:
-                self._publisher.submit(path, manifest)
+            for hook in self._hooks:
+                try:
+                    hook.committed(path, manifest)
+                except Exception as e:  # the save is committed: a hook's failure is a warning
+                    warnings.warn(
+                        f"step {manifest.step} is saved, but {type(hook).__name__} failed after "
+                        f"the commit ({type(e).__name__}: {e})", ModelverWarning, stacklevel=4,
+                    )
         return CheckpointInfo(
             path,
             manifest.step,
@@ -413,8 +368,8 @@ class CheckpointManager:
             raise AsyncSaveError(step, e) from e
 
     def _raise_background_error(self) -> None:
-        if self._publisher is not None:
-            self._publisher.check()
+        for hook in self._hooks:
+            hook.check()
         fut = self._inflight
         if fut is not None and fut.done() and fut.exception() is not None:
             self._wait_inflight()
@@ -432,11 +387,9 @@ class CheckpointManager:
                     pool.shutdown(wait=True)
             if self._delta is not None:
                 self._delta.join()
-            if self._publisher is not None:
-                self._publisher.close()  # uploads the last checkpoint before returning
-            for sig, handler in self._old_handlers.items():
-                signal.signal(sig, handler)
-            self._old_handlers.clear()
+            for hook in self._hooks:
+                hook.close()  # a push uploads the last checkpoint before returning
+            self._stop.uninstall()
             if self._lock is not None:
                 self._lock.release()
 
@@ -454,27 +407,11 @@ class CheckpointManager:
         if self._lock is None:
             return  # under torch.distributed rank 0 alone cleans (temp dirs carry its pid)
         try:
-            recover_leftovers(self.root, live=pid_alive)
+            commit.recover_leftovers(self.root)
         except OSError as e:  # never fatal: the leftovers are invisible to readers
             warnings.warn(
                 f"could not clean up {self.root} ({e})", ModelverWarning, stacklevel=3
             )
-
-    def _install_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError(
-                "handle_signals=True needs the manager to be built in the main thread"
-            )
-
-        def handler(signum: int, frame: FrameType | None) -> None:
-            if self._signal is not None:  # second signal: behave as if we were not there
-                signal.signal(signum, self._old_handlers.get(signum, signal.SIG_DFL))
-                signal.raise_signal(signum)
-                return
-            self._signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old_handlers[sig] = signal.signal(sig, handler)
 
 
 def _in_dvc_repo(directory: Path) -> bool:
@@ -483,37 +420,6 @@ def _in_dvc_repo(directory: Path) -> bool:
         return False
     here = Path(os.path.realpath(directory))
     return any((d / ".dvc").is_dir() for d in (here, *here.parents))
-
-
-def _warm_dvc(directory: Path) -> None:
-    here = Path(os.path.realpath(directory))
-    existing = next((d for d in (here, *here.parents) if d.is_dir()), here)
-    try:
-        from modelver.dvcrepo import record_hashes
-
-        record_hashes(existing, {})
-    except Exception:  # the first real record reports any problem
-        pass
-
-
-def _record_dvc_hashes(path: Path, manifest: fmt.Manifest) -> None:
-    """Pre-fill DVC's hash state with the checkpoint's MD5s; a no-op without DVC."""
-    md5s = {name: e.md5 for name, e in manifest.files.items() if e.md5}
-    if not md5s or importlib.util.find_spec("dvc") is None:
-        return
-    md5s[fmt.MANIFEST] = hashlib.md5(
-        (path / fmt.MANIFEST).read_bytes(), usedforsecurity=False
-    ).hexdigest()
-    from modelver.dvcrepo import record_hashes  # imports DVC: only here, only when present
-
-    try:
-        record_hashes(path, md5s)
-    except Exception as e:  # an optimisation only: DVC then hashes the files itself
-        warnings.warn(
-            f"could not record checkpoint hashes for DVC ({e}); DVC will hash the files",
-            ModelverWarning,
-            stacklevel=3,
-        )
 
 
 def _check_save(
@@ -556,6 +462,6 @@ def _number(name: str, value: object) -> float:
 def _epoch_of(state: Mapping[str, Any]) -> int | None:
     for obj in state.values():
         epoch = getattr(obj, "epoch", None)
-        if isinstance(epoch, int) and hasattr(obj, "_modelver_after_restore"):
+        if isinstance(epoch, int) and isinstance(obj, RestoreAware):
             return epoch
     return None

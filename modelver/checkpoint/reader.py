@@ -27,6 +27,7 @@ from modelver.errors import (
     CheckpointUnreadableError,
     MalformedDataError,
 )
+from modelver.hashing import xxh3_bytes
 
 
 def readinto_exact(f: Any, view: memoryview) -> bool:
@@ -177,7 +178,7 @@ def read_state_json(path: Path, manifest: fmt.Manifest) -> dict[str, Any]:
     if entry is None:
         raise CheckpointCorruptedError(path, [f"{fmt.STATE_FILE} is not listed in the manifest"])
     data = fmt.read_member(path, fmt.STATE_FILE, limit=untrusted.MAX_JSON_BYTES)
-    if fmt.hash_bytes(data) != entry.hash:
+    if xxh3_bytes(data) != entry.hash:
         raise CheckpointCorruptedError(path, [f"{fmt.STATE_FILE} content hash differs"])
     try:
         meta = dict(untrusted.mapping(

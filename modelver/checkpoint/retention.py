@@ -4,23 +4,17 @@ options that say so; and, at start-up, which leftovers of an interrupted save or
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import os
-import re
-import secrets
 import shutil
-import stat
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelver import untrusted
-from modelver.checkpoint import format as fmt
+from modelver.checkpoint import commit
 from modelver.checkpoint.catalog import CheckpointInfo
-from modelver.errors import InvalidArgumentError, ModelverError, ModelverWarning
+from modelver.errors import InvalidArgumentError
 
 # --- checked options ------------------------------------------------------------------------
 # A wrong kind or range fails at construction, not after the first commit (keep_last=-1 used to
@@ -141,115 +135,6 @@ def execute_retention(
     one was displaced by a newer save of its step and may have to come back).
     """
     for info in plan.delete:
-        name = f".retired-{info.path.name}-{os.getpid()}-{secrets.token_hex(3)}"
-        trash = info.path.with_name(name)
-        try:
-            os.rename(info.path, trash)
-        except FileNotFoundError:  # retired meanwhile (another manager of this process)
-            continue
-        remove(trash)
-
-
-# --- start-up recovery ----------------------------------------------------------------------
-
-# .tmp-step-N-<pid>-<hex>: a save being written; .trash-step-N-<pid>-<hex> (<pid>- missing in
-# older versions): a checkpoint displaced by a newer save of its step; .retired-…: retention;
-# .probe-<pid>-<hex>: the writability probe of a manager's construction
-LEFTOVER_RE = re.compile(
-    r"^\.(?P<kind>tmp|trash|retired)-(?P<target>step-\d+)-(?:(?P<pid>\d+)-)?[0-9a-f]+$"
-    r"|^\.(?P<probe>probe)-(?P<ppid>\d+)-[0-9a-f]+$"
-)
-
-
-def recover_leftovers(root: Path, *, live: Callable[[int], bool]) -> list[str]:
-    """Finish or undo what dead writers left; returns the step directories brought back.
-
-    Replacing step N takes two renames (old -> ``.trash-``, new ``.tmp-`` -> ``step-N``). For a
-    step without a committed directory, the newest *complete* temporary directory (valid
-    manifest of that step, every file with its size) is promoted, else the newest complete
-    trash is put back; only then is the rest removed, so a kill never costs both. Leftovers of
-    live processes (``live(pid)``) are left alone.
-    """
-    groups: dict[str, list[tuple[str, Path]]] = {}
-    for child in root.iterdir():
-        m = LEFTOVER_RE.match(child.name)
-        if not m:
-            continue
-        pid = m.group("pid") or m.group("ppid")
-        if pid is not None and live(int(pid)):
-            continue
-        if m.group("probe"):
-            _remove(child)
-            continue
-        groups.setdefault(m.group("target"), []).append((m.group("kind"), child))
-    recovered = []
-    for target, leftovers in sorted(groups.items()):
-        final = root / target
-        committed = _is_dir(final) and (final / fmt.MANIFEST).is_file()
-        if untrusted.STEP_DIR_RE.match(target) and not committed:
-            order = {"tmp": 0, "trash": 1}
-            candidates = sorted(
-                (p for kind, p in leftovers if kind in order and _complete(p, target)),
-                key=lambda p: (order[p.name[1:].split("-", 1)[0]], -_mtime(p)),
-            )
-            if candidates and _promote(candidates[0], final):
-                recovered.append(target)
-                leftovers = [(k, p) for k, p in leftovers if p != candidates[0]]
-        for _, path in leftovers:
-            _remove(path)
-    return recovered
-
-
-def _complete(path: Path, target: str) -> bool:
-    """A real directory whose manifest is valid, names this step, and whose files are all there
-    with their sizes (the data was flushed before the manifest was written)."""
-    if not _is_dir(path):
-        return False
-    try:
-        manifest = fmt.read_manifest(path)
-        return fmt.step_dirname(manifest.step) == target and not fmt.check_sizes(path, manifest)
-    except (ModelverError, OSError, ValueError, TypeError, KeyError):
-        return False
-
-
-def _promote(path: Path, final: Path) -> bool:
-    try:
-        if os.path.lexists(final):  # a step directory without a manifest: never committed
-            aside = final.with_name(f".trash-{final.name}-{os.getpid()}-{secrets.token_hex(3)}")
-            os.rename(final, aside)
-            _remove(aside)
-        os.rename(path, final)
-        fmt.fsync_path(final.parent)
-    except OSError as e:
-        warnings.warn(f"could not recover {final.name} from {path.name}: {e}", ModelverWarning,
-                      stacklevel=4)
-        return False
-    warnings.warn(
-        f"recovered {final} from {path.name}, left by a process killed while saving",
-        ModelverWarning,
-        stacklevel=4,
-    )
-    return True
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return (path / fmt.MANIFEST).stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _remove(path: Path) -> None:
-    """Never through a symlink: a planted link is unlinked, its target untouched."""
-    if _is_dir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        trash = commit.retire(info.path)
+        if trash is not None:
+            remove(trash)

@@ -71,7 +71,8 @@ class ResumableSampler(Sampler[int]):
 
     @property
     def modelver_per_rank(self) -> bool:
-        """Checkpointed in each rank's own file when the data is split across ranks."""
+        """Checkpointed in each rank's own file when the data is split across ranks
+        (:class:`~modelver.checkpoint.hooks.PerRank`)."""
         return self.num_replicas > 1
 
     def order(self, epoch: int) -> list[int]:
@@ -171,6 +172,7 @@ class ResumableSampler(Sampler[int]):
         else:
             self._started, self._resume_at = False, None
 
-    def _modelver_after_restore(self) -> None:
-        """Called by the checkpoint restore once the global RNGs hold the saved state."""
+    def modelver_after_restore(self) -> None:
+        """Called by the checkpoint restore once the global RNGs hold the saved state
+        (:class:`~modelver.checkpoint.hooks.RestoreAware`)."""
         self._rng_after_restore = torch.get_rng_state() if self._resume_at else None

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from modelver.checkpoint import commit
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.io import _write_shard, bytes_view
+from modelver.checkpoint.io import bytes_view, write_shard
 from modelver.checkpoint.reader import readinto_exact
 from modelver.checkpoint.state import FlatTensor
 from modelver.errors import CheckpointCorruptedError
+from modelver.hashing import xxh3_bytes
 
 
 def chunk_name(fqn: str, offsets: Any) -> str:
@@ -60,7 +62,7 @@ def _read_chunk(path: Path, entry: fmt.TensorEntry) -> torch.Tensor:
             complete = readinto_exact(f, view)
         except OSError as e:
             raise fmt.member_error(path, entry.file, e) from e
-    if not complete or fmt.hash_bytes(view) != entry.hash:
+    if not complete or xxh3_bytes(view) != entry.hash:
         raise CheckpointCorruptedError(path, [f"{entry.file}: {entry.name} differs from the index"])
     return dest
 
@@ -118,7 +120,7 @@ def writer_class() -> type:
                 return _done([])
             folder = self.tmp / self.subdir
             folder.mkdir(exist_ok=True)
-            fentry, tentries, _ = _write_shard(folder / plan.storage_data, members)
+            fentry, tentries, _ = write_shard(folder / plan.storage_data, members)
             rel = f"{self.subdir}/{fentry.path}"
             fentry = dataclasses.replace(fentry, path=rel)
             index = {e.name: dataclasses.replace(e, file=rel) for e in tentries}
@@ -153,7 +155,7 @@ def writer_class() -> type:
                     ],
                 }
             if (self.tmp / self.subdir).is_dir():
-                fmt.fsync_path(self.tmp / self.subdir)
+                commit.fsync_path(self.tmp / self.subdir)
 
         @classmethod
         def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:

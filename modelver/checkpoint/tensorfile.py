@@ -16,10 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
-
 from modelver import untrusted
 from modelver.errors import MalformedDataError
+from modelver.hashing import new_hasher
 
 HASH_ALGO = "xxh3-128"
 # Hashing reads through one reused buffer. A plain file: 1 MiB, which stays in the CPU cache, so
@@ -53,17 +52,13 @@ DTYPES: dict[str, tuple[str, int]] = {
 ST_TO_TORCH = {st: name for name, (st, _) in DTYPES.items()}
 
 
-def new_hasher() -> Any:
-    return xxhash.xxh3_128()
-
-
 def tree_hash(header: bytes | bytearray | memoryview, digests: Iterable[bytes]) -> str:
     """A safetensors file's hash: its header, then each tensor's digest in file order.
 
     Any changed byte changes a tensor digest or the header, so this detects what a plain content
     hash detects, while the writer hashes every tensor byte once, not twice.
     """
-    h = new_hasher()
+    h = new_hasher("xxh3")
     h.update(header)
     for d in digests:
         h.update(d)
@@ -88,7 +83,7 @@ def hash_safetensors(f: Any, buf: bytearray) -> str:
     for begin, end in sorted(tuple(v["data_offsets"]) for v in header.values()):
         if begin != pos:
             raise ValueError("tensor data ranges leave gaps or overlap")
-        h = new_hasher()
+        h = new_hasher("xxh3")
         left = end - begin
         while left:
             n = f.readinto(view[: min(left, len(view))])

@@ -13,11 +13,12 @@ from modelver._version import __version__
 # Each module defines click commands in a list named COMMANDS; imported lazily by the group so
 # `modelver --help` stays fast (torch and dvc are imported by the commands that need them).
 COMMAND_MODULES = (
-    "modelver.cli.commands_versions",
-    "modelver.cli.commands_data",
-    "modelver.cli.commands_diff",
-    "modelver.cli.commands_check",
-    "modelver.cli.commands_recover",
+    "modelver.cli.versions",
+    "modelver.cli.data",
+    "modelver.cli.diff",
+    "modelver.cli.check",
+    "modelver.cli.mlflow",
+    "modelver.cli.recovery",
 )
 
 

@@ -128,7 +128,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "", depth: int = 0) -> dict[str
 
 def _params(git: GitRepo, ver: v.VersionTag) -> dict[str, Any]:
     """The params the producing stage ran with, as dvc.lock records them (file -> values)."""
-    from modelver.dvcrepo import find_locked_out
+    from modelver.storage.dvcfile import find_locked_out
 
     path = ver.meta.get("path")
     if not path:

@@ -41,24 +41,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import signal
 import tempfile
-import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.catalog import list_checkpoints, restore_checkpoint, verify_checkpoint
+from modelver.checkpoint.fallback import newest_valid
 from modelver.checkpoint.manager import CheckpointManager
+from modelver.checkpoint.restore import restore_checkpoint
+from modelver.checkpoint.signals import StopSignals
+from modelver.checkpoint.verify import verify_checkpoint
 from modelver.errors import (
-    CheckpointCorruptedError,
     CheckpointNotFoundError,
     ModelverError,
     ModelverWarning,
@@ -125,10 +123,10 @@ class _SignalStop(TrainerCallback):
     """After SIGTERM/SIGINT: finish the optimizer step, save it, stop training."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signals = StopSignals(needs="train() to run")  # installed for train()'s length
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.signum is not None:
+        if self.signals.signum is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -334,8 +332,9 @@ class ModelverTrainerMixin:
             )
             staging = self._modelver_stage(path)
             self._modelver_resume = path
+        signals = self._modelver_stop.signals if self._modelver_stop is not None else None
         try:
-            with self._modelver_signals():
+            with signals if signals is not None else nullcontext():
                 result = super().train(  # type: ignore[misc]
                     resume_from_checkpoint=None if staging is None else str(staging),
                     trial=trial,
@@ -346,8 +345,8 @@ class ModelverTrainerMixin:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
         stop = self._modelver_stop
-        if stop is not None and stop.signum is not None:
-            signum, stop.signum = stop.signum, None
+        if stop is not None and stop.signals.signum is not None:
+            signum, stop.signals.signum = stop.signals.signum, None
             raise TrainingInterrupted(signum, int(trainer.state.global_step))
         return result
 
@@ -361,31 +360,6 @@ class ModelverTrainerMixin:
         (staging / TRAINER_STATE_NAME).write_text(text, encoding="utf-8")
         return staging
 
-    @contextmanager
-    def _modelver_signals(self) -> Iterator[None]:
-        stop = self._modelver_stop
-        if stop is None:
-            yield
-            return
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("handle_signals=True needs train() to run in the main thread")
-        old: dict[int, Any] = {}
-
-        def handler(signum: int, frame: FrameType | None) -> None:
-            if stop.signum is not None:  # second signal: behave as if we were not there
-                signal.signal(signum, old.get(signum, signal.SIG_DFL))
-                signal.raise_signal(signum)
-                return
-            stop.signum = signum
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, handler)
-        try:
-            yield
-        finally:
-            for signum, previous in old.items():
-                signal.signal(signum, previous)
-
     def _modelver_pick(self, path: Path) -> Path:
         """A verified step directory: ``path`` itself, or the newest valid one under it."""
         if (path / fmt.MANIFEST).is_file():
@@ -397,18 +371,10 @@ class ModelverTrainerMixin:
                 "modelver resumes only from its own checkpoints",
                 hint="resume once with a plain Trainer, then continue with modelver",
             )
-        for info in reversed(list_checkpoints(path)):
-            try:
-                verify_checkpoint(info.path)
-            except CheckpointCorruptedError as e:
-                warnings.warn(
-                    f"skipping corrupted checkpoint {info.path}: {'; '.join(e.problems[:3])}",
-                    ModelverWarning,
-                    stacklevel=3,
-                )
-                continue
-            return info.path
-        raise CheckpointNotFoundError(path)
+        found = newest_valid(path, verify_checkpoint, stacklevel=3)  # as the manager skips
+        if found is None:
+            raise CheckpointNotFoundError(path)
+        return found[0].path
 
     def _modelver_saved_components(self, path: Path) -> list[str]:
         extras = fmt.read_manifest(path).extras.get(EXTRAS_KEY, {})

@@ -54,15 +54,10 @@ def _diff_side(
         NotARepositoryError,
         clip,
     )
+    from modelver.materialize import local_step_dir, materialize_step, with_step
     from modelver.metrics import read_json_object
-    from modelver.refs import (
-        local_step_dir,
-        materialize_step,
-        open_git,
-        open_storage,
-        resolve_ref,
-        with_step,
-    )
+    from modelver.refs import open_git, resolve_ref
+    from modelver.storage import open_storage
 
     try:
         r = resolve_ref(repo_root, ref, action="cannot diff")
@@ -81,16 +76,16 @@ def _diff_side(
     params = _params_yaml(git.read_file(r.commit, "params.yaml"),
                           what=f"params.yaml at {r.commit[:10]}")
     label = r.tag or ref
-    dvc = open_storage(git.root)
+    st = open_storage(git.root)
     try:
         if stat:
-            r, files = with_step(dvc, r)
+            r, files = with_step(st, r)
             wanted = f"{r.step_dir}/{ckfmt.MANIFEST}"
-            md5 = next((f.md5 for f in files if f.relpath == wanted), None)
+            md5 = next((f.oid for f in files if f.relpath == wanted), None)
             if md5 is None:
                 raise CheckpointCorruptedError(f"{label}:{wanted}", ["no such file in the "
                                                "version's checkpoint"])
-            data = read_json_object(dvc, md5, what=f"{label}:{wanted}")
+            data = read_json_object(st, md5, what=f"{label}:{wanted}")
             try:
                 manifest = ckfmt.Manifest.from_json(data)
             except ModelverError:
@@ -99,9 +94,9 @@ def _diff_side(
                 problem = f"unreadable manifest: {type(e).__name__}: {clip(str(e))}"
                 raise CheckpointCorruptedError(f"{label}:{wanted}", [problem]) from None
             return DiffSide(None, label, params=params, manifest=manifest), r.name
-        path = materialize_step(dvc, r, progress=progress)[0]
+        path = materialize_step(st, r, progress=progress)[0]
     finally:
-        dvc.close()
+        st.close()
     return DiffSide(path, label, params=params), r.name
 
 
@@ -109,7 +104,8 @@ def _workspace_side(name: str | None, *, repo_root: str | Path) -> DiffSide:
     """The newest checkpoint in the workspace path of artifact ``name`` (or the only one)."""
     from modelver.diff import DiffSide
     from modelver.errors import NotARepositoryError, UnknownRefError
-    from modelver.refs import artifact_at, artifacts_at, local_step_dir, open_git
+    from modelver.materialize import local_step_dir
+    from modelver.refs import artifact_at, artifacts_at, open_git
 
     try:
         git = open_git(repo_root)

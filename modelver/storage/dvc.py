@@ -1,4 +1,5 @@
-"""DVC access for modelver: the only module that imports ``dvc``.
+"""The DVC backend, and the only module that imports ``dvc`` (lazily: class-level questions
+and ``import modelver`` never load it).
 
 modelver addresses a version's data by the ``md5: ….dir`` that ``dvc.lock`` pins for the
 artifact's output, and moves objects between the local cache and the remote with DVC's own
@@ -9,41 +10,34 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
-import subprocess
-import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import yaml
-from dvc.exceptions import DvcException, NotDvcRepoError
-from dvc.repo import Repo
-from dvc_data.hashfile.checkout import CheckoutError
-from dvc_data.hashfile.checkout import checkout as _checkout
-from dvc_data.hashfile.hash_info import HashInfo
-from dvc_data.hashfile.meta import Meta
-from dvc_data.hashfile.transfer import transfer
-from dvc_data.hashfile.tree import Tree
-from dvc_objects.fs.local import LocalFileSystem
-from fsspec.callbacks import Callback
-
+from modelver.checkpoint.commit import write_beside
 from modelver.errors import (
     CorruptObjectError,
     DataMissingError,
+    DirtyWorkspaceError,
     MalformedDataError,
     ModelverError,
     NotARepositoryError,
+    NotPinnedError,
     RemoteError,
     clip,
 )
-from modelver.healing import corrupt, md5_of, quarantine, set_aside
+from modelver.hashing import md5_file
+from modelver.healing import corrupt, quarantine, set_aside
 from modelver.remote import RemoteStore, first_line
-from modelver.storage import clean_side_dirs, scratch_dir, side_path, swap_in
+from modelver.storage.base import Pin, Setup, Storage, TreeFile
+from modelver.storage.dvcfile import Artifact, check_oid, default_remote_dir, find_locked_out
 from modelver.untrusted import relative_path
+
+if TYPE_CHECKING:
+    from dvc_data.hashfile.tree import Tree
+
+    from modelver.gitrepo import GitRepo
 
 Progress = Callable[[int, int], None]  # (done, total) in files
 # Checkpoints are write-once directories, so linking them from the cache is safe. Reflink first:
@@ -52,133 +46,22 @@ Progress = Callable[[int, int], None]  # (done, total) in files
 # so the next `dvc repro` need not copy every persisted checkpoint to "unprotect" it.
 CACHE_TYPES = "reflink,hardlink,copy"
 DEFAULT_REMOTE = "modelver"
-_LOCK_HASH = re.compile(r"^[0-9a-f]{32}(\.dir)?$")  # dvc.lock md5 (parse/find_locked_out)
-_OID_RE = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
 QUARANTINE = "modelver-quarantine"  # under the cache dir, beside DVC's files/ (never read)
 
 
-def check_oid(oid: object, *, field: str = "object id") -> str:
-    """A DVC md5 object id (``.dir`` for a directory): it becomes a cache and remote path."""
-    if not isinstance(oid, str) or not _OID_RE.fullmatch(oid):
-        raise MalformedDataError(
-            "DVC object", field, oid, expected="32 hex digits (with '.dir' for a directory)"
-        )
-    return oid
+def _callback(progress: Progress | None, size: int | None = None) -> Any:
+    """An fsspec callback reporting (done, total) files to ``progress``."""
+    from fsspec.callbacks import Callback
 
+    class _Progress(Callback):
+        def call(self, *args: Any, **kwargs: Any) -> None:
+            if progress is not None:
+                progress(int(self.value), int(self.size or 0))
 
-@dataclass(frozen=True)
-class Artifact:
-    name: str
-    path: str
-    type: str | None
-
-
-@dataclass(frozen=True)
-class LockedOut:
-    """The ``dvc.lock`` record of a stage output: what a commit pins."""
-
-    stage: str
-    path: str
-    md5: str  # "<hex>.dir" for a directory
-    size: int | None
-    nfiles: int | None
-    params: dict[str, Any]  # params file -> the params the stage ran with
-
-
-@dataclass(frozen=True)
-class TreeFile:
-    relpath: str  # "step-00000030/model.safetensors"
-    md5: str
-    size: int | None
-
-
-# --- dvc.yaml / dvc.lock (plain YAML; no repository needed) --------------------------------
-
-
-def parse_artifacts(dvc_yaml: str | None, *, source: str = "dvc.yaml") -> dict[str, Artifact]:
-    """The ``artifacts:`` section of a ``dvc.yaml`` (or ``modelver.yaml``) text.
-
-    Paths are data a commit carries: each must be relative and stay inside the repository
-    (:class:`~modelver.errors.UnsafePathError` otherwise), returned normalised."""
-    from modelver.untrusted import relative_path
-
-    data = _load_yaml(dvc_yaml)
-    section = data.get("artifacts") or {}
-    if not isinstance(section, dict):
-        return {}
-    found = {}
-    for name, spec in section.items():
-        if isinstance(spec, dict) and spec.get("path"):
-            field = f"{source} artifacts.{name}.path"
-            path = str(relative_path(spec["path"], field=field, root="<repository>"))
-            kind = spec.get("type")
-            found[str(name)] = Artifact(str(name), path, kind if isinstance(kind, str) else None)
-    return found
-
-
-def find_locked_out(dvc_lock: str | None, path: str) -> LockedOut | None:
-    """The locked output at ``path`` (normalised), or None when no stage pins it.
-
-    ``dvc.lock`` is data a commit carries: entries of the wrong shape are skipped, outputs
-    whose path leaves the repository never match, and the matching output's md5 must be a hex
-    hash (it names a cache object and a directory) and its size and count integers."""
-    from modelver.errors import MalformedDataError
-    from modelver.untrusted import integer, mapping, relative_path
-
-    data = _load_yaml(dvc_lock)
-    want = str(relative_path(path, field="artifact path", root="<repository>"))
-    stages = data.get("stages")
-    if not isinstance(stages, dict):
-        return None
-    for stage, info in stages.items():
-        if not isinstance(info, dict) or not isinstance(info.get("outs"), list):
-            continue
-        for out in info["outs"]:
-            if not isinstance(out, dict) or not isinstance(out.get("path"), str):
-                continue
-            if os.path.normpath(out["path"]).replace(os.sep, "/") != want or not out.get("md5"):
-                continue
-            what = f"dvc.lock stages.{stage}.outs[{want}]"
-            md5 = out["md5"]
-            if not isinstance(md5, str) or not _LOCK_HASH.match(md5):
-                raise MalformedDataError(what, "md5", md5, expected="a hex md5")
-            sizes = {
-                k: None if out.get(k) is None else integer(out[k], what=what, field=k)
-                for k in ("size", "nfiles")
-            }
-            params = info.get("params") or {}
-            return LockedOut(
-                stage=str(stage),
-                path=path,
-                md5=md5,
-                size=sizes["size"],
-                nfiles=sizes["nfiles"],
-                params=dict(mapping(params, what=f"dvc.lock stages.{stage}", field="params")),
-            )
-    return None
-
-
-def _load_yaml(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-# --- the repository ------------------------------------------------------------------------
-
-
-class _Cb(Callback):
-    def __init__(self, progress: Progress | None) -> None:
-        super().__init__()
-        self._progress = progress
-
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        if self._progress is not None:
-            self._progress(int(self.value), int(self.size or 0))
+    cb = _Progress()
+    if size is not None:
+        cb.set_size(size)
+    return cb
 
 
 @contextmanager
@@ -195,6 +78,8 @@ def _quiet_dvc() -> Iterator[None]:
 
 def init_dvc(root: Path) -> bool:
     """``dvc init`` unless ``root`` already is a DVC repository; True when it initialised."""
+    from dvc.repo import Repo
+
     if (root / ".dvc").is_dir():
         return False
     with _quiet_dvc():
@@ -202,11 +87,20 @@ def init_dvc(root: Path) -> bool:
     return True
 
 
-class DvcRepo:
+class DvcStorage(Storage):
     """A DVC repository opened at a Git working tree root."""
 
+    kind = "dvc"
+    saved_in = "in the DVC cache"
+    runs_pipeline = True
+    tag_meta: ClassVar[dict[str, str]] = {}  # the default: tags before backends had none
+
     def __init__(self, root: Path) -> None:
+        from dvc.exceptions import NotDvcRepoError
+        from dvc.repo import Repo
+
         self.root = root
+        self.scratch = root / ".dvc" / "tmp" / "modelver"
         self._names: dict[str, str] = {}  # object id -> a file it is (for error messages)
         try:
             with _quiet_dvc():
@@ -216,6 +110,64 @@ class DvcRepo:
 
     def close(self) -> None:
         self._repo.close()
+
+    # --- class level: what a commit pins -----------------------------------------------------
+
+    @classmethod
+    def setup(
+        cls, root: Path, *, remote: str | None, artifact: tuple[str, str],
+        declared: Callable[[], Mapping[str, Artifact]],
+    ) -> Setup:
+        """``dvc init``, a default remote (the embedded one unless given or already set), and
+        a linking cache."""
+        created = init_dvc(root)
+        dvc = cls(root)
+        try:
+            current = dvc.default_remote()
+            if remote is not None:
+                url, is_new = remote, current is None or current[1] != remote
+            elif current is not None:
+                url, is_new = current[1], False
+            else:
+                url, is_new = str(default_remote_dir(root)), True
+                Path(url).mkdir(parents=True, exist_ok=True)
+            dvc.configure(remote_url=url if is_new else None, local=remote is None)
+        finally:
+            dvc.close()
+        notes: tuple[str, ...] = ("initialised DVC",) if created else ()
+        notes += (
+            f"remote {'set' if is_new else 'kept'}: {url}",
+            f"cache link type: {CACHE_TYPES}",
+            "next: git add .dvc && git commit -m 'modelver init'",
+        )
+        return Setup(created, url, is_new, CACHE_TYPES, notes=notes)
+
+    @classmethod
+    def pin(cls, git: GitRepo, art: Artifact, commit: str, *, action: str) -> Pin:
+        out = find_locked_out(git.read_file(commit, "dvc.lock"), art.path)
+        if out is None:
+            raise NotPinnedError(
+                art.name, commit[:10], reason=f"dvc.lock does not pin its path '{art.path}'",
+                action=action,
+            )
+        return Pin(out.md5, out.stage, dict(out.params))
+
+    @classmethod
+    def check_tag_workspace(cls, git: GitRepo, art: Artifact) -> None:
+        if git.is_modified("dvc.lock"):
+            raise DirtyWorkspaceError(
+                "dvc.lock has uncommitted changes", hint="commit dvc.lock, then tag the new commit"
+            )
+        dvc = cls(git.root)
+        try:
+            status = dvc.output_status(art.path)
+        finally:
+            dvc.close()
+        if status not in (None, "deleted"):
+            raise DirtyWorkspaceError(
+                f"workspace '{art.path}' differs from what dvc.lock pins ({status})",
+                hint="run 'dvc commit' (or 'dvc repro'), commit dvc.lock, then tag",
+            )
 
     # --- configuration -------------------------------------------------------------------
 
@@ -243,8 +195,10 @@ class DvcRepo:
             conf["remote"][DEFAULT_REMOTE] = {"url": remote_url}
             conf["core"]["remote"] = DEFAULT_REMOTE
 
-    def share_config_with(self, worktree: Path) -> None:
-        """Let a linked Git worktree use this repository's cache and local remote config."""
+    def share_with(self, worktree: Path) -> None:
+        """A linked Git worktree uses this repository's cache and local remote config."""
+        from dvc.repo import Repo
+
         src = self.root / ".dvc" / "config.local"
         dst = worktree / ".dvc" / "config.local"
         if src.is_file():
@@ -261,6 +215,8 @@ class DvcRepo:
 
     def output_status(self, path: str) -> str | None:
         """None when the workspace output matches ``dvc.lock``; else DVC's word for it."""
+        from dvc.exceptions import DvcException
+
         try:
             with _quiet_dvc():
                 status = self._repo.status(targets=[os.fspath(self.root / path)])
@@ -279,6 +235,7 @@ class DvcRepo:
         if not target.exists():
             return True
         from dvc_data.hashfile.build import build
+        from dvc_data.hashfile.tree import Tree
 
         cache = self._repo.cache.local
         with _quiet_dvc():
@@ -289,36 +246,39 @@ class DvcRepo:
 
     # --- objects -------------------------------------------------------------------------
 
-    def tree(self, md5_dir: str, *, remote: str | None = None) -> list[TreeFile]:
+    def tree(self, tree_id: str, *, remote: str | None = None) -> list[TreeFile]:
         """Files of a directory object, fetching just its listing from the remote if needed."""
-        tree = self._load_tree(md5_dir, remote=remote)
+        tree = self._load_tree(tree_id, remote=remote)
         return [
             TreeFile("/".join(key), hi.value, getattr(meta, "size", None))
             for key, meta, hi in tree
         ]
 
-    def _load_tree(self, md5_dir: str, *, remote: str | None = None) -> Tree:
+    def _load_tree(self, tree_id: str, *, remote: str | None = None) -> Tree:
         """A directory object, healed or fetched, whose every name stays inside the directory
         and whose every id is an md5: a remote's listing is data anyone with write access made."""
-        check_oid(md5_dir, field="directory object")
-        if not md5_dir.endswith(".dir"):
+        from dvc_data.hashfile.hash_info import HashInfo
+        from dvc_data.hashfile.tree import Tree
+
+        check_oid(tree_id, field="directory object")
+        if not tree_id.endswith(".dir"):
             raise MalformedDataError(
-                "DVC object", "directory object", md5_dir, expected="an id ending in '.dir'"
+                "DVC object", "directory object", tree_id, expected="an id ending in '.dir'"
             )
-        self.fetch([md5_dir], remote=remote)
-        self.heal([md5_dir], remote=remote)
+        self.fetch([tree_id], remote=remote)
+        self.heal([tree_id], remote=remote)
         cache = self._repo.cache.local
         try:
-            tree = Tree.load(cache, HashInfo("md5", md5_dir))
+            tree = Tree.load(cache, HashInfo("md5", tree_id))
         except Exception as e:  # not JSON, not a list of entries: DVC raises what it meets
             raise MalformedDataError(
-                f"DVC directory object {md5_dir}", "content", first_line(e), expected="a listing"
+                f"DVC directory object {tree_id}", "content", first_line(e), expected="a listing"
             ) from e
         for key, _, hi in tree:
             rel = "/".join(key)
-            if str(relative_path(rel, field=f"file name in {md5_dir}", root=self.root)) != rel:
+            if str(relative_path(rel, field=f"file name in {tree_id}", root=self.root)) != rel:
                 raise MalformedDataError(
-                    f"DVC directory object {md5_dir}", "file name", rel,
+                    f"DVC directory object {tree_id}", "file name", rel,
                     expected="a normalised relative path",
                 )
             check_oid(hi.value if hi else None, field=f"md5 of {rel}")
@@ -335,7 +295,7 @@ class DvcRepo:
     def corrupt_in_cache(self, md5s: Iterable[str]) -> list[str]:
         """Objects present in the cache whose content no longer has their md5 (read in full)."""
         return corrupt(
-            md5s, path_of=self.object_path, digest=md5_of,
+            md5s, path_of=self.object_path, digest=md5_file,
             expected=lambda m: m.removesuffix(".dir"),
         )
 
@@ -352,7 +312,7 @@ class DvcRepo:
             return []
         moved = set_aside(
             bad, path_of=self.object_path, folder=self._quarantine_dir(),
-            links_under=scratch_dir(self),
+            links_under=self.scratch,
         )
         try:
             self.fetch(bad, remote=remote, progress=progress)
@@ -388,6 +348,9 @@ class DvcRepo:
         self, md5s: Iterable[str], *, remote: str | None = None, progress: Progress | None = None
     ) -> None:
         """Copy objects from the remote into the local cache; DataMissingError if absent."""
+        from dvc_data.hashfile.hash_info import HashInfo
+        from dvc_data.hashfile.transfer import transfer
+
         wanted = self.missing_in_cache(md5s)
         if not wanted:
             return
@@ -398,7 +361,7 @@ class DvcRepo:
                 result = transfer(
                     odb, cache, [HashInfo("md5", m) for m in wanted],
                     # checked below: DVC's own check deletes a bad remote copy
-                    callback=_Cb(progress), verify=False, shallow=True,
+                    callback=_callback(progress), verify=False, shallow=True,
                 )
         except Exception as e:
             raise RemoteError(self._remote_name(remote), first_line(e)) from e
@@ -421,10 +384,39 @@ class DvcRepo:
                 + (f"; {len(bad) - 1} more object(s) too" if len(bad) > 1 else ""),
             )
 
+    def hash_file(self, path: Path) -> str:
+        return md5_file(path)
+
+    def in_remote(self, oids: Sequence[str]) -> bool | None:
+        if self.default_remote() is None:
+            return None
+        try:
+            return not self.missing_in_remote(oids)
+        except RemoteError:
+            return None
+
     def push(
+        self, trees: Sequence[tuple[str, str, str | None]], *, what: str,
+        progress: Progress | None = None,
+    ) -> int:
+        """Every pinned tree's listing and files to the default remote; objects not in the
+        cache are fine when the remote has them already."""
+        wanted: list[str] = []
+        for tree_id, _, _ in trees:
+            wanted += [tree_id] + [f.oid for f in self.tree(tree_id)]
+        wanted = list(dict.fromkeys(wanted))
+        absent = self.missing_in_cache(wanted)
+        if absent and self.missing_in_remote(absent):
+            raise DataMissingError(f"{len(absent)} object(s) of {what}")
+        return self.push_objects([m for m in wanted if m not in set(absent)], progress=progress)
+
+    def push_objects(
         self, md5s: Iterable[str], *, remote: str | None = None, progress: Progress | None = None
     ) -> int:
         """Copy objects from the local cache to the remote; returns how many were sent."""
+        from dvc_data.hashfile.hash_info import HashInfo
+        from dvc_data.hashfile.transfer import transfer
+
         wanted = list(dict.fromkeys(md5s))
         absent = self.missing_in_cache(wanted)
         if absent:
@@ -435,7 +427,7 @@ class DvcRepo:
             with _quiet_dvc():
                 result = transfer(
                     cache, odb, [HashInfo("md5", m) for m in wanted],
-                    callback=_Cb(progress), shallow=True,
+                    callback=_callback(progress), shallow=True,
                 )
         except Exception as e:
             raise RemoteError(self._remote_name(remote), first_line(e)) from e
@@ -447,7 +439,7 @@ class DvcRepo:
 
     def materialize(
         self,
-        md5_dir: str,
+        tree_id: str,
         dest: Path,
         *,
         prefix: str | None = None,
@@ -461,21 +453,22 @@ class DvcRepo:
         ``check`` (given the new tree) returns: a kill or a failed check leaves ``dest`` whole,
         old or new; leftovers of a killed call are finished by the next one.
         """
+        from dvc_data.hashfile.checkout import CheckoutError
+        from dvc_data.hashfile.checkout import checkout as _checkout
+        from dvc_data.hashfile.tree import Tree
+
         cache = self._repo.cache.local
-        tree = self._load_tree(md5_dir)
+        tree = self._load_tree(tree_id)
         obj = tree.get_obj(cache, (prefix,)) if prefix else tree
         if obj is None:
-            raise DataMissingError(f"{prefix} in {md5_dir}")
+            raise DataMissingError(f"{prefix} in {tree_id}")
         oids = [hi.value for _, _, hi in obj] if isinstance(obj, Tree) else [obj.oid]
         self.fetch(oids, progress=progress)
         self.heal(oids, progress=progress)
-        clean_side_dirs(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = side_path(dest, "new")
-        try:
+
+        def fill(tmp: Path) -> None:
             for attempt in (1, 2):
-                cb = _Cb(progress)
-                cb.set_size(len(obj) if isinstance(obj, Tree) else 1)
+                cb = _callback(progress, len(obj) if isinstance(obj, Tree) else 1)
                 try:
                     with _quiet_dvc():
                         _checkout(
@@ -488,13 +481,8 @@ class DvcRepo:
                     if attempt == 2 or not self.missing_in_cache(oids):
                         raise DataMissingError(str(dest), missing=[str(p) for p in e.paths]) from e
                     self.fetch(oids, progress=progress)
-            tmp.mkdir(exist_ok=True)  # an empty tree writes nothing
-            if check is not None:
-                check(tmp)
-            swap_in(tmp, dest)
-        finally:
-            if os.path.lexists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        write_beside(dest, fill, check=check)
 
     def _remote_name(self, remote: str | None) -> str:
         if remote:
@@ -503,6 +491,8 @@ class DvcRepo:
         return found[0] if found else "(none)"
 
     def _remote_odb(self, remote: str | None, command: str) -> Any:
+        from dvc.exceptions import DvcException
+
         if remote is not None and self._is_url(remote):
             return self.remote_store(remote).odb
         try:
@@ -521,7 +511,9 @@ class DvcRepo:
     def remote_store(self, remote: str | None = None) -> RemoteStore:
         """The DVC remote ``remote`` (a configured name or a URL; None: the default)."""
         from dvc.data_cloud import Remote
+        from dvc.exceptions import DvcException
         from dvc.fs import get_cloud_fs
+        from dvc_objects.fs.local import LocalFileSystem
 
         try:
             if remote is not None and self._is_url(remote):
@@ -537,6 +529,7 @@ class DvcRepo:
 
     def git_head(self) -> tuple[str | None, str | None]:
         """(HEAD commit, current branch) through DVC's own SCM handle; None where absent."""
+        from dvc.exceptions import DvcException
         from scmrepo.exceptions import SCMError
 
         scm = self._repo.scm
@@ -552,6 +545,10 @@ class DvcRepo:
 def dir_object(files: Mapping[str, tuple[str, int]]) -> tuple[str, bytes]:
     """DVC's ``.dir`` object (its md5 and bytes) listing files ``name -> (md5, size)``; the
     same bytes ``dvc add`` of that directory writes, so DVC's tools can read it."""
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+
     tree = Tree()
     for name, (md5, size) in files.items():
         tree.add(tuple(name.split("/")), Meta(size=size), HashInfo("md5", md5))
@@ -561,6 +558,9 @@ def dir_object(files: Mapping[str, tuple[str, int]]) -> tuple[str, bytes]:
 
 def find_root(path: Path) -> Path:
     """The root of the DVC repository holding ``path``."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
     try:
         return Path(Repo.find_root(os.fspath(path)))
     except NotDvcRepoError as e:
@@ -575,6 +575,10 @@ def record_hashes(folder: Path, md5s: Mapping[str, str]) -> bool:
     hashes it computed itself. Only the state database is written, never the repository lock,
     so this works from a stage's command while ``dvc repro`` runs. False outside a DVC repo.
     """
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+    from dvc_data.hashfile.hash_info import HashInfo
+
     folder = Path(os.path.realpath(folder))  # DVC keys paths under the physical cwd
     try:
         root = Repo.find_root(os.fspath(folder))
@@ -591,14 +595,3 @@ def record_hashes(folder: Path, md5s: Mapping[str, str]) -> bool:
         finally:
             repo.close()
     return True
-
-
-def repro(cwd: Path, *, quiet: bool = False) -> None:
-    """``dvc repro`` in ``cwd``; its output goes straight to the terminal (it can take hours)."""
-    cmd = [sys.executable, "-m", "dvc", "repro"] + (["--quiet"] if quiet else [])
-    proc = subprocess.run(cmd, cwd=cwd, check=False)
-    if proc.returncode != 0:
-        raise ModelverError(
-            f"'dvc repro' failed with exit code {proc.returncode} in {cwd}",
-            hint="fix the stage, then run 'dvc repro' there again; checkpoints so far are kept",
-        )

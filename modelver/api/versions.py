@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,36 +12,27 @@ from modelver import versions as v
 from modelver.errors import (
     ArtifactNotFoundError,
     DataMissingError,
-    DirtyWorkspaceError,
     MalformedDataError,
-    ModelverError,
     RemoteError,
     UnknownRefError,
     VersionExistsError,
 )
-from modelver.gitrepo import GitRepo
+from modelver.materialize import newest_step_dir, read_object_json, tree, with_step
 from modelver.refs import (
     ResolvedRef,
     artifact_at,
     artifacts_at,
     checked_output,
     load_registry,
-    locked_out,
-    newest_step_dir,
-    open_dvc,
     open_git,
-    open_storage,
-    pinned_hash,
-    read_object_json,
+    pinned,
     resolve_ref,
-    tree,
-    with_step,
 )
-from modelver.storage import backend_of
+from modelver.storage import Storage, TreeFile, open_storage
+from modelver.storage import backend as storage_backend
 
 if TYPE_CHECKING:
-    from modelver.dvcrepo import Artifact, TreeFile
-    from modelver.storage import Storage
+    pass
 
 Progress = Callable[[int, int], None]
 
@@ -110,6 +99,7 @@ class InitResult:
     backend: str = "dvc"
     lfs_patterns: list[str] = field(default_factory=list)  # .gitattributes lines added
     config_written: bool = False  # modelver.yaml
+    notes: tuple[str, ...] = ()  # what was done and what to do next, one line each
 
 
 @dataclass(frozen=True)
@@ -177,13 +167,6 @@ def _info(ver: v.VersionTag) -> VersionInfo:
 # --- init, tag, promote ----------------------------------------------------------------------
 
 
-def default_remote_dir(root: Path) -> Path:
-    """The embedded default remote: a directory outside the repository, per repository."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    digest = hashlib.sha1(str(root.resolve()).encode(), usedforsecurity=False).hexdigest()[:8]
-    return base / "modelver" / "remotes" / f"{root.name}-{digest}"
-
-
 def init(
     path: str | Path = ".",
     *,
@@ -194,48 +177,15 @@ def init(
     """Make a Git repository ready for modelver: DVC, a default remote, a linking cache; or,
     with ``backend="lfs"``, Git LFS for the artifacts' paths (declared in modelver.yaml unless
     dvc.yaml declares artifacts) and 'origin' as the remote."""
-    from modelver.dvcrepo import CACHE_TYPES, init_dvc
-
     git = open_git(path)
-    if backend == "lfs":
-        return _init_lfs(git, remote=remote, artifact=artifact)
-    created = init_dvc(git.root)
-    dvc = open_dvc(git.root)
-    try:
-        current = dvc.default_remote()
-        if remote is not None:
-            url, is_new = remote, current is None or current[1] != remote
-        elif current is not None:
-            url, is_new = current[1], False
-        else:
-            url, is_new = str(default_remote_dir(git.root)), True
-            Path(url).mkdir(parents=True, exist_ok=True)
-        dvc.configure(remote_url=url if is_new else None, local=remote is None)
-    finally:
-        dvc.close()
-    return InitResult(git.root, created, url, is_new, CACHE_TYPES)
-
-
-def _init_lfs(git: GitRepo, *, remote: str | None, artifact: tuple[str, str]) -> InitResult:
-    from modelver.lfsrepo import init_lfs
-    from modelver.storage import CONFIG, read_config, write_config
-
-    if remote is not None:
-        raise ModelverError(
-            "--remote is for DVC: with Git LFS the remote is the Git remote 'origin'",
-            hint="git remote add origin URL",
-        )
-    cfg = git.root / CONFIG
-    if read_config(cfg.read_text() if cfg.is_file() else None).get("backend", "lfs") != "lfs":
-        raise DirtyWorkspaceError(f"{CONFIG} says another backend", hint=f"edit {CONFIG}")
-    v.check_name(artifact[0], "artifact name")
-    declared = artifacts_at(git, None)
-    written = write_config(
-        git.root, backend="lfs", artifacts={} if declared else {artifact[0]: artifact[1]}
+    chosen = storage_backend(name=backend)
+    done = chosen.setup(
+        git.root, remote=remote, artifact=artifact, declared=lambda: artifacts_at(git, None)
     )
-    arts = artifacts_at(git, None)
-    added = init_lfs(git.root, sorted({a.path for a in arts.values()}))
-    return InitResult(git.root, False, "origin", False, "copy", "lfs", added, written)
+    return InitResult(
+        git.root, done.created, done.remote, done.remote_is_new, done.link_types, chosen.kind,
+        done.lfs_patterns, done.config_written, done.notes,
+    )
 
 
 def tag(
@@ -265,9 +215,9 @@ def tag(
     commit = git.resolve_commit(rev)
     art = artifact_at(git, name, commit)
     path = checked_output(git, art.path, commit=commit, field=f"artifact {name} path")
-    lfs = backend_of(git.root) == "lfs"
-    checkpoint = pinned_hash(git, art, commit, action="cannot tag")
-    stage = None if lfs else locked_out(git, art, commit, action="cannot tag").stage
+    kind = storage_backend(git.root)
+    pin = pinned(git, art, commit, action="cannot tag")
+    checkpoint, stage = pin.tree, pin.stage
     existing = registry.of(name)
     if git.tag_exists(tag_name) or registry.get(name, version):
         raise VersionExistsError(tag_name)
@@ -279,17 +229,17 @@ def tag(
     if existing and existing[-1].version >= version:
         raise VersionExistsError(tag_name, reason=f"is not above the latest {existing[-1].tag}")
     if commit == git.head_commit():
-        _check_workspace_matches(git, art, lfs=lfs)
+        kind.check_tag_workspace(git, art)
     where = f"{path} at {commit[:10]}"
-    dvc = open_storage(git.root)
+    st = open_storage(git.root)
     try:
-        files = tree(dvc, checkpoint, what=f"checkpoint of {where}")
+        files = tree(st, checkpoint, what=f"checkpoint of {where}")
         step_dir, step = newest_step_dir(files, where)
-        manifest_md5 = next(f.md5 for f in files if f.relpath == f"{step_dir}/{fmt.MANIFEST}")
+        manifest_md5 = next(f.oid for f in files if f.relpath == f"{step_dir}/{fmt.MANIFEST}")
         what = f"manifest of {step_dir} ({where})"
-        raw = read_object_json(dvc, manifest_md5, what=what)
+        raw = read_object_json(st, manifest_md5, what=what)
     finally:
-        dvc.close()
+        st.close()
     try:
         manifest = fmt.Manifest.from_json(raw, where=step_dir)
     except (KeyError, TypeError, AttributeError) as e:  # a reader that missed a check
@@ -308,8 +258,7 @@ def tag(
         "stage": stage,
         "parent": parent,
     }
-    if lfs:
-        meta["backend"] = "lfs"  # checkpoint: the Git tree hash of the path
+    meta.update(kind.tag_meta)  # what the checkpoint hash is (LFS: the path's Git tree)
     summary = message or f"Registering artifact {name} version {version}"
     text = v.format_message(summary, meta)
     problem = v.read_tag_meta(text, tag=tag_name, root=git.root)[2]
@@ -317,30 +266,6 @@ def tag(
         raise problem
     git.create_tag(tag_name, commit, text)
     return TagResult(tag_name, name, str(version), commit, step, metrics, checkpoint, parent)
-
-
-def _check_workspace_matches(git: GitRepo, art: Artifact, *, lfs: bool) -> None:
-    if lfs:
-        if git.is_modified(art.path):
-            raise DirtyWorkspaceError(
-                f"'{art.path}' has uncommitted changes",
-                hint=f"git add {art.path} && git commit, then tag the new commit",
-            )
-        return
-    if git.is_modified("dvc.lock"):
-        raise DirtyWorkspaceError(
-            "dvc.lock has uncommitted changes", hint="commit dvc.lock, then tag the new commit"
-        )
-    dvc = open_dvc(git.root)
-    try:
-        status = dvc.output_status(art.path)
-    finally:
-        dvc.close()
-    if status not in (None, "deleted"):
-        raise DirtyWorkspaceError(
-            f"workspace '{art.path}' differs from what dvc.lock pins ({status})",
-            hint="run 'dvc commit' (or 'dvc repro'), commit dvc.lock, then tag",
-        )
 
 
 def promote(ref: str, stage: str, *, repo_root: str | Path = ".") -> PromoteResult:
@@ -378,43 +303,36 @@ def list_versions(name: str | None = None, *, repo_root: str | Path = ".") -> li
 
 def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) -> VersionDetails:
     """One version with its params, files and where its data is."""
-    from modelver.dvcrepo import DvcRepo, find_locked_out
-
     git = open_git(repo_root)
     r = resolve_ref(git.root, ref, action="cannot show")
     if r.kind != "version" or r.name is None or r.version is None or r.commit is None:
         raise UnknownRefError(ref, hint="show takes a version: NAME, NAME@vX.Y.Z or NAME#STAGE")
     ver = load_registry(git).get(r.name, v.Semver.parse(r.version))
     assert ver is not None and r.checkpoint_hash is not None and r.path_in_repo is not None
-    lfs = backend_of(git.root) == "lfs"
-    out = None if lfs else find_locked_out(git.read_file(r.commit, "dvc.lock"), r.path_in_repo)
-    dvc = open_storage(git.root)
+    art = artifact_at(git, r.name, r.commit)
+    params = pinned(git, art, r.commit, action="cannot show").params
+    st = open_storage(git.root)
     try:
         try:
-            r, files = with_step(dvc, r)
+            r, files = with_step(st, r)
         except (DataMissingError, RemoteError):
             files = []
         assert r.checkpoint_hash is not None and r.path_in_repo is not None
         prefix = f"{r.step_dir}/"
         mine = [f for f in files if f.relpath.startswith(prefix)]
-        hashes = [r.checkpoint_hash] + [f.md5 for f in mine]
-        in_cache = not dvc.missing_in_cache(hashes)
-        sizes = _sizes(dvc, [f for f in mine if f.relpath == prefix + "MANIFEST.json"])
-        in_remote: bool | None = None  # Git LFS: not asked (no cheap query of 'origin')
-        if check_remote and isinstance(dvc, DvcRepo) and dvc.default_remote() is not None:
-            try:
-                in_remote = not dvc.missing_in_remote(hashes)
-            except RemoteError:
-                in_remote = None
+        hashes = [r.checkpoint_hash] + [f.oid for f in mine]
+        in_cache = not st.missing_in_cache(hashes)
+        sizes = _sizes(st, [f for f in mine if f.relpath == prefix + "MANIFEST.json"])
+        in_remote = st.in_remote(hashes) if check_remote else None
     finally:
-        dvc.close()
+        st.close()
     return VersionDetails(
         info=_info(ver),
         path=r.path_in_repo,
         step_dir=r.step_dir,
-        params=dict(out.params) if out else _params_at(git, ver.commit) if lfs else {},
+        params=params,
         files=[
-            FileInfo(f.relpath[len(prefix) :], sizes.get(f.relpath[len(prefix) :], f.size), f.md5)
+            FileInfo(f.relpath[len(prefix) :], sizes.get(f.relpath[len(prefix) :], f.size), f.oid)
             for f in mine
         ],
         in_cache=in_cache,
@@ -422,20 +340,11 @@ def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) ->
     )
 
 
-def _params_at(git: GitRepo, commit: str) -> dict[str, Any]:
-    """Git LFS has no dvc.lock: the params are params.yaml at the version's commit."""
-    import yaml
-
-    text = git.read_file(commit, "params.yaml")
-    data = yaml.safe_load(text) if text else None
-    return {"params.yaml": data} if isinstance(data, dict) else {}
-
-
-def _sizes(dvc: Storage, manifest: Sequence[TreeFile]) -> dict[str, int]:
+def _sizes(st: Storage, manifest: Sequence[TreeFile]) -> dict[str, int]:
     """File sizes from the version's manifest when it is in the cache (DVC's listing has none)."""
-    if not manifest or dvc.missing_in_cache([manifest[0].md5]):
+    if not manifest or st.missing_in_cache([manifest[0].oid]):
         return {}
-    path = dvc.object_path(manifest[0].md5)
+    path = st.object_path(manifest[0].oid)
     try:
         files = untrusted.load_json(path.read_bytes(), what="manifest")["files"]
         sizes = {str(k): int(e["size"]) for k, e in files.items()}

@@ -1,4 +1,4 @@
-"""The CI gate (modelver check) and the MLflow mirror."""
+"""The CI gate: ``modelver check`` as a function."""
 
 from __future__ import annotations
 
@@ -6,15 +6,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-Progress = Callable[[int, int], None]
-
-
-# --- check ---------------------------------------------------------------------------------
-# Self-contained: imports what it needs inside the functions.
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the gate imports Git, DVC and torch: only when it runs
     from modelver.check import CheckReport
-    from modelver.integrations.mlflow import SyncResult
+
+Progress = Callable[[int, int], None]
 
 
 def check(
@@ -35,8 +30,7 @@ def check(
     infinite, missing or non-numeric operand makes its rule undecidable (the check fails);
     ``allow_nan`` evaluates NaN and infinities with IEEE semantics instead.
     """
-    from modelver.check import load_factory, run_check
-    from modelver.rules import parse_rule
+    from modelver.check import load_factory, parse_rule, run_check
 
     parsed = [parse_rule(text) for text in rules]
     root = Path(repo_root).resolve()
@@ -51,16 +45,3 @@ def check(
         progress=progress,
         allow_nan=allow_nan,
     )
-
-
-def mlflow_sync(
-    name: str | None = None,
-    *,
-    tracking_uri: str | None = None,
-    registry_uri: str | None = None,
-    repo_root: str | Path = ".",
-) -> SyncResult:
-    """Register every version (of ``name``) in an MLflow model registry, stages as aliases."""
-    from modelver.integrations.mlflow import sync
-
-    return sync(name, tracking_uri=tracking_uri, registry_uri=registry_uri, repo_root=repo_root)

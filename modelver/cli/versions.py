@@ -22,7 +22,7 @@ from modelver.errors import ModelverError
 
 @click.command("init")
 @click.option("--remote", metavar="URL", help="DVC remote URL (default: a local directory).")
-@click.option("--backend", type=click.Choice(["dvc", "lfs"]), default="dvc", show_default=True,
+@click.option("--backend", type=click.Choice(list(api.BACKENDS)), default="dvc", show_default=True,
               help="Where checkpoint data is stored: DVC, or Git LFS in the Git remote.")
 @click.option("--artifact", metavar="NAME=PATH", default="model=checkpoints", show_default=True,
               help="With --backend lfs and no artifacts in dvc.yaml: declared in modelver.yaml.")
@@ -32,26 +32,12 @@ def init_cmd(remote: str | None, backend: str, artifact: str, quiet: bool) -> No
     name, sep, path = artifact.partition("=")
     if not sep or not name or not path:
         raise click.BadParameter("expected NAME=PATH", param_hint="'--artifact'")
-    if remote and backend == "lfs":
-        raise click.UsageError("--remote is for DVC; with Git LFS data goes to Git's 'origin'")
     res = api.init(".", remote=remote, backend=backend, artifact=(name, path.rstrip("/")))
     if quiet:
         return
     out = console()
-    if res.backend == "lfs":
-        for line in res.lfs_patterns:
-            out.print(f"Git LFS: added '{line}' to .gitattributes")
-        if res.config_written:
-            out.print("wrote modelver.yaml (backend: lfs, artifacts)")
-        out.print("data goes to the Git remote 'origin' with 'modelver push'")
-        out.print("next: git add .gitattributes modelver.yaml && git commit -m 'modelver init'")
-        return
-    if res.dvc_initialized:
-        out.print("initialised DVC")
-    state = "set" if res.remote_is_new else "kept"
-    out.print(f"remote {state}: {res.remote_url}")
-    out.print(f"cache link type: {res.cache_type}")
-    out.print("next: git add .dvc && git commit -m 'modelver init'")
+    for line in res.notes:
+        out.print(line)
 
 
 @click.command("tag")

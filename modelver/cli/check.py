@@ -1,4 +1,5 @@
-"""``modelver check`` (the CI gate) and ``modelver mlflow sync``."""
+"""``modelver check`` (the CI gate) and its renderings: the terminal summary and the Markdown
+report for a pull-request comment."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import TYPE_CHECKING
 import click
 
 from modelver.cli.output import console, echo_json, json_option, progress, quiet_option
+from modelver.errors import clip
 
 if TYPE_CHECKING:
-    from modelver.check import CheckReport
+    from modelver.check import CheckReport, Resumability, Side
 
 
 @click.command("check")
@@ -46,7 +48,6 @@ def check_cmd(
     restored; exit 2 for a malformed rule.
     """
     from modelver import api
-    from modelver.check import to_markdown
     from modelver.errors import CheckFailedError, ModelverError
 
     with progress("fetching candidate", quiet=quiet or as_json) as cb:
@@ -69,8 +70,6 @@ def check_cmd(
 
 def _render(report: CheckReport) -> None:
     from rich.table import Table
-
-    from modelver.check import non_numeric_summary, resume_summary
 
     out = console()
     c, b = report.candidate, report.baseline
@@ -101,42 +100,91 @@ def _render(report: CheckReport) -> None:
         out.print("check passed", markup=False)
 
 
-@click.group("mlflow")
-def mlflow_group() -> None:
-    """Mirror model versions into an MLflow model registry (needs the 'mlflow' extra)."""
+# --- the pull-request report ----------------------------------------------------------------
+
+_MARK = {"pass": "✅ pass", "fail": "❌ fail", "error": "⚠️ error", "": ""}
+_RESUME_MARK = {"ok": "✅", "failed": "❌", "skipped": "⏭️"}
 
 
-@mlflow_group.command("sync")
-@click.argument("name", required=False)
-@click.option("--tracking-uri", metavar="URI",
-              help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default).")
-@click.option("--registry-uri", metavar="URI", help="Model registry URI (default: tracking URI).")
-@json_option
-@quiet_option
-def mlflow_sync_cmd(
-    name: str | None, tracking_uri: str | None, registry_uri: str | None, as_json: bool,
-    quiet: bool,
-) -> None:
-    """Register every version (of NAME) with its lineage; stages become aliases. Idempotent."""
-    from modelver import api
-
-    res = api.mlflow_sync(name, tracking_uri=tracking_uri, registry_uri=registry_uri,
-                          repo_root=".")
-    if as_json:
-        echo_json(res.to_json())
-        return
-    if quiet:
-        return
-    out = console()
-    for v in res.versions:
-        state = "created" if v.created else ("updated" if v.updated else "unchanged")
-        aliases = f"  aliases: {', '.join(v.aliases)}" if v.aliases else ""
-        out.print(f"{v.tag} -> {v.model} version {v.mlflow_version} ({state}){aliases}",
-                  markup=False)
-    for skipped in res.skipped:
-        out.print(f"{skipped.tag} skipped: {skipped.reason}", markup=False)
-    if not res.versions:
-        out.print("no versions to sync", markup=False)
+def _num(x: float | None, *, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.6g}" if signed else f"{x:.6g}"
 
 
-COMMANDS = [check_cmd, mlflow_group]
+def _where(s: Side) -> str:
+    bits = [f"`{s.label}`"]
+    if s.commit:
+        bits.append(f"commit `{s.commit[:10]}`")
+    if s.step is not None:
+        bits.append(f"step {s.step}")
+    return ", ".join(bits)
+
+
+def to_markdown(report: CheckReport) -> str:
+    """A Markdown report for a pull-request comment: verdict, metric table, checks, rules."""
+    verdict = "✅ passed" if report.passed else "❌ failed"
+    lines = [
+        f"### modelver check: {verdict}",
+        "",
+        f"Candidate {_where(report.candidate)} vs baseline {_where(report.baseline)}.",
+        "",
+        "| metric | baseline | candidate | delta | rule | result |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for m in report.metrics:
+        rules = "<br>".join(f"`{r}`" for r in m.rules)
+        lines.append(f"| {_md_escape(m.name)} | {_num(m.baseline)} | {_num(m.candidate)} | "
+                     f"{_num(m.delta, signed=True)} | {rules} | {_MARK[m.result]} |")
+    if not report.metrics:
+        lines.append("| (no metrics) | | | | | |")
+    other = non_numeric_summary(report)
+    if other:
+        lines += ["", f"**Non-numeric metrics (not compared):** {_md_escape(other)}"]
+    i, r = report.integrity, report.resume
+    lock = " and the md5s `dvc.lock` pins" if i.against_lock else ""
+    lines += [
+        "",
+        "**Integrity:** " + (f"✅ {i.files} files match their manifest hashes{lock}" if i.ok
+                             else "❌ " + "; ".join(i.problems[:5])),
+        "",
+        "**Resumable:** " + _RESUME_MARK[r.status] + " " + resume_summary(r),
+    ]
+    if report.rules:
+        lines += ["", "| rule | result | values |", "|---|---|---|"]
+        lines += [f"| `{x.rule}` | {_MARK[x.status]} | {x.detail} |" for x in report.rules]
+    lines += ["", f"**Result:** {'passed' if report.passed else report.reason}", ""]
+    return "\n".join(lines)
+
+
+def non_numeric_summary(report: CheckReport) -> str:
+    """``candidate: name='text'; baseline: ...`` for metrics whose values are not numbers."""
+    parts = []
+    for word, side in (("candidate", report.candidate), ("baseline", report.baseline)):
+        if side.non_numeric:
+            items = sorted(side.non_numeric.items())
+            shown = ", ".join(f"{clip(k, 40)[1:-1]}={v}" for k, v in items[:10])
+            more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+            parts.append(f"{word}: {shown}{more}")
+    return "; ".join(parts)
+
+
+def _md_escape(text: str) -> str:
+    """Untrusted text (metric names come from files) that cannot break a table or a code span."""
+    return " ".join(text.split()).replace("|", "\\|").replace("`", "'")
+
+
+def resume_summary(r: Resumability) -> str:
+    """One line on what the restore did, for the report and the terminal."""
+    if r.status == "skipped":
+        return f"not tried: {r.problem}"
+    if r.status == "failed":
+        return str(r.problem)
+    into = (f"what {r.factory} builds" if r.mode == "factory"
+            else "buffers rebuilt from the checkpoint's own shapes (no --model: the "
+            "architecture itself was not checked)")
+    rest = f"; not restored: {', '.join(r.not_restored)}" if r.not_restored else ""
+    return f"restored {', '.join(r.restored)} into {into}{rest}"
+
+
+COMMANDS = [check_cmd]

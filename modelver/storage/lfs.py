@@ -1,4 +1,4 @@
-"""Git LFS storage for modelver: checkpoint tensor files as LFS objects of the Git repository.
+"""The Git LFS backend: checkpoint tensor files as LFS objects of the Git repository.
 
 Shells out to ``git`` and ``git lfs`` (GitPython stays in ``gitrepo.py``). A version's checkpoint
 is the Git tree of the artifact path at the tagged commit (its hash is the identity recorded in
@@ -15,23 +15,31 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
+from modelver import versions
 from modelver.checkpoint import format as fmt
-from modelver.dvcrepo import TreeFile
+from modelver.checkpoint.commit import write_beside
 from modelver.errors import (
     CorruptObjectError,
     DataMissingError,
+    DirtyWorkspaceError,
+    InvalidArgumentError,
     MalformedDataError,
     ModelverError,
+    NotPinnedError,
     RemoteError,
 )
+from modelver.hashing import sha256_file
 from modelver.healing import corrupt, quarantine, set_aside
-from modelver.storage import clean_side_dirs, side_path, swap_in
+from modelver.storage.base import Pin, Progress, Setup, Storage, TreeFile
 from modelver.untrusted import relative_path
 
-Progress = Callable[[int, int], None]
+if TYPE_CHECKING:
+    from modelver.gitrepo import GitRepo
+    from modelver.storage.dvcfile import Artifact
 POINTER_MAX = 1024  # git-lfs pointers are ~130 bytes; it never cleans a file this small
 _POINTER_HEAD = b"version https://git-lfs.github.com/spec/v1\n"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -95,14 +103,6 @@ def tree_hash(root: Path, commit: str, path: str) -> str | None:
     return head[2] if len(head) == 3 and head[1] == "tree" else None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _parse_pointer(data: bytes, *, path: str) -> tuple[str, int] | None:
     """(oid, size) of an LFS pointer; None for a plain file. The oid names a file under
     ``.git/lfs/objects``: a committed pointer is data, so it must be 64 hex digits."""
@@ -123,8 +123,13 @@ def _parse_pointer(data: bytes, *, path: str) -> tuple[str, int] | None:
     return oid, int(size)
 
 
-class LfsRepo:
+class LfsStorage(Storage):
     """The Git LFS side of a working tree: listing, fetching and writing checkpoint trees."""
+
+    kind = "lfs"
+    saved_in = "committed to Git"
+    runs_pipeline = False  # resume runs 'dvc repro' only where a dvc.yaml is
+    tag_meta: ClassVar[dict[str, str]] = {"backend": "lfs"}  # the checkpoint: a Git tree id
 
     def __init__(self, root: Path) -> None:
         require_lfs()
@@ -139,9 +144,66 @@ class LfsRepo:
     def close(self) -> None:
         """Nothing to release: every call is its own ``git`` process."""
 
-    def tree(self, md5_dir: str) -> list[TreeFile]:
+    # --- class level: what a commit pins -----------------------------------------------------
+
+    @classmethod
+    def setup(
+        cls, root: Path, *, remote: str | None, artifact: tuple[str, str],
+        declared: Callable[[], Mapping[str, Artifact]],
+    ) -> Setup:
+        """Git LFS for the artifacts' paths (declared in modelver.yaml unless dvc.yaml
+        declares artifacts); the remote is the Git remote 'origin'."""
+        from modelver.storage import CONFIG, read_config, write_config
+
+        if remote is not None:  # a usage error (exit 2), before anything is written
+            raise InvalidArgumentError(
+                "remote", remote,
+                expected="none: with Git LFS the remote is the Git remote 'origin' "
+                "(git remote add origin URL)",
+            )
+        cfg = root / CONFIG
+        if read_config(cfg.read_text() if cfg.is_file() else None).get("backend", "lfs") != "lfs":
+            raise DirtyWorkspaceError(f"{CONFIG} says another backend", hint=f"edit {CONFIG}")
+        versions.check_name(artifact[0], "artifact name")
+        written = write_config(
+            root, backend="lfs", artifacts={} if declared() else {artifact[0]: artifact[1]}
+        )
+        added = init_lfs(root, sorted({a.path for a in declared().values()}))
+        notes = tuple(f"Git LFS: added '{line}' to .gitattributes" for line in added)
+        notes += ("wrote modelver.yaml (backend: lfs, artifacts)",) if written else ()
+        notes += (
+            "data goes to the Git remote 'origin' with 'modelver push'",
+            "next: git add .gitattributes modelver.yaml && git commit -m 'modelver init'",
+        )
+        return Setup(False, REMOTE, False, "copy", added, written, notes)
+
+    @classmethod
+    def pin(cls, git: GitRepo, art: Artifact, commit: str, *, action: str) -> Pin:
+        """The Git tree of the path; the params are params.yaml at the commit (no dvc.lock)."""
+        import yaml
+
+        found = tree_hash(git.root, commit, art.path)
+        if found is None:
+            raise NotPinnedError(
+                art.name, commit[:10], reason=f"its tree has no '{art.path}'", action=action
+            )
+        text = git.read_file(commit, "params.yaml")
+        data = yaml.safe_load(text) if text else None
+        return Pin(found, None, {"params.yaml": data} if isinstance(data, dict) else {})
+
+    @classmethod
+    def check_tag_workspace(cls, git: GitRepo, art: Artifact) -> None:
+        if git.is_modified(art.path):
+            raise DirtyWorkspaceError(
+                f"'{art.path}' has uncommitted changes",
+                hint=f"git add {art.path} && git commit, then tag the new commit",
+            )
+
+    # --- objects ----------------------------------------------------------------------------
+
+    def tree(self, tree_id: str) -> list[TreeFile]:
         """Files of a Git tree by content sha256 (plain blobs are copied aside on the way)."""
-        out = _git(self.root, "ls-tree", "-r", "-l", "-z", md5_dir)
+        out = _git(self.root, "ls-tree", "-r", "-l", "-z", tree_id)
         entries = []
         for rec in out.split(b"\0"):
             if not rec:
@@ -155,7 +217,7 @@ class LfsRepo:
         contents = self._cat([blob for _, blob, _ in small])
         files = []
         for path, blob, size in entries:
-            relative_path(path, field=f"file of tree {md5_dir}", root=self.root)
+            relative_path(path, field=f"file of tree {tree_id}", root=self.root)
             data = contents.get(blob)
             pointer = _parse_pointer(data, path=path) if data is not None else None
             if pointer is not None:
@@ -164,7 +226,7 @@ class LfsRepo:
             else:  # plain JSON, or a large file committed without LFS: read through Git
                 if data is None:
                     data = _git(self.root, "cat-file", "blob", blob)
-                oid = hashlib.sha256(data).hexdigest()
+                oid = hashlib.sha256(data).hexdigest()  # in memory: small
                 self._blob_of[oid] = blob
                 self._keep_blob(oid, data)
                 files.append(TreeFile(path, oid, size))
@@ -272,7 +334,7 @@ class LfsRepo:
 
     def materialize(
         self,
-        md5_dir: str,
+        tree_id: str,
         dest: Path,
         *,
         prefix: str | None = None,
@@ -283,26 +345,21 @@ class LfsRepo:
         objects, built beside it and swapped in after ``check`` (given the new tree) returns,
         so ``dest`` holds exactly the tree's files, old or new, never a mix."""
         start = f"{prefix}/" if prefix else ""
-        files = [f for f in self.tree(md5_dir) if f.relpath.startswith(start)]
+        files = [f for f in self.tree(tree_id) if f.relpath.startswith(start)]
         if not files:
-            raise DataMissingError(f"{prefix} in {md5_dir}")
-        self.fetch([f.md5 for f in files], progress=progress)
-        self.heal([f.md5 for f in files], progress=progress)
-        clean_side_dirs(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = side_path(dest, "new")
-        try:
+            raise DataMissingError(f"{prefix} in {tree_id}")
+        self.fetch([f.oid for f in files], progress=progress)
+        self.heal([f.oid for f in files], progress=progress)
+
+        def fill(tmp: Path) -> None:
             for i, f in enumerate(files):
                 target = tmp / f.relpath[len(start) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.object_path(f.md5), target)
+                shutil.copyfile(self.object_path(f.oid), target)
                 if progress is not None:
                     progress(i + 1, len(files))
-            if check is not None:
-                check(tmp)
-            swap_in(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_beside(dest, fill, check=check)
 
     def workspace_saved(self, path: str) -> bool:
         """Whether ``path`` matches HEAD (so replacing it loses nothing committed to Git)."""
@@ -318,7 +375,32 @@ class LfsRepo:
         refs = (ln.split("\t", 1)[1] for ln in out.splitlines() if "\t" in ln)
         return {r.removeprefix("refs/tags/").removesuffix("^{}") for r in refs}
 
-    def publish(self, md5s: Iterable[str]) -> int:
+    def in_remote(self, oids: Sequence[str]) -> bool | None:
+        return None  # no cheap query of 'origin'
+
+    def share_with(self, worktree: Path) -> None:
+        """Linked worktrees share the Git directory, and so the LFS objects, already."""
+
+    def push(
+        self, trees: Sequence[tuple[str, str, str | None]], *, what: str,
+        progress: Progress | None = None,
+    ) -> int:
+        """The trees' LFS objects to 'origin'; an object missing here is fine when its
+        version's tag is on 'origin' (a pushed tag means its data went first)."""
+        if subprocess.run(["git", "remote", "get-url", REMOTE], cwd=self.root,
+                          capture_output=True).returncode != 0:
+            raise RemoteError(REMOTE, "no Git remote 'origin' (Git LFS stores data there)")
+        on_origin = self.remote_tags()
+        wanted: list[str] = []
+        for tree_id, label, tag in trees:
+            files = [f.oid for f in self.tree(tree_id)]
+            absent = set(self.missing_in_cache(files))
+            if absent and tag not in on_origin:
+                raise DataMissingError(f"{len(absent)} object(s) of {label}")
+            wanted += [m for m in files if m not in absent]
+        return self._upload(wanted)
+
+    def _upload(self, md5s: Iterable[str]) -> int:
         """Upload these LFS objects to 'origin' (by id: ``git lfs push <refs>`` would skip
         objects of commits 'origin' already has); returns how many were handed over."""
         oids = [m for m in dict.fromkeys(md5s) if m in self._pointers]

@@ -1,0 +1,65 @@
+"""The hooks of the checkpoint core: what it tells the objects it saves and the code above it.
+
+Objects in a saved state may say they are per-rank (:class:`PerRank`) or want to know when a
+restore is complete (:class:`RestoreAware`); :class:`ResumableSampler` is both.
+
+Work that follows a commit (an upload, DVC's hash state) is supplied from above the core.
+
+The checkpoint core knows no Git, DVC or remote: a :class:`CommitHook` is told of each committed
+checkpoint. ``CheckpointManager(on_commit=[...])`` takes the caller's own; the options ``push``
+and ``dvc_hashes`` name hooks that the ``modelver`` package provides at import
+(:func:`provide`), so the core imports nothing above it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from modelver.checkpoint.format import Manifest
+
+
+@runtime_checkable
+class CommitHook(Protocol):
+    """Told of every checkpoint this manager commits, on the thread that committed it (the
+    save thread with ``async_save``): it must return quickly and report its own failures
+    through :meth:`check`, which the training thread calls at each ``maybe_save``."""
+
+    def committed(self, path: Path, manifest: Manifest) -> None: ...
+
+    def check(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class RestoreAware(Protocol):
+    """Called once a restore has set every component and the global RNGs (a sampler re-derives
+    its epoch's order from the restored generator)."""
+
+    def modelver_after_restore(self) -> None: ...
+
+
+@runtime_checkable
+class PerRank(Protocol):
+    """Under ``torch.distributed`` an object whose ``modelver_per_rank`` is true is saved by
+    every rank into its own rank file (a sampler's position in its shard), not once by rank 0."""
+
+    @property
+    def modelver_per_rank(self) -> bool: ...
+
+
+Factory = Callable[[Path, Any], CommitHook]  # (checkpoints root, the option's value)
+_PROVIDERS: dict[str, Factory] = {}
+
+
+def provide(option: str, factory: Factory) -> None:
+    _PROVIDERS[option] = factory
+
+
+def hook_for(option: str, root: Path, value: Any) -> CommitHook:
+    if option not in _PROVIDERS:  # only when modelver/__init__.py was bypassed
+        raise RuntimeError(f"no provider of the {option!r} option: import modelver first")
+    return _PROVIDERS[option](root, value)

@@ -1,0 +1,368 @@
+"""Reading a checkpoint back: into new CPU tensors (:func:`load_checkpoint`), or into live
+objects (:func:`restore_checkpoint`), everything checked before anything live changes."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import defaultdict
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from modelver.checkpoint import format as fmt
+from modelver.checkpoint.catalog import newest_first, resolve_checkpoint_dir
+from modelver.checkpoint.hooks import RestoreAware
+from modelver.checkpoint.io import class_name
+from modelver.checkpoint.reader import read_state_json, read_tensors
+from modelver.checkpoint.sharded import chunk_names, load_sharded, sharded_index
+from modelver.checkpoint.state import (
+    component_state,
+    flatten,
+    is_stateful,
+    prepare_rng,
+    skeleton_is_dict,
+    unflatten,
+)
+from modelver.errors import (
+    CheckpointCorruptedError,
+    CheckpointNotFoundError,
+    CheckpointUnreadableError,
+    MalformedDataError,
+    ModelverError,
+    StateMismatchError,
+)
+
+# Optimizer state entries that have their parameter's shape (checked before anything is read).
+_PARAM_SHAPED = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg"}
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint read into memory: ``state[component]`` is what ``state_dict()`` returned."""
+
+    path: Path
+    manifest: fmt.Manifest
+    state: dict[str, Any]
+    rng: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+    @property
+    def epoch(self) -> int | None:
+        return self.manifest.epoch
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.manifest.metrics
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return self.manifest.extras
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> LoadedCheckpoint:
+    """Read one checkpoint (a step directory or a checkpoints root) into CPU memory.
+
+    From a root, a newest checkpoint that a writer retires while it is read is not an error:
+    the next newest is read instead."""
+    path = Path(path)
+    if fmt.manifest_token(path) is not None:
+        return _load_one(path, verify=verify)
+    for found in newest_first(path):
+        for info in found:
+            token = fmt.manifest_token(info.path)
+            try:
+                return _load_one(info.path, verify=verify)
+            except (CheckpointNotFoundError, CheckpointCorruptedError):
+                if not fmt.retired(info.path, token):
+                    raise
+    raise CheckpointNotFoundError(path)
+
+
+def _load_one(path: Path, *, verify: bool) -> LoadedCheckpoint:
+    manifest = fmt.read_manifest(path)
+    problems = fmt.check_sizes(path, manifest)
+    if problems:
+        raise CheckpointCorruptedError(path, problems)
+    meta = read_state_json(path, manifest)
+    chunks = chunk_names(meta)
+    names = set(manifest.tensors) - chunks if chunks else None
+    tensors = read_tensors(path, manifest, names=names, verify=verify)
+    if chunks:  # DCP chunks of a sharded run, assembled to full tensors
+        tensors.update(load_sharded(path, manifest, meta, live={}, state=None))
+    tensors.update({a: tensors[t] for a, t in meta.get("aliases", {}).items()})
+    state = {c: unflatten(d["state"], tensors) for c, d in meta["components"].items()}
+    return LoadedCheckpoint(path, manifest, state, meta.get("rng", {}))
+
+
+def _two_sided(saved: set[Any], now: set[Any]) -> bool:
+    """Key sets of two different classes: each has keys the other lacks (a newer torch only
+    adds keys, so a one-sided difference is tolerated)."""
+    return bool(saved - now) and bool(now - saved)
+
+
+def _class_mismatch(comp: str, entry: Mapping[str, Any], obj: Any) -> None:
+    """An optimizer or scheduler restores only into the class it was saved from; checkpoints
+    that predate the recorded class are compared by their state keys instead."""
+    recorded = entry.get("class")
+    if recorded is not None:
+        if recorded != class_name(obj):
+            raise StateMismatchError(
+                comp, detail=f"saved from {recorded}, restoring into {class_name(obj)}"
+            )
+        return
+    saved = entry["state"]
+    if isinstance(obj, torch.optim.Optimizer):
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if isinstance(groups, list):
+            for g_saved, g in zip(groups, obj.param_groups, strict=False):
+                if isinstance(g_saved, dict) and _two_sided(set(g_saved), set(g)):
+                    raise StateMismatchError(
+                        comp, detail="its parameter groups have another optimizer's settings"
+                    )
+            inner = saved.get("state")
+            per_param = inner.get("__dict__") if isinstance(inner, dict) else None
+            live = {i: set(v) for i, v in enumerate(obj.state.values())}
+            for i, pair in enumerate(per_param if isinstance(per_param, list) else []):
+                v = pair[1] if isinstance(pair, list) and len(pair) == 2 else None
+                if isinstance(v, dict) and i in live and _two_sided(set(v), live[i]):
+                    raise StateMismatchError(comp, detail="its state is another optimizer's")
+    elif isinstance(saved, dict) and _two_sided(set(saved), set(obj.state_dict())):
+        raise StateMismatchError(comp, detail="its saved state is another scheduler's")
+
+
+def _optimizer_mismatch(
+    comp: str, saved: Mapping[str, Any], opt: torch.optim.Optimizer, manifest: fmt.Manifest
+) -> None:
+    saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(saved_groups, list) or not all(
+        isinstance(g, dict)
+        and isinstance(g.get("params"), list)
+        and all(isinstance(i, int) for i in g["params"])
+        for g in saved_groups
+    ):
+        raise StateMismatchError(comp, detail="the checkpoint holds no optimizer state here")
+    per_param = saved.get("state")  # torch calls .items() on it and on each value
+    values: list[Any] = []
+    if isinstance(per_param, dict):  # int keys: a __dict__ marker of pairs (checked)
+        marked = list(per_param) == ["__dict__"]
+        values = [v for _, v in per_param["__dict__"]] if marked else list(per_param.values())
+    if not skeleton_is_dict(per_param) or not all(skeleton_is_dict(v) for v in values):
+        raise StateMismatchError(comp, detail="its per-parameter state is not a mapping")
+    now = [len(g["params"]) for g in opt.param_groups]
+    was = [len(g["params"]) for g in saved_groups]
+    if now != was:
+        raise StateMismatchError(
+            comp, detail=f"parameter groups hold {was} parameters in the checkpoint, {now} now"
+        )
+    params = {
+        sid: p
+        for g_saved, g in zip(saved_groups, opt.param_groups, strict=True)
+        for sid, p in zip(g_saved["params"], g["params"], strict=True)
+    }
+    mismatched = []
+    prefix = f"{comp}/state/"
+    for name, e in manifest.tensors.items():
+        parts = name[len(prefix) :].split("/") if name.startswith(prefix) else []
+        if len(parts) == 2 and parts[1] in _PARAM_SHAPED and parts[0].isdigit():
+            p = params.get(int(parts[0]))
+            if p is not None and tuple(p.shape) != e.shape:
+                mismatched.append((name, str(list(e.shape)), str(list(p.shape))))
+    if mismatched:
+        raise StateMismatchError(comp, mismatched=mismatched)
+
+
+class _Placeholders(dict[str, torch.Tensor]):
+    """Every tensor name maps to an empty tensor: the state's structure without its bytes."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        return torch.empty(0)
+
+
+def _dry_run(comp: str, opt: torch.optim.Optimizer, entry: Mapping[str, Any]) -> None:
+    """Let the optimizer's own ``load_state_dict`` judge the saved structure on a throwaway
+    twin (same class, groups copied, empty tensors), so a refusal that depends on the class
+    (Adam state without ``step``) comes before any live tensor is overwritten.
+
+    With the class recorded (and equal) the checkpoint is at fault: malformed, so a manager
+    falls back to an earlier one. Without it, the live optimizer may be another one.
+    """
+    twin = object.__new__(type(opt))
+    twin.__dict__.update(opt.__dict__)
+    twin.param_groups = [dict(g) for g in opt.param_groups]
+    twin.state = defaultdict(dict)
+    try:
+        twin.load_state_dict(unflatten(entry["state"], _Placeholders()))
+    except Exception as e:  # whatever the class raises: its verdict on this checkpoint
+        if entry.get("class") is not None:
+            raise MalformedDataError(
+                fmt.STATE_FILE, f"components.{comp}", str(e), expected="a state its class accepts"
+            ) from e
+        raise StateMismatchError(comp, detail=f"its load_state_dict refused the state: {e}") from e
+
+
+def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    saved_components = meta["components"]
+    chunks = chunk_names(meta)
+    index = {n: (e.shape, e.dtype) for n, e in manifest.tensors.items() if n not in chunks}
+    index.update(sharded_index(meta))
+    for alias, target in meta.get("aliases", {}).items():
+        index[alias] = index[target]
+    for comp, obj in state.items():
+        if comp not in saved_components:
+            raise StateMismatchError(comp, detail="the checkpoint has no such component")
+        if isinstance(obj, torch.nn.Module):
+            _, flat = flatten(comp, obj.state_dict())
+            current = {
+                f.name: (tuple(f.tensor.shape), str(f.tensor.dtype).removeprefix("torch."))
+                for f in flat
+            }
+            saved = {n: v for n, v in index.items() if n.startswith(comp + "/")}
+            strip = len(comp) + 1
+            mismatched = [
+                (n[strip:], f"{list(saved[n][0])} {saved[n][1]}", f"{list(c[0])} {c[1]}")
+                for n, c in current.items()
+                if n in saved and saved[n] != c
+            ]
+            missing = [n[strip:] for n in current if n not in saved]
+            unexpected = [n[strip:] for n in saved if n not in current]
+            if mismatched or missing or unexpected:
+                raise StateMismatchError(
+                    comp, missing=missing, unexpected=unexpected, mismatched=mismatched
+                )
+        elif isinstance(obj, torch.optim.Optimizer):
+            _class_mismatch(comp, saved_components[comp], obj)
+            _optimizer_mismatch(comp, saved_components[comp]["state"], obj, manifest)
+            _dry_run(comp, obj, saved_components[comp])
+        elif isinstance(obj, LRScheduler):
+            _class_mismatch(comp, saved_components[comp], obj)
+        if is_stateful(obj) and saved_components[comp]["kind"] != "stateful":
+            raise StateMismatchError(comp, detail="the checkpoint holds a plain value here")
+
+
+def restore_checkpoint(
+    path: str | Path, state: MutableMapping[str, Any], *, restore_rngs: bool = True
+) -> int:
+    """Load a checkpoint into live objects (in place where possible) and the global RNGs.
+
+    Everything is read and checked before any live object changes: the manifest, state.json in
+    full, shapes, dtypes and optimizer/scheduler classes, then every file's hash. On any failure
+    the live objects are as before (:class:`StateMismatchError` when they do not fit the
+    checkpoint, :class:`CheckpointCorruptedError` when the checkpoint is bad). Only an I/O
+    error in the final read into live memory can leave a model partly loaded: the error then
+    carries ``partial=True``.
+    """
+    path = resolve_checkpoint_dir(path)
+    try:
+        return _restore(path, state, restore_rngs=restore_rngs)
+    except ModelverError:
+        raise
+    except OSError as e:  # EIO, EACCES on a path that does not go through open_member
+        raise CheckpointUnreadableError(path, "a file", e) from e
+
+
+def _restore(path: Path, state: MutableMapping[str, Any], *, restore_rngs: bool) -> int:
+    manifest = fmt.read_manifest(path)
+    problems = fmt.check_sizes(path, manifest)
+    if problems:
+        raise CheckpointCorruptedError(path, problems)
+    meta = read_state_json(path, manifest)  # validated in full, RNG states included
+    try:
+        _check_fit(manifest, meta, state)
+    except MalformedDataError as e:  # the optimizer's own verdict on a state of its class
+        raise CheckpointCorruptedError(path, [e.message]) from e
+    if restore_rngs and "rng" not in meta:
+        raise CheckpointCorruptedError(path, [f"{fmt.STATE_FILE} has no RNG states"])
+    set_rngs = prepare_rng(meta["rng"]) if restore_rngs else None
+    chunks = chunk_names(meta)
+    comps = meta["components"]
+    if meta.get("sharded"):  # DCP writes chunk by chunk into live shards: hash them all first
+        files = {manifest.tensors[c].file for c in chunks if c.split("/", 1)[0] in state}
+        problems = fmt.verify_files(path, manifest, sorted(files))
+        if problems:
+            raise CheckpointCorruptedError(path, problems)
+    into: dict[str, torch.Tensor] = {}
+    for comp, obj in state.items():
+        if is_stateful(obj) or isinstance(obj, torch.Tensor):
+            _, flat = flatten(comp, component_state(obj))
+            into.update((f.name, f.tensor.detach()) for f in flat)
+    wanted = {n for n in manifest.tensors if n.split("/", 1)[0] in state and n not in chunks}
+    referenced = (*manifest.tensors, *meta.get("sharded", {}), *meta.get("aliases", {}))
+    with_tensors = {n.split("/", 1)[0] for n in referenced}
+    # small stateful objects (schedulers, samplers) first, each with a backup: their own
+    # load_state_dict may refuse the state, and then nothing else has changed yet
+    small = [
+        c for c, o in state.items()
+        if is_stateful(o) and not isinstance(o, torch.nn.Module | torch.optim.Optimizer)
+        and c not in with_tensors
+    ]
+    backups: dict[str, Any] = {}
+    try:
+        for comp in small:
+            backups[comp] = backup(state[comp])
+            state[comp].load_state_dict(unflatten(comps[comp]["state"], {}))
+        tensors = read_tensors(path, manifest, into=into, names=wanted)
+    except Exception as e:
+        roll_back(state, backups)
+        if isinstance(e, ModelverError):
+            raise
+        comp = next(reversed(backups)) if backups else "state"
+        raise StateMismatchError(comp, detail=f"its load_state_dict refused the state: {e}") from e
+    if meta.get("sharded"):
+        tensors.update(load_sharded(path, manifest, meta, live=into, state=state))
+    tensors.update({a: tensors[t] for a, t in meta.get("aliases", {}).items() if t in tensors})
+    done = set(small)
+    try:
+        for comp, obj in state.items():
+            if comp in done:
+                continue
+            value = unflatten(comps[comp]["state"], tensors)
+            if is_stateful(obj):
+                obj.load_state_dict(value)
+            elif isinstance(obj, torch.Tensor):
+                if value is not obj:
+                    obj.copy_(value)
+            else:
+                state[comp] = value
+            done.add(comp)
+    except Exception as e:  # checked above; a user object's own refusal lands here
+        roll_back(state, backups)
+        comp = next((c for c in state if c not in done), "state")
+        err = StateMismatchError(comp, detail=f"its load_state_dict refused the state: {e}")
+        err.partial = True  # type: ignore[attr-defined]
+        raise err from e
+    if set_rngs is not None:
+        set_rngs()
+        after_restore(state)
+    return manifest.step
+
+
+def backup(obj: Any) -> Any:
+    try:
+        return copy.deepcopy(obj.state_dict())
+    except Exception:  # not copyable: that object cannot be rolled back
+        return None
+
+
+def roll_back(state: Mapping[str, Any], backups: Mapping[str, Any]) -> None:
+    for comp, saved in backups.items():
+        if saved is not None:
+            with contextlib.suppress(Exception):
+                state[comp].load_state_dict(saved)
+
+
+def after_restore(state: Mapping[str, Any]) -> None:
+    """Tell restored objects that the RNGs are back (:class:`RestoreAware`)."""
+    for obj in state.values():
+        if isinstance(obj, RestoreAware):
+            obj.modelver_after_restore()
