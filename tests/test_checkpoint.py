@@ -352,3 +352,34 @@ def test_manifest_records_files_and_tensor_index(tmp_path: Path) -> None:
     entry = doc["tensors"]["model/0.weight"]
     assert entry["shape"] == [8, 4] and entry["dtype"] == "float32"
     assert info.size == sum(f["size"] for f in doc["files"].values())
+
+
+def test_rerunning_a_finished_loop_changes_nothing(tmp_path: Path) -> None:
+    """The hand-written loop of the README, run again after it finished (twice): it restores the
+    final step, trains nothing and writes nothing."""
+    def job() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = {"model": model, "optimizer": opt}
+        with CheckpointManager(tmp_path / "ck", every_steps=3, keep_last=2) as mgr:
+            start = mgr.restore(state)
+            for step in range(start, 10):
+                opt.zero_grad()
+                model(torch.ones(2, 4)).square().mean().backward()
+                opt.step()
+                mgr.maybe_save(step + 1, state)
+            mgr.save(10, state)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    def on_disk() -> list[tuple[str, bytes]]:
+        return sorted((p.name, (p / "MANIFEST.json").read_bytes())
+                      for p in (tmp_path / "ck").glob("step-*"))
+
+    final = job()
+    listed = on_disk()
+    assert [n for n, _ in listed] == ["step-00000009", "step-00000010"]
+    for _ in range(2):
+        again = job()
+        assert all(torch.equal(final[k], again[k]) for k in final)
+        assert on_disk() == listed

@@ -440,3 +440,42 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(
         dict(load_checkpoint(final.path).state["model"]), reference(tmp_path_factory, **KILL_ARGS)
     )
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_rerunning_a_finished_job_changes_nothing(tmp_path: Path) -> None:
+    """A scheduler restarting a job that had just finished: the re-run resumes from the final
+    checkpoint, trains nothing, saves nothing new; twice over, the same checkpoints and weights."""
+    args = {"max_steps": 8, "save_steps": 4, "save_total_limit": 2}
+    first = make_trainer(tmp_path / "run", args=args)
+    first.train()
+    final = weights(first)
+    root = tmp_path / "run" / "checkpoints"
+    listed = [(c.step, (c.path / "MANIFEST.json").read_bytes()) for c in list_checkpoints(root)]
+    assert [s for s, _ in listed] == [4, 8]
+    for _ in range(2):
+        again = make_trainer(tmp_path / "run", args=args)
+        again.train(resume_from_checkpoint=True)
+        assert int(again.state.global_step) == 8
+        assert_same(weights(again), final)
+        now = [(c.step, (c.path / "MANIFEST.json").read_bytes()) for c in list_checkpoints(root)]
+        assert now == listed  # no step-00000009, the final step-00000008 untouched
+
+
+def test_train_or_resume_is_one_call_for_preemptible_jobs(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """No checkpoint yet: it trains from the start; after a crash: it resumes bit-identically;
+    finished: it changes nothing. One line for the job script, whatever happened before."""
+    args = {"max_steps": 12}
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path / "run", crash=6, args=args).train_or_resume()
+    assert [c.step for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [4]
+    resumed = make_trainer(tmp_path / "run", args=args)
+    resumed.train_or_resume()
+    assert int(resumed.state.global_step) == 12
+    assert_same(weights(resumed), reference(tmp_path_factory, **args))
+    listed = [c.step for c in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    again = make_trainer(tmp_path / "run", args=args)
+    again.train_or_resume()
+    assert [c.step for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == listed
+    assert_same(weights(again), weights(resumed))

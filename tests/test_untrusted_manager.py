@@ -216,9 +216,10 @@ def test_failure_after_the_commit_is_a_warning_not_an_exception(
     def boom(*a: object, **k: object) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    target = {"plan": "plan_retention", "execute": "execute_retention",
-              "listing": "list_checkpoints"}[where]
-    monkeypatch.setattr(ckmanager, target, boom)
+    if where == "listing":  # what retention plans over: the manager's listing of the directory
+        monkeypatch.setattr(ckmanager.Listing, "committed", boom)
+    else:
+        monkeypatch.setattr(ckmanager, f"{where}_retention", boom)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         info = mgr.save(2, small_state(2.0))

@@ -6,11 +6,12 @@ Verifying is :mod:`modelver.checkpoint.verify`; reading back, :mod:`modelver.che
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelver.checkpoint import format as fmt
+from modelver.checkpoint.runid import run_dir
 from modelver.errors import CheckpointCorruptedError, CheckpointNotFoundError, ModelverWarning
 
 
@@ -28,15 +29,16 @@ class CheckpointInfo:
     bases: tuple[str, ...] = ()  # step dirs its delta files decode against
 
 
-def _info(path: Path, m: fmt.Manifest) -> CheckpointInfo:
+def info_of(path: Path, m: fmt.Manifest) -> CheckpointInfo:
     return CheckpointInfo(
         path, m.step, m.epoch, m.metrics, m.created, m.total_bytes, len(m.tensors), m.bases
     )
 
 
-def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
-    """Committed checkpoints under ``root`` in step order; unreadable manifests are skipped."""
-    return _committed(Path(root))[0]
+def list_checkpoints(root: str | Path, *, run: object = None) -> list[CheckpointInfo]:
+    """Committed checkpoints under ``root`` (of ``run``: a name or the mapping given to the
+    manager) in step order; unreadable manifests are skipped."""
+    return _committed(run_dir(Path(root), run))[0]
 
 
 def _committed(root: Path) -> tuple[list[CheckpointInfo], bool]:
@@ -45,7 +47,7 @@ def _committed(root: Path) -> tuple[list[CheckpointInfo], bool]:
     vanished = False
     for _, path in fmt.iter_checkpoint_dirs(root):
         try:
-            out.append(_info(path, fmt.read_manifest(path)))
+            out.append(info_of(path, fmt.read_manifest(path)))
         except CheckpointNotFoundError:  # retired (renamed away) since the directory listing
             vanished = True
         except CheckpointCorruptedError as e:
@@ -69,8 +71,65 @@ def newest_first(root: Path) -> Iterator[list[CheckpointInfo]]:
 
 
 
-def latest_checkpoint(root: str | Path) -> CheckpointInfo | None:
-    found = list_checkpoints(root)
+@dataclass
+class Listing:
+    """What a root holds, as its one writer (the manager holding its lock) knows it, so that a
+    save's cost does not grow with the number of checkpoints kept.
+
+    A manifest is read once, when its directory first appears. :meth:`begin` (before a write)
+    notes with one ``stat`` of the root whether anything but this writer's own bookkeeping
+    changed it since; only then does :meth:`committed` list the root again (names, and the
+    manifests of new names only)."""
+
+    root: Path
+    known: dict[str, CheckpointInfo] = field(default_factory=dict)
+    stamp: tuple[int, int, int] | None = None
+    _fresh: bool = False
+    _ordered: list[CheckpointInfo] = field(default_factory=list)  # ``known`` in step order
+
+    def begin(self) -> None:
+        self._fresh = self.stamp is not None and fmt.dir_stamp(self.root) == self.stamp
+
+    def committed(self, info: CheckpointInfo) -> list[CheckpointInfo]:
+        """The checkpoints kept now, ``info`` (just committed) included, in step order."""
+        if not self._fresh:
+            self._relist()
+        replaced = self.known.get(info.path.name)
+        self.known[info.path.name] = info
+        if replaced is None and (not self._ordered or self._ordered[-1].step < info.step):
+            self._ordered.append(info)  # the usual case: a newer step, no sort
+        else:
+            self._ordered = sorted(self.known.values(), key=lambda i: i.step)
+        self.stamp = fmt.dir_stamp(self.root)
+        return self._ordered
+
+    def retired(self, infos: Iterable[CheckpointInfo]) -> None:
+        gone = {info.path.name for info in infos}
+        if gone:
+            for name in gone:
+                self.known.pop(name, None)
+            self._ordered = [i for i in self._ordered if i.path.name not in gone]
+        self.stamp = fmt.dir_stamp(self.root)
+
+    def _relist(self) -> None:
+        before = fmt.dir_stamp(self.root)
+        names = {path.name: path for _, path in fmt.iter_checkpoint_dirs(self.root)}
+        self.known = {n: i for n, i in self.known.items() if n in names}
+        for name, path in names.items():
+            if name in self.known:
+                continue
+            try:
+                self.known[name] = info_of(path, fmt.read_manifest(path))
+            except CheckpointNotFoundError:  # retired since the listing
+                continue
+            except CheckpointCorruptedError as e:
+                warnings.warn(f"skipping {path}: {e.problems[0]}", ModelverWarning, stacklevel=4)
+        self._ordered = sorted(self.known.values(), key=lambda i: i.step)
+        self.stamp = before
+
+
+def latest_checkpoint(root: str | Path, *, run: object = None) -> CheckpointInfo | None:
+    found = list_checkpoints(root, run=run)
     return found[-1] if found else None
 
 

@@ -182,6 +182,7 @@ def save(
     metrics: Mapping[str, float] | None,
     extras: Mapping[str, Any] | None,
     delta: DeltaEncoder | None = None,
+    run: str | None = None,
 ) -> fmt.Manifest:
     """Collective: every rank calls it with the same step; rank 0 commits once all parts are in.
 
@@ -263,6 +264,7 @@ def save(
             epoch=epoch,
             metrics=metrics,
             extras=extras,
+            run=run,
         )
     problem, manifest = _broadcast(outcome)
     if problem is not None or manifest is None:
@@ -295,6 +297,7 @@ def _commit(
     epoch: int | None,
     metrics: Mapping[str, float] | None,
     extras: Mapping[str, Any] | None,
+    run: str | None,
 ) -> tuple[str | None, fmt.Manifest | None]:
     """Rank 0: state.json, then the manifest (the commit marker), then the rename."""
     try:
@@ -324,6 +327,7 @@ def _commit(
             extras=dict(extras or {}),
             format_version=fmt.DELTA_FORMAT_VERSION if deltas else fmt.FORMAT_VERSION,
             deltas=deltas,
+            run=run,
         )
         commit.seal(tmp, final, manifest)
     except Exception as e:

@@ -12,6 +12,7 @@ import errno
 import io
 import math
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -48,6 +49,9 @@ DELTA_SUFFIX = ".delta"
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "state.json"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a run's id (checkpoint.runid)
+
 
 def step_dirname(step: int) -> str:
     return f"step-{step:08d}"
@@ -213,6 +217,7 @@ class Manifest:
     extras: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     deltas: dict[str, DeltaEntry] = field(default_factory=dict)  # logical file -> its delta
+    run: str | None = None  # the run it belongs to (checkpoint.runid), None without runs
 
     @property
     def total_bytes(self) -> int:
@@ -248,6 +253,7 @@ class Manifest:
             "aliases": self.aliases,
             **({"deltas": {k: v.to_json() for k, v in sorted(self.deltas.items())}}
                if self.deltas else {}),
+            **({"run": self.run} if self.run is not None else {}),
         }
 
     @classmethod
@@ -297,6 +303,9 @@ class Manifest:
             if _str(v, f"aliases.{k}", max_len=4096) not in tensors:
                 raise MalformedDataError(_WHAT, f"aliases.{k}", v, expected="a stored tensor")
         epoch = d.get("epoch")
+        run = d.get("run")
+        if run is not None and not (isinstance(run, str) and RUN_ID_RE.fullmatch(run)):
+            raise MalformedDataError(_WHAT, "run", run, expected="a run id (letters, digits, ._-)")
         return cls(
             step=_int(d.get("step"), "step"),
             epoch=None if epoch is None else _int(epoch, "epoch"),
@@ -309,6 +318,7 @@ class Manifest:
             extras=dict(untrusted.mapping(d.get("extras") or {}, what=_WHAT, field="extras")),
             format_version=version,
             deltas=deltas,
+            run=run,
         )
 
 
@@ -508,7 +518,7 @@ def while_retiring() -> Iterator[int]:
         attempt += 1
 
 
-def _dir_stamp(directory: Path) -> tuple[int, int, int] | None:
+def dir_stamp(directory: Path) -> tuple[int, int, int] | None:
     try:
         st = os.stat(directory)
     except OSError:
@@ -523,13 +533,13 @@ def iter_checkpoint_dirs(directory: Path) -> Iterator[tuple[int, Path]]:
     listed (retention) is skipped."""
     entries: list[os.DirEntry[str]] = []
     for _ in range(LIST_RETRIES):  # readdir may miss an entry renamed in while it runs
-        before = _dir_stamp(directory)
+        before = dir_stamp(directory)
         try:
             with os.scandir(directory) as it:
                 entries = list(it)
         except OSError:
             return
-        if before is not None and _dir_stamp(directory) == before:
+        if before is not None and dir_stamp(directory) == before:
             break
     for child in entries:
         m = STEP_DIR_RE.match(child.name)

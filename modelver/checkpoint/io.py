@@ -283,8 +283,10 @@ def write_checkpoint(
     *,
     md5: bool = False,
     delta: tuple[DeltaEncoder, str | None] | None = None,
+    run: str | None = None,
 ) -> fmt.Manifest:
-    """Write and commit one checkpoint; on any error nothing new is visible to readers.
+    """Write and commit one checkpoint (of ``run``, recorded in its manifest); on any error
+    nothing new is visible to readers.
 
     With ``md5`` each file's MD5 (what DVC hashes outputs with) is computed from memory in
     helper threads while the files are written, and recorded in the manifest. With ``delta``
@@ -329,6 +331,7 @@ def write_checkpoint(
             extras=snap.extras,
             format_version=fmt.DELTA_FORMAT_VERSION if deltas else fmt.FORMAT_VERSION,
             deltas=deltas,
+            run=run,
         )
         commit.seal(tmp, final, manifest)
     except OSError as e:

@@ -16,7 +16,13 @@ from typing import Any
 
 from modelver.checkpoint import commit, distributed, hooks
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.catalog import CheckpointInfo, latest_checkpoint, list_checkpoints
+from modelver.checkpoint.catalog import (
+    CheckpointInfo,
+    Listing,
+    info_of,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from modelver.checkpoint.delta import DeltaEncoder
 from modelver.checkpoint.dirlock import DirLock, prepare_directory
 from modelver.checkpoint.fallback import newest_valid
@@ -31,9 +37,11 @@ from modelver.checkpoint.retention import (
     execute_retention,
     plan_retention,
 )
+from modelver.checkpoint.runid import record_run, run_id, run_root
 from modelver.checkpoint.signals import StopSignals
 from modelver.errors import (
     AsyncSaveError,
+    CheckpointCorruptedError,
     InvalidArgumentError,
     ModelverWarning,
     TrainingInterrupted,
@@ -74,6 +82,7 @@ class CheckpointManager:
         dvc_hashes: bool | None = None,
         delta_full_every: int | None = None,
         on_commit: Sequence[CommitHook] = (),
+        run: str | Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(directory, str | os.PathLike) or not isinstance(
             os.fspath(directory), str
@@ -107,10 +116,16 @@ class CheckpointManager:
         self._stop = StopSignals(needs="the manager to be built")
         if handle_signals:
             self._stop.check_thread()
-        self.root = Path(directory)
+        # run= names the run: its checkpoints live in their own subdirectory (checkpoint.runid),
+        # so another run's are never restored, retained against, or deleted
+        self.run = run_id(run)
+        self.directory = Path(directory)
+        self.root = run_root(self.directory, self.run)
         # the directory is checked now, not at the first save after an interval of training;
         # every rank writes into it, rank 0 alone commits, cleans and holds the lock
         prepare_directory(self.root)
+        if self.run is not None and (not self._distributed or distributed.rank() == 0):
+            record_run(self.root, self.run, run)
         self._lock: DirLock | None = None
         if not self._distributed or distributed.rank() == 0:
             self._lock = DirLock(self.root)
@@ -128,6 +143,7 @@ class CheckpointManager:
         self._last_step: int | None = None
         self._last_time = time.monotonic()
         self._pool = BufferPool()
+        self._listing = Listing(self.root)  # what retention plans over, kept current cheaply
         self._executor: ThreadPoolExecutor | None = None
         self._janitor: ThreadPoolExecutor | None = None
         self._inflight: Future[CheckpointInfo] | None = None
@@ -190,7 +206,7 @@ class CheckpointManager:
         # a bad checkpoint (corrupted, malformed, unsafe, unreadable) is skipped for the
         # previous one; StateMismatchError (the live objects changed) is not: it propagates
         found = newest_valid(
-            self.root, lambda path: restore_checkpoint(path, state), step=step, stacklevel=2
+            self.root, lambda path: self._restore_own(path, state), step=step, stacklevel=2
         )
         if found is None:
             return 0
@@ -200,6 +216,17 @@ class CheckpointManager:
         if self._delta is not None:
             self._delta.seed(info.path)
         return restored
+
+    def _restore_own(self, path: Path, state: MutableMapping[str, Any]) -> int:
+        """Restore ``path`` if it is this run's (a directory copied into the wrong run's is
+        skipped as a bad checkpoint, before anything live changes)."""
+        saved = fmt.read_manifest(path).run
+        if saved != self.run:
+            mine = self.run or "(none)"
+            raise CheckpointCorruptedError(
+                path, [f"it belongs to run {saved or '(none)'}, not to run {mine}"]
+            )
+        return restore_checkpoint(path, state)
 
     # --- save --------------------------------------------------------------------------------
 
@@ -265,10 +292,11 @@ class CheckpointManager:
             return next((c for c in self.checkpoints() if c.step == step), None)
         if epoch is None:
             epoch = _epoch_of(state)
+        self._listing.begin()  # one stat: has anyone else changed the directory since?
         if self._distributed:
             manifest = distributed.save(
                 self.root, state, step=step, epoch=epoch, metrics=metrics, extras=extras,
-                delta=self._delta,
+                delta=self._delta, run=self.run,
             )
             self._last_step = step
             self._last_time = time.monotonic()
@@ -300,23 +328,29 @@ class CheckpointManager:
         delta = None
         if self._delta is not None:
             delta = (self._delta, self._delta.begin(self.root, snap.step))
-        manifest = write_checkpoint(self.root, snap, md5=self.dvc_hashes, delta=delta)
+        manifest = write_checkpoint(
+            self.root, snap, md5=self.dvc_hashes, delta=delta, run=self.run
+        )
         if self._delta is not None:
             self._delta.finish(fmt.step_dirname(snap.step), used_delta=bool(manifest.deltas))
         return self._after_commit(manifest)
 
     def _after_commit(self, manifest: fmt.Manifest, *, retain: bool = True) -> CheckpointInfo:
         path = self.root / fmt.step_dirname(manifest.step)
+        info = info_of(path, manifest)
         if retain:
             try:
-                plan = plan_retention(
-                    self.checkpoints(),
-                    keep_last=self.keep_last,
-                    keep_best=self.keep_best,
-                    monitor=self.monitor,
-                    mode=self.mode,
-                )
-                execute_retention(plan, remove=self._remove_later)
+                kept = self._listing.committed(info)
+                if self.keep_last:  # None or 0 keeps everything: nothing to plan or delete
+                    plan = plan_retention(
+                        kept,
+                        keep_last=self.keep_last,
+                        keep_best=self.keep_best,
+                        monitor=self.monitor,
+                        mode=self.mode,
+                    )
+                    execute_retention(plan, remove=self._remove_later)
+                    self._listing.retired(plan.delete)
             except Exception as e:  # the save is committed: never an exception for it now
                 warnings.warn(
                     f"step {manifest.step} is saved, but deleting older checkpoints in "
@@ -332,16 +366,7 @@ class CheckpointManager:
                         f"step {manifest.step} is saved, but {type(hook).__name__} failed after "
                         f"the commit ({type(e).__name__}: {e})", ModelverWarning, stacklevel=4,
                     )
-        return CheckpointInfo(
-            path,
-            manifest.step,
-            manifest.epoch,
-            manifest.metrics,
-            manifest.created,
-            manifest.total_bytes,
-            len(manifest.tensors),
-            manifest.bases,
-        )
+        return info
 
     def _remove_later(self, trash: Path) -> None:
         """Deleting a large checkpoint takes a while (freeing its blocks): not on the caller."""

@@ -19,6 +19,7 @@ from modelver.checkpoint.catalog import newest_first, resolve_checkpoint_dir
 from modelver.checkpoint.hooks import RestoreAware
 from modelver.checkpoint.io import class_name
 from modelver.checkpoint.reader import read_state_json, read_tensors
+from modelver.checkpoint.runid import run_dir
 from modelver.checkpoint.sharded import chunk_names, load_sharded, sharded_index
 from modelver.checkpoint.state import (
     component_state,
@@ -67,12 +68,15 @@ class LoadedCheckpoint:
         return self.manifest.extras
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True) -> LoadedCheckpoint:
-    """Read one checkpoint (a step directory or a checkpoints root) into CPU memory.
+def load_checkpoint(
+    path: str | Path, *, verify: bool = True, run: object = None
+) -> LoadedCheckpoint:
+    """Read one checkpoint (a step directory, or the newest of a checkpoints root; with
+    ``run``, of that run in the root) into CPU memory.
 
     From a root, a newest checkpoint that a writer retires while it is read is not an error:
     the next newest is read instead."""
-    path = Path(path)
+    path = run_dir(Path(path), run)
     if fmt.manifest_token(path) is not None:
         return _load_one(path, verify=verify)
     for found in newest_first(path):

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.fallback import newest_valid
@@ -143,6 +144,7 @@ class ModelverTrainerMixin:
     _modelver_managers: dict[Path, CheckpointManager]
     _modelver_resume: Path | None
     _modelver_stop: _SignalStop | None = None
+    _modelver_verified: Path | None = None
 
     def configure_modelver(
         self,
@@ -330,6 +332,9 @@ class ModelverTrainerMixin:
             path = self._modelver_pick(
                 root if resume_from_checkpoint is True else Path(resume_from_checkpoint)
             )
+            finished = self._modelver_finished(path)
+            if finished is not None:
+                return finished
             staging = self._modelver_stage(path)
             self._modelver_resume = path
         signals = self._modelver_stop.signals if self._modelver_stop is not None else None
@@ -350,6 +355,39 @@ class ModelverTrainerMixin:
             raise TrainingInterrupted(signum, int(trainer.state.global_step))
         return result
 
+    def _modelver_finished(self, path: Path) -> Any:
+        """Re-running a job that had finished (a scheduler restarting it, a second ``train``):
+        its checkpoint is at ``max_steps``, and Trainer, which checks the stop only after a
+        step, would train one step more and save it (then retention drops the real final
+        one). Load the final state instead, train and save nothing; None if not finished."""
+        trainer: Any = self
+        holder: dict[str, Any] = {"trainer_state": None}
+        restore_checkpoint(path, holder, restore_rngs=False)
+        saved = holder["trainer_state"]
+        max_steps = trainer.args.max_steps
+        if not isinstance(max_steps, int) or max_steps <= 0 or saved["global_step"] < max_steps:
+            return None
+        restore_checkpoint(path, {"model": trainer.model}, restore_rngs=False)
+        trainer.state = TrainerState(**saved)
+        if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+            self._load_best_model()
+        return TrainOutput(trainer.state.global_step, 0.0, {"train_loss": 0.0})
+
+    def train_or_resume(self, trial: Any = None, **kwargs: Any) -> Any:
+        """Continue from the newest verified modelver checkpoint of this run, or start when there
+        is none: the one call a preemptible job needs (Trainer's ``resume_from_checkpoint=True``
+        raises when there is none, so job scripts carry an if/else). A finished job re-run
+        trains and saves nothing. Corrupted checkpoints are skipped with a warning, as the
+        manager's restore skips them; when none is left, training starts afresh."""
+        found = newest_valid(self.modelver_checkpoint_dir(trial), verify_checkpoint, stacklevel=2)
+        if found is None:
+            return self.train(trial=trial, **kwargs)
+        self._modelver_verified = found[0].path
+        try:
+            return self.train(resume_from_checkpoint=str(found[0].path), trial=trial, **kwargs)
+        finally:
+            self._modelver_verified = None
+
     @staticmethod
     def _modelver_stage(path: Path) -> Path:
         """Trainer.train reads TrainerState from the resume directory: a temp one with just that."""
@@ -363,7 +401,8 @@ class ModelverTrainerMixin:
     def _modelver_pick(self, path: Path) -> Path:
         """A verified step directory: ``path`` itself, or the newest valid one under it."""
         if (path / fmt.MANIFEST).is_file():
-            verify_checkpoint(path)
+            if path != self._modelver_verified:  # train_or_resume verified it a moment ago
+                verify_checkpoint(path)
             return path
         if (path / TRAINER_STATE_NAME).is_file():
             raise ModelverError(
