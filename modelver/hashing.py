@@ -8,9 +8,10 @@ restore). Stdlib and ``xxhash`` only, so every layer may use it.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import xxhash
 
@@ -25,16 +26,18 @@ def new_hasher(algo: str) -> Any:
     return hashlib.new(algo)
 
 
-def update_from(h: Any, f: IO[bytes], buf: bytearray | None = None) -> Any:
-    """Feed ``h`` everything left in ``f``, through ``buf`` (reused across files when given)."""
-    view = memoryview(buf if buf is not None else bytearray(CHUNK))
-    while n := f.readinto(view):  # type: ignore[attr-defined]
+def update_from(h: Any, f: Any, buf: bytearray) -> Any:
+    """Feed ``h`` everything left in the binary file ``f``, through ``buf`` (reused)."""
+    view = memoryview(buf)
+    while n := f.readinto(view):
         h.update(view[:n])
     return h
 
 
-def file_digest(path: Path | str, algo: str, *, buf: bytearray | None = None) -> str:
+def file_digest(path: Path | str, algo: str) -> str:
     with open(path, "rb", buffering=0) as f:
+        # no larger than the file: manifests and state.json are a few KiB, not 16 MiB to zero
+        buf = bytearray(max(1, min(CHUNK, os.fstat(f.fileno()).st_size)))
         return str(update_from(new_hasher(algo), f, buf).hexdigest())
 
 

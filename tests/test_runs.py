@@ -14,7 +14,7 @@ from torch import nn
 from modelver import CheckpointManager, latest_checkpoint, list_checkpoints, load_checkpoint
 from modelver.checkpoint.format import read_manifest
 from modelver.checkpoint.runid import list_runs, run_id
-from modelver.errors import InvalidArgumentError, ModelverWarning
+from modelver.errors import InvalidArgumentError, ModelverError, ModelverWarning
 
 
 def _train(root: Path, params: dict[str, float], steps: int, *, keep_last: int | None = None
@@ -108,3 +108,21 @@ def test_a_bad_run_is_refused_before_anything_is_written(tmp_path: Path, bad: ob
     with pytest.raises(InvalidArgumentError, match="run"):
         CheckpointManager(tmp_path / "ck", run=bad)  # type: ignore[arg-type]
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("bad", ["../x", "", 7, "a/b"])
+def test_a_manifest_naming_a_malformed_run_is_refused(tmp_path: Path, bad: object) -> None:
+    """The run in a manifest is data: anything but a run id makes the checkpoint unreadable
+    (one error naming the field), and restore skips it instead of trusting it."""
+    _train(tmp_path, {"lr": 0.1}, 2)
+    step = next(tmp_path.glob("run-*/step-00000002"))
+    manifest = json.loads((step / "MANIFEST.json").read_text())
+    manifest["run"] = bad
+    (step / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelverError, match="run"):
+        read_manifest(step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with CheckpointManager(tmp_path, run={"lr": 0.1}) as mgr:
+            assert mgr.restore({"model": nn.Linear(4, 4)}) == 0
+    assert any("run" in str(w.message) for w in caught)

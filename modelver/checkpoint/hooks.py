@@ -60,6 +60,4 @@ def provide(option: str, factory: Factory) -> None:
 
 
 def hook_for(option: str, root: Path, value: Any) -> CommitHook:
-    if option not in _PROVIDERS:  # only when modelver/__init__.py was bypassed
-        raise RuntimeError(f"no provider of the {option!r} option: import modelver first")
-    return _PROVIDERS[option](root, value)
+    return _PROVIDERS[option](root, value)  # every option is provided by modelver/__init__.py

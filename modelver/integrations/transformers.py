@@ -51,6 +51,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput
 
+from modelver import untrusted
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.fallback import newest_valid
 from modelver.checkpoint.manager import CheckpointManager
@@ -332,10 +333,11 @@ class ModelverTrainerMixin:
             path = self._modelver_pick(
                 root if resume_from_checkpoint is True else Path(resume_from_checkpoint)
             )
-            finished = self._modelver_finished(path)
+            saved = self._modelver_trainer_state(path)
+            finished = self._modelver_finished(path, saved)
             if finished is not None:
                 return finished
-            staging = self._modelver_stage(path)
+            staging = self._modelver_stage(saved)
             self._modelver_resume = path
         signals = self._modelver_stop.signals if self._modelver_stop is not None else None
         try:
@@ -355,15 +357,24 @@ class ModelverTrainerMixin:
             raise TrainingInterrupted(signum, int(trainer.state.global_step))
         return result
 
-    def _modelver_finished(self, path: Path) -> Any:
+    @staticmethod
+    def _modelver_trainer_state(path: Path) -> dict[str, Any]:
+        """The ``TrainerState`` a checkpoint holds, read once per resume (its global step is data
+        from a file: an int, or the checkpoint is refused)."""
+        holder: dict[str, Any] = {"trainer_state": None}
+        restore_checkpoint(path, holder, restore_rngs=False)
+        saved = holder["trainer_state"]
+        what = f"trainer_state of {path}"
+        saved = dict(untrusted.mapping(saved, what=what, field="trainer_state"))
+        untrusted.integer(saved.get("global_step"), what=what, field="global_step")
+        return saved
+
+    def _modelver_finished(self, path: Path, saved: dict[str, Any]) -> Any:
         """Re-running a job that had finished (a scheduler restarting it, a second ``train``):
         its checkpoint is at ``max_steps``, and Trainer, which checks the stop only after a
         step, would train one step more and save it (then retention drops the real final
         one). Load the final state instead, train and save nothing; None if not finished."""
         trainer: Any = self
-        holder: dict[str, Any] = {"trainer_state": None}
-        restore_checkpoint(path, holder, restore_rngs=False)
-        saved = holder["trainer_state"]
         max_steps = trainer.args.max_steps
         if not isinstance(max_steps, int) or max_steps <= 0 or saved["global_step"] < max_steps:
             return None
@@ -389,12 +400,10 @@ class ModelverTrainerMixin:
             self._modelver_verified = None
 
     @staticmethod
-    def _modelver_stage(path: Path) -> Path:
+    def _modelver_stage(saved: dict[str, Any]) -> Path:
         """Trainer.train reads TrainerState from the resume directory: a temp one with just that."""
-        holder: dict[str, Any] = {"trainer_state": None}
-        restore_checkpoint(path, holder, restore_rngs=False)
         staging = Path(tempfile.mkdtemp(prefix="modelver-resume-"))
-        text = json.dumps(holder["trainer_state"], indent=2, sort_keys=True) + "\n"
+        text = json.dumps(saved, indent=2, sort_keys=True) + "\n"
         (staging / TRAINER_STATE_NAME).write_text(text, encoding="utf-8")
         return staging
 
