@@ -51,7 +51,8 @@ def environment(home: Path) -> dict[str, str]:
     }
 
 
-def one_round(base: Path) -> float:
+def make_repo(base: Path) -> tuple[Path, dict[str, str]]:
+    """A fresh Git + DVC repository holding the demo pipeline, committed; and its environment."""
     repo, home = base / "repo", base / "home"
     home.mkdir(parents=True)
     for rel in PIPELINE_FILES:
@@ -63,6 +64,12 @@ def one_round(base: Path) -> float:
     for args in (["git", "init", "-q", "-b", "main"], [*dvc, "init", "-q"],
                  ["git", "add", "-A"], ["git", "commit", "-q", "-m", "demo pipeline"]):
         subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+    return repo, env
+
+
+def one_round(base: Path) -> float:
+    repo, env = make_repo(base)
+    dvc = [sys.executable, "-m", "dvc"]
     started = time.perf_counter()
     subprocess.run([*dvc, "repro"], cwd=repo, env=env, check=True, capture_output=True)
     return time.perf_counter() - started

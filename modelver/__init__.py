@@ -47,8 +47,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'modelver' has no attribute {name!r}")
 
 
-# What the checkpoint manager's ``push`` and ``dvc_hashes`` options do after each commit: the
-# core names them, this package provides them (modelver.checkpoint.hooks), each loaded on use.
+# What the checkpoint manager's ``push`` and ``dvc_hashes`` options do after each commit, and
+# whether ``keep_runs`` may remove a run: the core names them, this package provides them
+# (modelver.checkpoint.hooks), each loaded on use.
 def _push_hook(root: Path, target: Any) -> _hooks.CommitHook:
     from modelver.publish import Publisher
 
@@ -61,5 +62,12 @@ def _dvc_hashes_hook(root: Path, value: Any) -> _hooks.CommitHook:
     return DvcHashState(root, value)
 
 
+def _saved_elsewhere(path: Path) -> bool:
+    from modelver.storage.dvcstate import saved_elsewhere
+
+    return saved_elsewhere(path)
+
+
 _hooks.provide("push", _push_hook)
 _hooks.provide("dvc_hashes", _dvc_hashes_hook)
+_hooks.provide_answer("saved_elsewhere", _saved_elsewhere)

@@ -179,6 +179,23 @@ class UnknownRefError(ModelverError, LookupError):
         )
 
 
+class LiveHistoryError(ModelverError):
+    """DVCLive's history and the checkpoint disagree on what was logged before its step
+    (:mod:`modelver.integrations.dvclive`)."""
+
+
+class AmbiguousRefError(ModelverError, LookupError):
+    """A name that several refs carry (a DVC experiment name under two baselines)."""
+
+    def __init__(self, ref: str, matches: Sequence[str]) -> None:
+        self.ref = ref
+        self.matches = list(matches)
+        super().__init__(
+            f"'{ref}' names {len(self.matches)} experiments: {', '.join(self.matches)}",
+            hint="give the full refs/exps/... ref of the one you mean",
+        )
+
+
 class ArtifactNotFoundError(ModelverError, LookupError):
     def __init__(self, name: str, *, known: Sequence[str] = ()) -> None:
         self.name = name

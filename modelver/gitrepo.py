@@ -6,16 +6,26 @@ and so tag listing stays one ``git for-each-ref`` call however many versions exi
 
 from __future__ import annotations
 
+import re
+import subprocess
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import git
 from git.exc import GitCommandError, InvalidGitRepositoryError, NoSuchPathError
 
-from modelver.errors import NotARepositoryError, RemoteError, UnknownRefError
+from modelver.errors import (
+    AmbiguousRefError,
+    InvalidArgumentError,
+    NotARepositoryError,
+    RemoteError,
+    UnknownRefError,
+)
 
 _FIELD = "\x1f"
-_RECORD = "\x1e"
+_RECORD = "\x00"  # a tag message (which anyone who pushes a tag writes) cannot hold a NUL
 # %(*objectname) is the peeled commit of an annotated tag; empty for lightweight tags.
 _TAG_FORMAT = _FIELD.join(
     [
@@ -26,7 +36,29 @@ _TAG_FORMAT = _FIELD.join(
         "%(taggerdate:iso-strict)",
         "%(contents)",
     ]
-).replace(_FIELD, "%1f") + "%1e"
+).replace(_FIELD, "%1f") + "%00"
+
+EXP_REFS = "refs/exps"
+# `dvc exp run` keeps an experiment as refs/exps/<baseline[:2]>/<baseline[2:]>/<name>; DVC's own
+# bookkeeping refs (refs/exps/exec/..., refs/exps/celery/...) have another shape and are skipped.
+_EXP_REF = re.compile(r"^refs/exps/[0-9a-f]{2}/(?:[0-9a-f]{38}|[0-9a-f]{62})/(?P<name>[^/]+)$")
+# an experiment name as Git allows it in a ref, minus '@' (NAME@vX.Y.Z is a version) and '/'
+_EXP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=,-]{0,199}$")
+EXP_HINT = "'dvc exp show' lists experiments, 'dvc exp pull origin EXP' fetches a pushed one"
+
+
+def exp_name_ok(name: str) -> bool:
+    """An experiment name git would accept as a ref component (and never a range or option)."""
+    return bool(_EXP_NAME.match(name)) and ".." not in name and not name.endswith((".", ".lock"))
+
+
+@dataclass(frozen=True)
+class ExpRef:
+    """One DVC experiment: its ref, its name (as ``dvc exp show`` lists it) and its commit."""
+
+    ref: str
+    name: str
+    commit: str
 
 
 @dataclass(frozen=True)
@@ -70,6 +102,49 @@ class GitRepo:
         except UnknownRefError:
             return None
 
+    def resolve_commit_or_exp(self, rev: str) -> str:
+        """Commit of ``rev`` as git resolves it (branch, tag, SHA first), else of the DVC
+        experiment it names: a full ``refs/exps/...`` ref or the experiment's name."""
+        if not rev.startswith(EXP_REFS + "/"):
+            commit = self.try_resolve_commit(rev)
+            if commit is not None:
+                return commit
+        return self.experiment(rev).commit
+
+    def experiment(self, rev: str) -> ExpRef:
+        """The one experiment ``rev`` names (ref or name), from one ``git for-each-ref``.
+        A ref of another shape is refused before git sees it; a name two baselines share is
+        ambiguous (the error names both refs)."""
+        if rev.startswith(EXP_REFS + "/"):
+            m = _EXP_REF.match(rev)
+            if m is None or not exp_name_ok(m["name"]):
+                raise InvalidArgumentError(
+                    "experiment ref", rev, expected=f"{EXP_REFS}/<aa>/<rest of the baseline "
+                    "SHA>/<name>, as 'dvc exp show --sha' and 'git for-each-ref refs/exps' list it",
+                )
+            found = [e for e in self.experiments() if e.ref == rev]
+        elif exp_name_ok(rev):
+            found = [e for e in self.experiments() if e.name == rev]
+        else:
+            raise UnknownRefError(rev)
+        if not found:
+            hint = f"not a version, path, branch, commit or experiment: {EXP_HINT}"
+            raise UnknownRefError(rev, hint=hint)
+        if len(found) > 1:
+            raise AmbiguousRefError(rev, [e.ref for e in found])
+        return found[0]
+
+    def experiments(self) -> list[ExpRef]:
+        """Every local DVC experiment, in one ``git for-each-ref`` call."""
+        out = self._git("for-each-ref", "--format=%(refname)%1f%(objectname)", EXP_REFS)
+        found = []
+        for line in out.splitlines():
+            ref, _, oid = line.partition(_FIELD)
+            m = _EXP_REF.match(ref)
+            if m is not None and exp_name_ok(m["name"]):
+                found.append(ExpRef(ref, m["name"], oid))
+        return found
+
     def head_commit(self) -> str | None:
         return self.try_resolve_commit("HEAD")
 
@@ -79,6 +154,53 @@ class GitRepo:
             return self._git("show", f"{rev}:{path}")
         except GitCommandError:
             return None
+
+    def read_blobs(self, specs: Sequence[str], *, max_bytes: int) -> list[bytes | None]:
+        """Contents of many ``REV:PATH`` blobs in one ``git cat-file --batch`` process, in
+        order; None for a missing one (or a tree). A blob over ``max_bytes`` comes back cut to
+        ``max_bytes + 1`` bytes (so the caller sees it is too large) and is never held whole."""
+        ok = [bool(s) and "\n" not in s and "\r" not in s for s in specs]
+        asked = [s for s, good in zip(specs, ok, strict=True) if good]
+        if not asked:
+            return [None] * len(specs)
+        proc = subprocess.Popen(
+            ["git", "cat-file", "--batch"], cwd=self.root,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        feed = "".join(f"{s}\n" for s in asked).encode()
+
+        def write() -> None:  # a thread, so a full stdout pipe never blocks our writes
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(feed)
+            except BrokenPipeError:
+                pass
+            finally:
+                proc.stdin.close()
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        got: list[bytes | None] = []
+        try:
+            for _ in asked:
+                header = proc.stdout.readline().split(b" ")
+                if len(header) != 3 or not header[2].strip().isdigit():  # "<spec> missing"
+                    got.append(None)
+                    continue
+                size = int(header[2])
+                data = proc.stdout.read(min(size, max_bytes + 1))
+                left = size - len(data)
+                while left > 0 and (chunk := proc.stdout.read(min(left, 1 << 20))):
+                    left -= len(chunk)
+                proc.stdout.read(1)  # the newline after each object
+                got.append(data if header[1] == b"blob" else None)
+        finally:
+            writer.join()
+            proc.stdout.close()
+            proc.wait()
+        it = iter(got)
+        return [next(it) if good else None for good in ok]
 
     def is_modified(self, *paths: str) -> bool:
         """Whether any of ``paths`` differ from HEAD (staged, unstaged or untracked)."""
@@ -101,7 +223,10 @@ class GitRepo:
             raw = raw.lstrip("\n")
             if not raw:
                 continue
-            name, otype, oid, peeled, date, message = raw.split(_FIELD, 5)
+            fields = raw.split(_FIELD, 5)
+            if len(fields) != 6:  # not a record git wrote: never one of ours to believe
+                continue
+            name, otype, oid, peeled, date, message = fields
             annotated = otype == "tag"
             records.append(TagRecord(name, annotated, peeled if annotated else oid, date, message))
         return records

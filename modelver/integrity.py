@@ -47,17 +47,30 @@ def _verify(path: Path) -> tuple[VerifiedCheckpoint, bool]:
 
 
 def verify_dir(path: Path) -> VerifyResult:
-    """One checkpoint directory, or every complete step directory under a checkpoints root.
+    """One checkpoint directory, or every complete step directory under a checkpoints root,
+    its runs' (``run-<id>/``, :mod:`modelver.checkpoint.runid`) included.
 
     Under a root, a checkpoint that a writer retires (or replaces) while it is checked is not
     damage: it is dropped, and the directory is listed again for what took its place. A
     symlinked step directory is reported, not followed."""
     from modelver.checkpoint import format as fmt
+    from modelver.checkpoint.runid import list_runs, run_root
 
     if not path.is_dir():
         raise CheckpointNotFoundError(path, reason="no such directory")
     if fmt.manifest_token(path) is not None:
         return VerifyResult([verify_one(path)])
+    checked = _verify_root(path)
+    for run in list_runs(path):
+        checked += _verify_root(run_root(path, run))
+    if not checked:
+        raise CheckpointNotFoundError(path)
+    return VerifyResult(checked)
+
+
+def _verify_root(path: Path) -> list[VerifiedCheckpoint]:
+    from modelver.checkpoint import format as fmt
+
     checked: dict[str, VerifiedCheckpoint] = {}
     for child in _symlinked_steps(path):
         checked[child.name] = VerifiedCheckpoint(
@@ -77,9 +90,7 @@ def verify_dir(path: Path) -> VerifyResult:
             if checked or empty >= fmt.EMPTY_RELISTS:
                 break
             empty += 1
-    if not checked:
-        raise CheckpointNotFoundError(path)
-    return VerifyResult([checked[k] for k in sorted(checked)])
+    return [checked[k] for k in sorted(checked)]
 
 
 def _symlinked_steps(path: Path) -> list[Path]:

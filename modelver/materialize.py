@@ -40,29 +40,54 @@ def tree(st: Storage, tree_id: str, *, what: str) -> list[TreeFile]:
 
 
 def step_dirs(files: Sequence[TreeFile]) -> dict[str, int]:
-    """Step directories in a tree listing that carry a manifest: name -> step."""
+    """Checkpoints in a tree listing that carry a manifest, ``step-N`` or ``run-<id>/step-N``
+    (:mod:`modelver.checkpoint.runid`): relative path -> step."""
     from modelver.checkpoint import format as fmt
 
     found = {}
     for f in files:
-        parts = f.relpath.split("/")
-        if len(parts) == 2 and parts[1] == fmt.MANIFEST:
-            m = untrusted.STEP_DIR_RE.match(parts[0])
+        where, _, name = f.relpath.rpartition("/")
+        if name == fmt.MANIFEST:
+            m = untrusted.CHECKPOINT_SUBDIR_RE.match(where)
             if m:
-                found[parts[0]] = int(m.group(1))
+                found[where] = int(m.group(2))
     return found
 
 
-def newest_step_dir(files: Sequence[TreeFile], what: str) -> tuple[str, int]:
-    dirs = step_dirs(files)
+def chosen_run(st: Storage, files: Sequence[TreeFile], what: str) -> str | None:
+    """Which run a pinned output stands for: the one its ``CURRENT_RUN.json`` names, else its
+    only run; None for the layout without runs."""
+    from modelver.checkpoint import runid
+
+    pointer = [f for f in files if f.relpath == runid.CURRENT_FILE]
+    if pointer:
+        where = f"{runid.CURRENT_FILE} of {what}"
+        st.fetch([pointer[0].oid])
+        return runid.parse_current(st.object_path(pointer[0].oid).read_bytes(), where=where)
+    runs = {m.group(1) for m in map(untrusted.CHECKPOINT_SUBDIR_RE.match, step_dirs(files)) if m}
+    if len(runs) > 1 and None not in runs:
+        raise CheckpointNotFoundError(
+            what, reason=f"it holds runs {', '.join(sorted(map(str, runs)))} and no "
+            f"{runid.CURRENT_FILE} says which one its commit trained"
+        )
+    return next(iter(runs)) if len(runs) == 1 else None
+
+
+def newest_step_dir(st: Storage, files: Sequence[TreeFile], what: str) -> tuple[str, int]:
+    """The newest checkpoint of the run the pinned output stands for (:func:`chosen_run`)."""
+    run = chosen_run(st, files, what)
+    prefix = "" if run is None else f"run-{run}/"
+    dirs = {k: s for k, s in step_dirs(files).items()
+            if k.startswith(prefix) and k.count("/") == prefix.count("/")}
     if not dirs:
-        raise CheckpointNotFoundError(what, reason="no complete checkpoint in the pinned output")
+        reason = "no complete checkpoint in the pinned output"
+        raise CheckpointNotFoundError(what, reason=reason + (f" for run {run}" if run else ""))
     name = max(dirs, key=lambda k: dirs[k])
     return name, dirs[name]
 
 
 def with_step(st: Storage, r: ResolvedRef) -> tuple[ResolvedRef, list[TreeFile]]:
-    """Fill in the step directory from the pinned listing (fetching the listing if needed).
+    """Fill in the checkpoint from the pinned listing (fetching the listing if needed).
 
     The tag's ``step_dir`` is only a hint: used when the listing has it, its step then read
     from the listing's name."""
@@ -71,7 +96,7 @@ def with_step(st: Storage, r: ResolvedRef) -> tuple[ResolvedRef, list[TreeFile]]
     dirs = step_dirs(files)
     if r.step_dir and r.step_dir in dirs:
         return ResolvedRef(**{**asdict(r), "step": dirs[r.step_dir]}), files
-    name, step = newest_step_dir(files, r.ref)
+    name, step = newest_step_dir(st, files, r.ref)
     return ResolvedRef(**{**asdict(r), "step_dir": name, "step": step}), files
 
 
@@ -109,14 +134,19 @@ def checkpoint_dir_for(
 
 
 def local_step_dir(path: Path) -> Path:
-    """A step directory itself, or the newest complete one under a checkpoints root."""
+    """A step directory itself, or the newest complete one under a checkpoints root (of the
+    run its ``CURRENT_RUN.json`` names, when it holds runs)."""
     from modelver.checkpoint import format as fmt
 
     if (path / fmt.MANIFEST).is_file():
         return path
-    from modelver.checkpoint import latest_checkpoint
+    from modelver.checkpoint import latest_checkpoint, runid
 
-    info = latest_checkpoint(path)
+    run = runid.current_run(path)
+    if run is None:
+        runs = runid.list_runs(path)
+        run = runs[0] if len(runs) == 1 else None
+    info = latest_checkpoint(path, run=run)
     if info is None:
         raise CheckpointNotFoundError(path)
     return Path(info.path)
@@ -128,6 +158,7 @@ def materialize_step(
     r, files = with_step(st, r)
     assert r.checkpoint_hash and r.step_dir
     root = st.scratch / checked_hash(r.checkpoint_hash, field=f"checkpoint of {r.ref}")
+    run_dir = r.step_dir.rpartition("/")[0]  # delta bases are siblings, in the same run
     todo, done = [r.step_dir], []
     while todo:  # the step directory, then the delta bases its manifest names, and theirs
         step_dir = todo.pop(0)
@@ -138,7 +169,8 @@ def materialize_step(
                                                     hash_file=st.hash_file)):
             st.fetch([f.oid for f in mine], progress=progress)
             st.materialize(r.checkpoint_hash, dest, prefix=step_dir, progress=progress)
-        todo += [b for b in delta_bases(dest) if b not in done and b not in todo]
+        bases = [f"{run_dir}/{b}" if run_dir else b for b in delta_bases(dest)]
+        todo += [b for b in bases if b not in done and b not in todo]
     return root / r.step_dir, r, files
 
 

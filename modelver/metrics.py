@@ -13,7 +13,7 @@ large, not JSON/YAML, not UTF-8, a path out of the repository) is one error line
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from modelver.untrusted import MAX_JSON_DEPTH, inside, load_json, relative_path
 
 if TYPE_CHECKING:  # Git and DVC only where files are read: diff imports the value checks
     from modelver.gitrepo import GitRepo
+    from modelver.storage.dvc import DvcStorage
 
 CHECKPOINT_PREFIX = "checkpoint."  # manifest metrics are always reachable under this prefix
 MAX_METRICS_BYTES = 16 << 20  # a metrics file is a few KiB; a bigger one is not a metrics file
@@ -112,29 +113,79 @@ def _safe_yaml(text: str) -> Any:
 
 def metrics_files(git: GitRepo, commit: str | None) -> dict[str, MetricSet]:
     """path -> flattened metrics, as ``dvc metrics show`` reads them at ``commit`` (None: the
-    workspace). A file DVC caches instead of Git is read from the DVC cache. Paths come from
-    ``dvc.yaml`` and must stay inside the repository."""
+    workspace). A file DVC caches instead of Git is read from the DVC cache (fetched if
+    needed). Paths come from ``dvc.yaml`` and must stay inside the repository."""
+    if commit is not None:
+        found = metrics_at(git, [commit])[commit]
+        if found.problem is not None:
+            raise found.problem
+        return found.files
+    dvc_yaml = read_text_file(git.root / "dvc.yaml", what="dvc.yaml in the workspace")
+    files: dict[str, MetricSet] = {}
+    for rel in metrics_paths(dvc_yaml):
+        what = f"metrics file {clip(rel, 60)} (the workspace)"
+        text = read_text_file(inside(git.root, rel, field="dvc.yaml metrics path"), what=what)
+        if text is not None:
+            files[rel] = read_metrics(rel, text, what=what)
+    return files
+
+
+@dataclass(frozen=True)
+class CommitMetrics:
+    """The DVC metrics files of one commit; ``problem`` is the first file that could not be
+    read (the others are kept), so one crafted commit does not hide every other version's."""
+
+    files: dict[str, MetricSet] = field(default_factory=dict)
+    problem: ModelverError | None = None
+
+
+def metrics_at(
+    git: GitRepo, commits: Sequence[str], *, fetch: bool = True
+) -> dict[str, CommitMetrics]:
+    """:func:`metrics_files` of many commits in at most three ``git cat-file --batch`` calls
+    (``dvc.yaml``s, metrics files, and ``dvc.lock``s where DVC caches a file). A cached file
+    is read from the DVC cache, fetched from the remote only with ``fetch``."""
     from modelver.storage.dvcfile import find_locked_out
 
-    where = "the workspace" if commit is None else commit[:10]
-    if commit is None:
-        dvc_yaml = read_text_file(git.root / "dvc.yaml", what="dvc.yaml in the workspace")
-    else:
-        dvc_yaml = git.read_file(commit, "dvc.yaml")
-    found: dict[str, MetricSet] = {}
-    for rel in metrics_paths(dvc_yaml):
-        what = f"metrics file {clip(rel, 60)} ({where})"
-        if commit is None:
-            text = read_text_file(inside(git.root, rel, field="dvc.yaml metrics path"), what=what)
-        else:
-            relative_path(rel, field="dvc.yaml metrics path", root=git.root)
-            text = git.read_file(commit, rel)
-            out = find_locked_out(git.read_file(commit, "dvc.lock"), rel) if text is None else None
-            if out is not None:
-                text = _cached_text(git, out.md5, what=what)
-        if text is not None:
-            found[rel] = read_metrics(rel, text, what=what)
-    return found
+    commits = list(dict.fromkeys(commits))
+    yamls = git.read_blobs([f"{c}:dvc.yaml" for c in commits], max_bytes=MAX_METRICS_BYTES)
+    problems: dict[str, ModelverError] = {}
+    wanted: list[tuple[str, str]] = []  # (commit, metrics path)
+    declared: dict[bytes | None, list[str]] = {}  # most commits share one dvc.yaml: parse once
+    for c, raw in zip(commits, yamls, strict=True):
+        if raw not in declared:
+            declared[raw] = metrics_paths(None if raw is None else raw.decode(errors="replace"))
+        for rel in declared[raw]:
+            try:
+                relative_path(rel, field="dvc.yaml metrics path", root=git.root)
+            except ModelverError as e:
+                problems.setdefault(c, e)
+                continue
+            wanted.append((c, rel))
+    texts = git.read_blobs([f"{c}:{rel}" for c, rel in wanted], max_bytes=MAX_METRICS_BYTES)
+    cached = sorted({c for (c, _), raw in zip(wanted, texts, strict=True) if raw is None})
+    locks = dict(zip(cached, git.read_blobs([f"{c}:dvc.lock" for c in cached],
+                                            max_bytes=MAX_METRICS_BYTES), strict=True))
+    files: dict[str, dict[str, MetricSet]] = {c: {} for c in commits}
+    cache = _Cache(git, fetch=fetch)
+    try:
+        for (c, rel), raw in zip(wanted, texts, strict=True):
+            what = f"metrics file {clip(rel, 60)} ({c[:10]})"
+            try:
+                if raw is not None:
+                    text: str | None = _decode(raw, what=what)
+                else:
+                    lock = locks[c]
+                    out = find_locked_out(None if lock is None else
+                                          lock.decode(errors="replace"), rel)
+                    text = None if out is None else cache.text(out.md5, what=what)
+                if text is not None:
+                    files[c][rel] = read_metrics(rel, text, what=what)
+            except ModelverError as e:
+                problems.setdefault(c, e)
+    finally:
+        cache.close()
+    return {c: CommitMetrics(files[c], problems.get(c)) for c in commits}
 
 
 def read_text_file(path: Path, *, what: str) -> str | None:
@@ -161,23 +212,36 @@ def _decode(data: bytes, *, what: str) -> str:
                                  expected="UTF-8 text") from None
 
 
-def _cached_text(git: GitRepo, md5: object, *, what: str) -> str | None:
-    """A metrics file DVC caches (``cache: true``, the default): its object, fetched if needed.
-    The md5 comes from ``dvc.lock`` and names a cache path, so it must be an md5."""
-    if not isinstance(md5, str) or not _MD5_RE.match(md5):
-        raise MalformedDataError(f"dvc.lock entry of {what}", "md5", md5,
-                                 expected="a hex object hash")
-    from modelver.storage.dvc import DvcStorage  # DVC caches it: dvc.lock names the object
+class _Cache:
+    """Metrics files DVC caches (``cache: true``, the default), read from the DVC cache; the
+    DVC repository is opened once, and only when a commit has such a file."""
 
-    dvc = DvcStorage(git.root)
-    try:
-        dvc.fetch([md5])
-        path = dvc.object_path(md5)
-    except (ModelverError, OSError):
-        return None
-    finally:
-        dvc.close()
-    return read_text_file(path, what=what)
+    def __init__(self, git: GitRepo, *, fetch: bool) -> None:
+        self._git, self._fetch = git, fetch
+        self._dvc: DvcStorage | None = None
+
+    def text(self, md5: object, *, what: str) -> str | None:
+        """The md5 comes from ``dvc.lock`` and names a cache path, so it must be an md5."""
+        if not isinstance(md5, str) or not _MD5_RE.match(md5):
+            raise MalformedDataError(f"dvc.lock entry of {what}", "md5", md5,
+                                     expected="a hex object hash")
+        if self._dvc is None:
+            from modelver.storage.dvc import DvcStorage  # DVC caches it: dvc.lock names it
+
+            self._dvc = DvcStorage(self._git.root)
+        try:
+            if self._fetch:
+                self._dvc.fetch([md5])
+            elif self._dvc.missing_in_cache([md5]):
+                return None
+            path = self._dvc.object_path(md5)
+        except (ModelverError, OSError):
+            return None
+        return read_text_file(path, what=what)
+
+    def close(self) -> None:
+        if self._dvc is not None:
+            self._dvc.close()
 
 
 def read_metrics(path: str, text: str, *, what: str | None = None) -> MetricSet:

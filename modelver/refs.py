@@ -129,7 +129,8 @@ def load_registry(git: GitRepo) -> v.Registry:
 def resolve_ref(
     repo_root: str | Path, ref: str, *, action: str = DEFAULT_ACTION
 ) -> ResolvedRef:
-    """Interpret REF: ``NAME@vX.Y.Z``, ``NAME``, ``NAME#STAGE``, a commit/branch, or a path.
+    """Interpret REF: ``NAME@vX.Y.Z``, ``NAME``, ``NAME#STAGE``, a commit/branch, a path, or
+    a DVC experiment (its name as ``dvc exp show`` lists it, or its ``refs/exps/...`` ref).
 
     Needs no data: the checkpoint's step comes from the tag metadata (or is left None for a
     commit until :func:`checkpoint_dir_for` reads the pinned listing). ``action`` ("cannot
@@ -157,9 +158,7 @@ def resolve_ref(
         path = Path(repo_root) / path
     if path.is_dir():
         return ResolvedRef(kind="path", ref=ref, path=path.resolve())
-    commit = git.try_resolve_commit(ref)
-    if commit is None:
-        raise UnknownRefError(ref)
+    commit = git.resolve_commit_or_exp(ref)  # a DVC experiment's name or ref works too
     arts = artifacts_at(git, commit)
     if len(arts) != 1:
         raise UnknownRefError(

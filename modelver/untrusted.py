@@ -22,6 +22,9 @@ from typing import Any
 from modelver.errors import MalformedDataError, UnsafePathError
 
 STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a run's id (checkpoint.runid)
+# a checkpoint inside a checkpoints root: step-N, or run-<id>/step-N for a named run
+CHECKPOINT_SUBDIR_RE = re.compile(r"^(?:run-([A-Za-z0-9][A-Za-z0-9._-]{0,63})/)?step-(\d{8,})$")
 MAX_JSON_BYTES = 256 << 20  # a manifest of a huge sharded model is far smaller
 MAX_JSON_DEPTH = 100  # far deeper than anything modelver writes (optimizer state: < 10)
 
@@ -72,6 +75,19 @@ def step_dirname(value: object, *, field: str, root: str | Path) -> str:
     if not isinstance(value, str) or not STEP_DIR_RE.match(value):
         raise UnsafePathError(field, value, root=root, reason="not a step-NNNNNNNN directory name")
     return value
+
+
+def checkpoint_subdir(
+    value: object, *, field: str, root: str | Path
+) -> tuple[str, str | None, int]:
+    """A checkpoint's place in a checkpoints root, ``step-N`` or ``run-<id>/step-N``, and
+    nothing else (no other separator, no ``..``): (the value, its run or None, its step)."""
+    m = CHECKPOINT_SUBDIR_RE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise UnsafePathError(
+            field, value, root=root, reason="not a step-NNNNNNNN or run-<id>/step-NNNNNNNN path"
+        )
+    return str(value), m.group(1), int(m.group(2))
 
 
 def load_json(data: str | bytes, *, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:

@@ -153,14 +153,14 @@ def parse_meta(
     if meta.get("step") is not None:
         out["step"] = untrusted.integer(meta["step"], what=what, field="step")
     if meta.get("step_dir") is not None:
-        out["step_dir"] = untrusted.step_dirname(meta["step_dir"], field=fld("step_dir"), root=root)
-        m = untrusted.STEP_DIR_RE.match(out["step_dir"])
-        assert m is not None
-        if "step" in out and int(m.group(1)) != out["step"]:
+        out["step_dir"], _, step = untrusted.checkpoint_subdir(
+            meta["step_dir"], field=fld("step_dir"), root=root
+        )
+        if "step" in out and step != out["step"]:
             raise MalformedDataError(
                 what, "step", out["step"], expected=f"the step of step_dir {out['step_dir']}"
             )
-        out.setdefault("step", int(m.group(1)))
+        out.setdefault("step", step)
     if "metrics" in meta:
         out["metrics"] = untrusted.metrics(meta["metrics"], what=what)
     if meta.get("checkpoint") is not None:

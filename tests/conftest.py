@@ -6,7 +6,6 @@ Helpers that are not fixtures are in tests/helpers.py.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from tests.helpers import (
     S3_BUCKET,
+    copy_project,
     free_port,
     git,
     isolated_env_vars,
@@ -55,14 +55,7 @@ def template_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 @pytest.fixture
 def project(template_project: Path, tmp_path: Path) -> Path:
     """A private copy of the template with its own default remote (under this test's HOME)."""
-    from modelver import api
-
-    root = tmp_path / "proj"
-    shutil.copytree(template_project, root, symlinks=True)
-    (root / ".dvc" / "config.local").unlink()
-    shutil.rmtree(root / ".dvc" / "tmp", ignore_errors=True)
-    api.init(root)
-    return root
+    return copy_project(template_project, tmp_path / "proj")
 
 
 @pytest.fixture

@@ -184,6 +184,17 @@ def make_project(root: Path, *, steps: int = 20, remote: str | None = None) -> P
     return root
 
 
+def copy_project(template: Path, root: Path) -> Path:
+    """A private copy of a template project, with its own default remote (under this HOME)."""
+    from modelver import api
+
+    shutil.copytree(template, root, symlinks=True)
+    (root / ".dvc" / "config.local").unlink()
+    shutil.rmtree(root / ".dvc" / "tmp", ignore_errors=True)
+    api.init(root)
+    return root
+
+
 def train_and_commit(root: Path, message: str) -> str:
     dvc(root, "repro", "-q")
     return commit_all(root, message)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from modelver.checkpoint.catalog import CheckpointInfo
 from tests.helpers import (
     PIPELINE_FILES,
     REPO,
@@ -34,14 +35,15 @@ RESUMED_RE = re.compile(r"resumed from step (\d+)")
 
 
 def interrupt_repro(
-    repo: Path, env: dict[str, str], *, after_step: int, sig: signal.Signals, whole_tree: bool
+    repo: Path, env: dict[str, str], *, after_step: int, sig: signal.Signals, whole_tree: bool,
+    args: tuple[str, ...] = ("repro",),
 ) -> tuple[int, str]:
-    """Start `dvc repro`; once training logs `after_step`, send `sig` (to everything, or to the
-    training script only). Returns dvc's exit code and its output."""
+    """Start `dvc repro` (or `dvc ARGS`); once training logs `after_step`, send `sig` (to
+    everything, or to the training script only). Returns dvc's exit code and its output."""
     import psutil
 
     proc = subprocess.Popen(
-        dvc_cmd("repro"),
+        dvc_cmd(*args),
         cwd=repo,
         env=env,
         stdout=subprocess.PIPE,
@@ -78,10 +80,19 @@ def interrupt_repro(
     return rc, out
 
 
-def model_tensors(repo: Path) -> dict:
-    from modelver import latest_checkpoint, load_checkpoint
+def newest(repo: Path) -> CheckpointInfo | None:
+    """The newest checkpoint of the run the demo trained last (checkpoints/CURRENT_RUN.json)."""
+    from modelver import latest_checkpoint
+    from modelver.checkpoint.runid import current_run
 
-    info = latest_checkpoint(repo / "checkpoints")
+    ck = repo / "checkpoints"
+    return latest_checkpoint(ck, run=current_run(ck))
+
+
+def model_tensors(repo: Path) -> dict:
+    from modelver import load_checkpoint
+
+    info = newest(repo)
     assert info is not None
     return load_checkpoint(info.path).state["model"]
 
@@ -90,12 +101,9 @@ def assert_same_final_state(repo: Path, reference: Path) -> None:
     """Bit-identical model tensors, and the same tensor hashes for everything saved (optimizer)."""
     import torch
 
-    from modelver import latest_checkpoint, verify_checkpoint
+    from modelver import verify_checkpoint
 
-    got, want = (
-        latest_checkpoint(repo / "checkpoints"),
-        latest_checkpoint(reference / "checkpoints"),
-    )
+    got, want = newest(repo), newest(reference)
     assert got is not None and want is not None
     assert got.step == want.step
     got_model, want_model = model_tensors(repo), model_tensors(reference)
@@ -150,8 +158,11 @@ def test_repro_trains_accurate_model(reference_run: tuple[Path, str]) -> None:
     assert metrics["step"] == yaml.safe_load((repo / "params.yaml").read_text())["train"]["steps"]
 
     from modelver import list_checkpoints, verify_checkpoint
+    from modelver.checkpoint.runid import current_run, list_runs
 
-    infos = list_checkpoints(repo / "checkpoints")
+    ck = repo / "checkpoints"
+    assert list_runs(ck) == [current_run(ck)]  # one run, named by its trajectory params
+    infos = list_checkpoints(ck, run=current_run(ck))
     assert 1 <= len(infos) <= 3  # keep_last: 3
     for info in infos:
         verify_checkpoint(info.path)
@@ -184,17 +195,39 @@ def test_sigkill_during_train_then_repro_resumes_bit_identical(
 
 
 @pytest.mark.slow
+def test_killed_exp_run_rerun_resumes_bit_identical(tmp_path: Path) -> None:
+    """`dvc exp run` checks out what dvc.lock pins before it runs, deleting the killed run's
+    newer checkpoints from the workspace; modelver's kept copies bring them back."""
+    lr = 0.002
+    reference, env = make_pipeline_repo(tmp_path / "reference")
+    set_train_params(reference, lr=lr)
+    repro(reference, env)
+
+    repo, env = make_pipeline_repo(tmp_path / "killed")
+    args = ("exp", "run", "-S", f"train.lr={lr}")
+    rc, out = interrupt_repro(repo, env, after_step=650, sig=signal.SIGKILL, whole_tree=True,
+                              args=args)
+    assert rc == -signal.SIGKILL, out
+    again = run_cmd(dvc_cmd(*args), repo, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    m = RESUMED_RE.search(again.stdout)
+    assert m, again.stdout
+    assert 600 <= int(m.group(1)) <= 650 + 100  # not step 0: the kept checkpoints came back
+    assert_same_final_state(repo, reference)
+
+
+@pytest.mark.slow
 def test_sigterm_saves_final_checkpoint_and_repro_resumes(
     tmp_path: Path, reference_run: tuple[Path, str]
 ) -> None:
-    from modelver import latest_checkpoint, verify_checkpoint
+    from modelver import verify_checkpoint
 
     repo, env = make_pipeline_repo(tmp_path)
     # Logged at step 450: the periodic checkpoint is step 400, so a newer one was made on SIGTERM.
     rc, out = interrupt_repro(repo, env, after_step=450, sig=signal.SIGTERM, whole_tree=False)
     assert rc != 0, out
     assert f"exited with {128 + signal.SIGTERM}" in out, out
-    info = latest_checkpoint(repo / "checkpoints")
+    info = newest(repo)
     assert info is not None and info.step >= 450, out
     assert f"interrupted by signal {int(signal.SIGTERM)}: saved step {info.step};" in out
     verify_checkpoint(info.path)
@@ -208,8 +241,10 @@ def test_sigterm_saves_final_checkpoint_and_repro_resumes(
 def test_raising_steps_continues_finished_run_bit_identical(
     tmp_path: Path, reference_run: tuple[Path, str]
 ) -> None:
-    """What `modelver resume -S train.steps=N` relies on: the schedule ignores the total."""
+    """What `modelver resume -S train.steps=N` relies on: the schedule ignores the total.
+    Then `dvc exp run -S train.lr=...`: a run of its own, and back."""
     from modelver import list_checkpoints
+    from modelver.checkpoint.runid import current_run, list_runs
 
     reference = reference_run[0]
     params = yaml.safe_load((reference / "params.yaml").read_text())["train"]
@@ -234,12 +269,19 @@ def test_raising_steps_continues_finished_run_bit_identical(
         "diff": 500,
     }
 
-    # Another learning rate would mix two runs: refused, checkpoints untouched.
-    before = [(i.step, i.created) for i in list_checkpoints(repo / "checkpoints")]
-    set_train_params(repo, lr=lr * 2)
-    refused = run_cmd(dvc_cmd("repro"), repo, env)
-    assert refused.returncode != 0
-    assert f"holds step {total} of a run with other params (lr {lr!r} -> {lr * 2!r})" in (
-        refused.stdout + refused.stderr
-    )
-    assert [(i.step, i.created) for i in list_checkpoints(repo / "checkpoints")] == before
+    # Another learning rate is another run: it starts at step 0 beside the first, whose
+    # checkpoints stay as they were; the first learning rate again has nothing left to train.
+    ck = repo / "checkpoints"
+    first = current_run(ck)
+    before = [(i.step, i.created) for i in list_checkpoints(ck, run=first)]
+    other = run_cmd(dvc_cmd("exp", "run", "-S", f"train.lr={lr * 2}"), repo, env)
+    assert other.returncode == 0, other.stdout + other.stderr
+    assert "resumed from step" not in other.stdout
+    assert current_run(ck) != first and len(list_runs(ck)) == 2
+    assert [i.step for i in list_checkpoints(ck, run=current_run(ck))][-1] == total
+    assert [(i.step, i.created) for i in list_checkpoints(ck, run=first)] == before
+    back = run_cmd(dvc_cmd("exp", "run", "-S", f"train.lr={lr}"), repo, env)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert f"already at step {total} of {total}; nothing to train" in back.stdout
+    assert current_run(ck) == first
+    assert_same_final_state(repo, reference)

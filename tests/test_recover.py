@@ -362,3 +362,20 @@ def test_checkpoint_removed_by_retention_mid_upload_is_skipped(
     pub.close()
     assert pub.published == [] and pub.failures == 0  # skipped, not retried
     assert read_runs(_store(repo)) == []
+
+
+def test_a_named_runs_checkpoint_is_recovered_into_its_run_directory(repo: Path) -> None:
+    """push= from a manager with run=: the record names the run's root, and recover writes
+    there, so the same run's manager resumes it."""
+    state = _state()
+    with CheckpointManager(repo / "checkpoints", keep_last=None, run={"lr": 0.1},
+                           push=True) as mgr:
+        state["model"].weight.data += 1  # type: ignore[attr-defined]
+        mgr.save(5, state)
+        run_root = mgr.root
+    shutil.rmtree(repo / "checkpoints")
+    res = api.recover(repo_root=repo)
+    assert res.path == run_root / "step-00000005"
+    assert read_manifest(res.path).run == run_root.name.removeprefix("run-")
+    with CheckpointManager(repo / "checkpoints", run={"lr": 0.1}) as again:
+        assert again.restore(_state()) == 5

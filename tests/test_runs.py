@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -11,10 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from modelver import CheckpointManager, latest_checkpoint, list_checkpoints, load_checkpoint
+from modelver import (
+    CheckpointManager,
+    ResumableSampler,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
 from modelver.checkpoint.format import read_manifest
 from modelver.checkpoint.runid import list_runs, run_id
 from modelver.errors import InvalidArgumentError, ModelverError, ModelverWarning
+from tests.helpers import dvc, init_repo
 
 
 def _train(root: Path, params: dict[str, float], steps: int, *, keep_last: int | None = None
@@ -126,3 +134,125 @@ def test_a_manifest_naming_a_malformed_run_is_refused(tmp_path: Path, bad: objec
         with CheckpointManager(tmp_path, run={"lr": 0.1}) as mgr:
             assert mgr.restore({"model": nn.Linear(4, 4)}) == 0
     assert any("run" in str(w.message) for w in caught)
+
+
+# --- re-running a finished job ------------------------------------------------------------------
+
+
+def _job(root: Path, run: dict[str, float] | None, total: int = 10) -> dict[str, torch.Tensor]:
+    """A hand-written job as users write it (train_script.py's loop): restore, train with
+    dropout, a shuffled resumable sampler and a schedule, save every 3 steps and the last."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 4, generator=g)
+    data = torch.utils.data.TensorDataset(x, (x.sum(1) > 0).long())
+    sampler = ResumableSampler(data, shuffle=True, seed=7)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=total)
+    state = {"model": model, "optimizer": opt, "scheduler": sched, "data": sampler}
+    with CheckpointManager(root, every_steps=3, keep_last=2, run=run) as mgr:
+        start = mgr.restore(state)
+        it = iter(loader)
+        for step in range(start, total):
+            try:
+                xb, yb = next(it)
+            except StopIteration:
+                it = iter(loader)
+                xb, yb = next(it)
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            mgr.maybe_save(step + 1, state, metrics={"loss": loss.item()})
+        mgr.save(total, state)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every entry of the checkpoints tree; each file's inode and mtime, a manifest's bytes
+    (a directory's mtime changes with every start: the manager's write probe)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.stat()
+        data = path.read_bytes() if path.name == "MANIFEST.json" else b""
+        out[str(path.relative_to(root))] = (data, st.st_ino, 0 if path.is_dir() else st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("run", [None, {"lr": 0.01}], ids=["no-run", "run"])
+def test_rerunning_a_finished_job_twice_changes_nothing(
+    tmp_path: Path, run: dict[str, float] | None
+) -> None:
+    """A scheduler restarting a job that had finished: it restores the final step, trains
+    nothing, and its final save is the checkpoint already there, not a new one."""
+    root = tmp_path / "checkpoints"
+    final = _job(root, run)
+    before = _snapshot(root)
+    assert [c.step for c in list_checkpoints(root, run=run)] == [9, 10]
+    for _ in range(2):
+        assert _same(_job(root, run), final)
+        assert _snapshot(root) == before  # same step dirs, manifests untouched, no leftovers
+    assert _same(_job(tmp_path / "other", run), final)  # and the job itself is deterministic
+
+
+# --- keep_runs: how many runs a checkpoints directory keeps --------------------------------------
+
+
+def _start(root: Path, params: dict[str, float], *, steps: int = 0,
+           keep_runs: int | None = None) -> list[str]:
+    """Build a manager of run ``params`` (saving ``steps`` checkpoints); the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with CheckpointManager(root, keep_last=None, run=params, keep_runs=keep_runs) as mgr:
+            for step in range(1, steps + 1):
+                mgr.save(step, {"model": nn.Linear(2, 2), "lr": params["lr"]})
+    return [str(w.message) for w in caught if issubclass(w.category, ModelverWarning)]
+
+
+A, B, C = {"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3}
+
+
+def test_keep_runs_drops_the_oldest_runs_only_once_dvc_has_them(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path)
+    root = repo / "checkpoints"
+    _start(root, A, steps=2)
+    _start(root, B, steps=2)
+    said = _start(root, C, steps=1, keep_runs=2)  # A is beyond the bound, in no cache yet
+    assert list_runs(root) == sorted(run_id(r) for r in (A, B, C))
+    assert any("exist nowhere else" in m and run_id(A) in m for m in said), said
+    assert not any(run_id(B) in m for m in said)
+
+    dvc(repo, "add", "-q", "checkpoints")  # every run's files now in the DVC cache
+    assert _start(root, C, keep_runs=2) == []
+    assert list_runs(root) == sorted(run_id(r) for r in (B, C))
+    assert not [n for n in os.listdir(root) if n.startswith(".")]  # no leftover of the removal
+    assert [c.step for c in list_checkpoints(root, run=B)] == [1, 2]  # the others untouched
+
+    _start(root, C, steps=3)  # C is the newest run; B is back, but the current one stays
+    dvc(repo, "add", "-q", "checkpoints")
+    dvc(repo, "push", "-q")
+    shutil.rmtree(repo / ".dvc" / "cache")  # C's files now only in the remote: enough
+    assert _start(root, B, keep_runs=1) == []
+    assert list_runs(root) == [run_id(B)]
+
+
+def test_keep_runs_outside_dvc_removes_nothing(tmp_path: Path) -> None:
+    for params in (A, B):
+        _start(tmp_path, params, steps=1)
+    said = _start(tmp_path, C, keep_runs=1)
+    assert list_runs(tmp_path) == sorted(run_id(r) for r in (A, B, C))
+    assert any(run_id(A) in m and run_id(B) in m for m in said), said
+    assert _start(tmp_path, A, keep_runs=None) == []  # the default keeps every run, silently
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "2", 1.5])
+def test_a_bad_keep_runs_is_refused_before_anything_is_written(tmp_path: Path, bad: object
+                                                               ) -> None:
+    with pytest.raises(InvalidArgumentError, match="keep_runs"):
+        CheckpointManager(tmp_path / "ck", run="a", keep_runs=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="keep_runs=2: expected None without run="):
+        CheckpointManager(tmp_path / "ck", keep_runs=2)
+    assert not (tmp_path / "ck").exists()

@@ -23,7 +23,9 @@ import torch
 import transformers
 
 from modelver import list_checkpoints, load_checkpoint, verify_checkpoint
+from modelver.checkpoint.runid import run_id
 from modelver.errors import (
+    CheckpointCorruptedError,
     CheckpointNotFoundError,
     ModelverError,
     ModelverWarning,
@@ -442,23 +444,66 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-def test_rerunning_a_finished_job_changes_nothing(tmp_path: Path) -> None:
+def _step_dirs(root: Path) -> list[tuple[str, bytes, int]]:
+    """Every step directory under ``root`` (any run): name, manifest bytes, manifest mtime."""
+    return [
+        (str(m.parent.relative_to(root)), m.read_bytes(), m.stat().st_mtime_ns)
+        for m in sorted(root.glob("**/step-*/MANIFEST.json"))
+    ]
+
+
+@pytest.mark.parametrize("run", [None, {"lr": 1e-3, "layers": 2}], ids=["no-run", "run"])
+@pytest.mark.parametrize("how", ["train", "train_or_resume"])
+def test_rerunning_a_finished_job_changes_nothing(
+    tmp_path: Path, run: dict[str, Any] | None, how: str
+) -> None:
     """A scheduler restarting a job that had just finished: the re-run resumes from the final
     checkpoint, trains nothing, saves nothing new; twice over, the same checkpoints and weights."""
     args = {"max_steps": 8, "save_steps": 4, "save_total_limit": 2}
-    first = make_trainer(tmp_path / "run", args=args)
+    first = make_trainer(tmp_path / "run", args=args, run=run)
     first.train()
     final = weights(first)
     root = tmp_path / "run" / "checkpoints"
-    listed = [(c.step, (c.path / "MANIFEST.json").read_bytes()) for c in list_checkpoints(root)]
-    assert [s for s, _ in listed] == [4, 8]
+    listed = _step_dirs(root)
+    prefix = "" if run is None else f"run-{run_id(run)}/"
+    assert [name for name, _, _ in listed] == [f"{prefix}step-00000004", f"{prefix}step-00000008"]
     for _ in range(2):
-        again = make_trainer(tmp_path / "run", args=args)
-        again.train(resume_from_checkpoint=True)
+        again = make_trainer(tmp_path / "run", args=args, run=run)
+        if how == "train":
+            again.train(resume_from_checkpoint=True)
+        else:
+            again.train_or_resume()
         assert int(again.state.global_step) == 8
         assert_same(weights(again), final)
-        now = [(c.step, (c.path / "MANIFEST.json").read_bytes()) for c in list_checkpoints(root)]
-        assert now == listed  # no step-00000009, the final step-00000008 untouched
+        assert _step_dirs(root) == listed  # no step-00000009, the final step-00000008 untouched
+
+
+def test_runs_in_one_output_dir_never_resume_each_other(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Two runs of other hyperparameters in one output_dir: each starts from step 0 and
+    continues only its own checkpoints; another run's checkpoint is refused."""
+    a_args = {"max_steps": 8}
+    b_args = {"max_steps": 8, "learning_rate": 5e-4}
+    a, b = {"lr": 1e-3}, {"lr": 5e-4}
+    out = tmp_path / "out"
+    first = make_trainer(out, args=a_args, run=a)
+    first.train_or_resume()
+    a_dirs = _step_dirs(out / "checkpoints")
+    second = make_trainer(out, args=b_args, run=b)
+    second.train_or_resume()  # run b: a fresh start, not a's finished step 8
+    assert_same(weights(second), reference(tmp_path_factory, **b_args))
+    assert [c.step for c in list_checkpoints(out / "checkpoints", run=b)] == [4, 8]
+    assert [d for d in _step_dirs(out / "checkpoints") if d[0].startswith(f"run-{run_id(a)}")
+            ] == a_dirs  # a's checkpoints untouched
+    again = make_trainer(out, args=a_args, run=a)
+    again.train_or_resume()  # back to a: finished, nothing changes
+    assert_same(weights(again), weights(first))
+    assert int(again.state.global_step) == 8
+    other = make_trainer(out, args=b_args, run=b)
+    with pytest.raises(CheckpointCorruptedError, match=f"belongs to run {run_id(a)}"):
+        other.train(resume_from_checkpoint=str(out / "checkpoints" / f"run-{run_id(a)}"
+                                               / "step-00000004"))
 
 
 def test_train_or_resume_is_one_call_for_preemptible_jobs(

@@ -206,6 +206,17 @@ def test_tag_rich_markup_in_message_is_shown_as_text(project: Path) -> None:
     assert res.exit_code == 0 and "[red]boom[/red]" in res.stdout
 
 
+def test_tag_message_with_git_listing_separators_lists_every_tag(project: Path) -> None:
+    """A message holding the bytes `for-each-ref` output could be split on (found by the
+    property test) neither breaks `list` nor hides the other versions."""
+    meta = real_meta(project)
+    git(project, "tag", "-a", "tiny@v0.2.0", "-m",
+        f"\x1e\x1f\nsummary\n\n{v.META_PREFIX}{json.dumps(meta)}")
+    res = run(project, "list", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert {x["tag"] for x in json.loads(res.stdout)} == {"tiny@v0.1.0", "tiny@v0.2.0"}
+
+
 # --- class 7: tag validates everything before creating the tag -----------------------------
 
 

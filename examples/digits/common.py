@@ -14,6 +14,26 @@ N_FEATURES = 64  # 8x8 images
 N_CLASSES = 10
 
 
+# Params that shape the trajectory: together they name the run (CheckpointManager(run=...)), so
+# `dvc exp run -S train.lr=...` starts a run of its own beside the others in checkpoints/ and a
+# run with these values again continues where it stopped. `steps` may change within one run.
+TRAJECTORY = (
+    "seed",
+    "batch_size",
+    "hidden",
+    "dropout",
+    "lr",
+    "warmup_steps",
+    "lr_decay",
+    "weight_decay",
+)
+
+
+def run_params(p: dict) -> dict:
+    """The run's identity: the train params that shape its trajectory."""
+    return {k: p[k] for k in TRAJECTORY}
+
+
 def load_params(section: str) -> dict:
     """One section of params.yaml (DVC passes params through the file, not the command line)."""
     with open("params.yaml", encoding="utf-8") as f:

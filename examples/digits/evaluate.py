@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from common import load_params, load_split, make_model
+from common import load_params, load_split, make_model, run_params
 from torch import nn
 
 from modelver import latest_checkpoint, load_checkpoint
@@ -14,9 +14,9 @@ from modelver import latest_checkpoint, load_checkpoint
 def main() -> None:
     p = load_params("train")
     torch.set_num_threads(1)
-    info = latest_checkpoint("checkpoints")
+    info = latest_checkpoint("checkpoints", run=run_params(p))  # the run these params train
     if info is None:
-        raise SystemExit("evaluate: no complete checkpoint in checkpoints/; run the train stage")
+        raise SystemExit("evaluate: no checkpoint of this run in checkpoints/; run the train stage")
     ckpt = load_checkpoint(info.path)
     model = make_model(hidden=p["hidden"], dropout=p["dropout"])
     model.load_state_dict(ckpt.state["model"])

@@ -1,8 +1,9 @@
 """Stage `train`: a resumable training loop with modelver checkpoints.
 
 Killed at any moment and started again (directly or by `dvc repro`, which keeps `checkpoints/`
-because it is a `persist: true` output), it continues from the newest complete checkpoint and
-ends with the same weights, bit for bit, as a run that was never interrupted.
+because it is a `persist: true` output), it continues from the newest complete checkpoint of
+its run and ends with the same weights, bit for bit, as a run that was never interrupted.
+`dvc exp run -S train.lr=...` trains another run beside it in the same `checkpoints/`.
 """
 
 from __future__ import annotations
@@ -11,25 +12,12 @@ import random
 
 import numpy as np
 import torch
-from common import load_params, load_split, make_model
+from common import load_params, load_split, make_model, run_params
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from modelver import CheckpointManager, ResumableSampler
 from modelver.errors import TrainingInterrupted
-
-# Params that shape the trajectory. Resuming a checkpoint under other values would silently mix
-# two runs, so train.py refuses; `steps` may change (continue a finished run, or stop earlier).
-TRAJECTORY = (
-    "seed",
-    "batch_size",
-    "hidden",
-    "dropout",
-    "lr",
-    "warmup_steps",
-    "lr_decay",
-    "weight_decay",
-)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, p: dict) -> torch.optim.lr_scheduler.LRScheduler:
@@ -71,33 +59,18 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
     total = int(p["steps"])
     sched = make_scheduler(opt, p)
-    config = {k: p[k] for k in TRAJECTORY}
-    state = {
-        "model": model,
-        "optimizer": opt,
-        "scheduler": sched,
-        "data": sampler,
-        "config": dict(config),  # a JSON value: restore() replaces it with the saved one
-    }
+    state = {"model": model, "optimizer": opt, "scheduler": sched, "data": sampler}
 
+    # One run per set of trajectory params, each in checkpoints/run-<id>/: another -S value
+    # starts a run beside the others, the same values again continue theirs.
     mgr = CheckpointManager(
         "checkpoints",
         every_steps=p["checkpoint_every"],
         keep_last=p["keep_last"],
         handle_signals=True,
+        run=run_params(p),
     )
     start = mgr.restore(state)
-    if state["config"] != config:
-        mgr.close()
-        changed = ", ".join(
-            f"{k} {state['config'].get(k)!r} -> {v!r}"
-            for k, v in config.items()
-            if state["config"].get(k) != v
-        )
-        raise SystemExit(
-            f"checkpoints/ holds step {start} of a run with other params ({changed}): "
-            "restore them in params.yaml, or delete checkpoints/ to train from scratch"
-        )
     if start:
         print(f"resumed from step {start}", flush=True)
     if start >= total:
@@ -127,7 +100,7 @@ def main() -> None:
         raise
     mgr.save(total, state, metrics={"loss": loss})
     mgr.close()
-    print(f"done: step {total}, checkpoints in checkpoints/", flush=True)
+    print(f"done: step {total}, checkpoints in {mgr.root}/", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from modelver.refs import (
     version_ref,
 )
 from modelver.storage import Storage, TreeFile, open_storage
-from modelver.untrusted import inside, relative_path, step_dirname
+from modelver.untrusted import checkpoint_subdir, inside, relative_path
 
 Progress = Callable[[int, int], None]
 
@@ -72,11 +72,13 @@ def checkout(
         assert r.checkpoint_hash and r.step_dir and r.path_in_repo and r.step is not None
         if to is not None:
             out = Path(to)
-            step_dir = step_dirname(r.step_dir, field="step_dir", root=out)
-            # a delta checkpoint brings the step directories it decodes against
+            step_dir = checkpoint_subdir(r.step_dir, field="step_dir", root=out)[0]
+            run_dir = step_dir.rpartition("/")[0]  # run-<id>/ of a named run's checkpoint
+            # a delta checkpoint brings the step directories it decodes against (its siblings)
             chain = ckfmt.delta_chain(staged, ckfmt.read_manifest(staged))
-            needed = [step_dir, *(step_dirname(p.name, field="delta base", root=out)
-                                  for p, _ in chain)]
+            needed = [step_dir, *(checkpoint_subdir(
+                f"{run_dir}/{p.name}" if run_dir else p.name, field="delta base", root=out
+            )[0] for p, _ in chain)]
             for sd in needed:
                 there = inside(out, sd, field="step_dir")
                 clean_side_dirs(there)

@@ -13,7 +13,10 @@ Progress = Callable[[int, int], None]
 # Self-contained: imports what it needs inside the functions.
 
 if TYPE_CHECKING:
-    from modelver.diff import CheckpointDiff, DiffSide
+    from collections.abc import Mapping
+
+    from modelver.diff import CheckpointDiff, DiffSide, MetricDiff
+    from modelver.metrics import MetricSet
 
 
 def diff(
@@ -26,25 +29,56 @@ def diff(
 ) -> CheckpointDiff:
     """Compare B (default: the workspace's newest checkpoint) against A, tensor by tensor.
 
-    A and B are versions, commits or checkpoint directories; directories also work outside
-    a Git repository. Params come from each version's ``params.yaml`` at its commit.
+    A and B are versions, commits, DVC experiments or checkpoint directories; directories
+    also work outside a Git repository. Params come from each version's ``params.yaml`` at its
+    commit; besides the manifests' metrics, the DVC metrics files of each side's commit (or of
+    the workspace) are compared as ``FILE:NAME``.
     """
+    from dataclasses import replace
+
     from modelver.diff import diff_checkpoints
 
-    side_a, name = _diff_side(a, stat=stat, repo_root=repo_root, progress=progress)
+    side_a, name, dvc_a = _diff_side(a, stat=stat, repo_root=repo_root, progress=progress)
+    dvc_b: dict[str, MetricSet] | None
     if b is None:
-        side_b = _workspace_side(name, repo_root=repo_root)
+        side_b, dvc_b = _workspace_side(name, repo_root=repo_root)
     else:
-        side_b = _diff_side(b, stat=stat, repo_root=repo_root, progress=progress)[0]
-    return diff_checkpoints(side_a, side_b, stat=stat, progress=progress)
+        side_b, _, dvc_b = _diff_side(b, stat=stat, repo_root=repo_root, progress=progress)
+    result = diff_checkpoints(side_a, side_b, stat=stat, progress=progress)
+    extra = _dvc_metric_diffs(dvc_a, dvc_b)
+    if not extra:
+        return result
+    changed = result.summary.metrics_changed + sum(1 for m in extra if m.changed)
+    return replace(result, metrics=result.metrics + extra,
+                   summary=replace(result.summary, metrics_changed=changed))
+
+
+def _dvc_metric_diffs(
+    a: Mapping[str, MetricSet] | None, b: Mapping[str, MetricSet] | None
+) -> tuple[MetricDiff, ...]:
+    """The DVC metrics files of both sides, metric by metric, named ``FILE:NAME`` (``dvc
+    metrics diff`` shows the file too); a side with no commit or workspace has none."""
+    from modelver.diff import MetricDiff
+
+    def flat(files: Mapping[str, MetricSet] | None) -> tuple[dict[str, float], dict[str, str]]:
+        numbers: dict[str, float] = {}
+        other: dict[str, str] = {}
+        for rel, m in (files or {}).items():
+            numbers.update({f"{rel}:{k}": x for k, x in m.numbers.items()})
+            other.update({f"{rel}:{k}": x for k, x in m.other.items()})
+        return numbers, other
+
+    (na, oa), (nb, ob) = flat(a), flat(b)
+    names = sorted({*na, *oa, *nb, *ob})
+    return tuple(MetricDiff(k, na.get(k), nb.get(k), oa.get(k), ob.get(k)) for k in names)
 
 
 def _diff_side(
     ref: str, *, stat: bool, repo_root: str | Path, progress: Progress | None
-) -> tuple[DiffSide, str | None]:
-    """The checkpoint REF names, with its params when it is a version or commit. For
-    ``stat`` a version's manifest alone is read from the DVC cache (or fetched; with Git LFS
-    it is a plain Git blob)."""
+) -> tuple[DiffSide, str | None, dict[str, MetricSet] | None]:
+    """The checkpoint REF names, with its params and DVC metrics files when it is a version
+    or commit. For ``stat`` a version's manifest alone is read from the DVC cache (or
+    fetched; with Git LFS it is a plain Git blob)."""
     from modelver.checkpoint import format as ckfmt
     from modelver.diff import DiffSide
     from modelver.errors import (
@@ -55,7 +89,7 @@ def _diff_side(
         clip,
     )
     from modelver.materialize import local_step_dir, materialize_step, with_step
-    from modelver.metrics import read_json_object
+    from modelver.metrics import metrics_files, read_json_object
     from modelver.refs import open_git, resolve_ref
     from modelver.storage import open_storage
 
@@ -67,14 +101,15 @@ def _diff_side(
         path = Path(repo_root, ref).resolve()  # outside Git only a directory makes sense
         if not path.is_dir():
             raise CheckpointNotFoundError(path, reason="no such directory") from None
-        return DiffSide(local_step_dir(path), ref), None
+        return DiffSide(local_step_dir(path), ref), None, None
     if r.kind == "path":
         assert r.path is not None
-        return DiffSide(local_step_dir(r.path), ref), None
+        return DiffSide(local_step_dir(r.path), ref), None, None
     assert r.commit is not None
     git = open_git(repo_root)
     params = _params_yaml(git.read_file(r.commit, "params.yaml"),
                           what=f"params.yaml at {r.commit[:10]}")
+    dvc_metrics = metrics_files(git, r.commit)
     label = r.tag or ref
     st = open_storage(git.root)
     try:
@@ -93,18 +128,22 @@ def _diff_side(
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 problem = f"unreadable manifest: {type(e).__name__}: {clip(str(e))}"
                 raise CheckpointCorruptedError(f"{label}:{wanted}", [problem]) from None
-            return DiffSide(None, label, params=params, manifest=manifest), r.name
+            return DiffSide(None, label, params=params, manifest=manifest), r.name, dvc_metrics
         path = materialize_step(st, r, progress=progress)[0]
     finally:
         st.close()
-    return DiffSide(path, label, params=params), r.name
+    return DiffSide(path, label, params=params), r.name, dvc_metrics
 
 
-def _workspace_side(name: str | None, *, repo_root: str | Path) -> DiffSide:
-    """The newest checkpoint in the workspace path of artifact ``name`` (or the only one)."""
+def _workspace_side(
+    name: str | None, *, repo_root: str | Path
+) -> tuple[DiffSide, dict[str, MetricSet]]:
+    """The newest checkpoint in the workspace path of artifact ``name`` (or the only one),
+    and the workspace's DVC metrics files."""
     from modelver.diff import DiffSide
     from modelver.errors import NotARepositoryError, UnknownRefError
     from modelver.materialize import local_step_dir
+    from modelver.metrics import metrics_files
     from modelver.refs import artifact_at, artifacts_at, open_git
 
     try:
@@ -121,7 +160,8 @@ def _workspace_side(name: str | None, *, repo_root: str | Path) -> DiffSide:
         art = artifact_at(git, name, None)
     params_file = git.root / "params.yaml"
     params = _params_yaml(_read_small(params_file), what="params.yaml in the workspace")
-    return DiffSide(local_step_dir(git.root / art.path), "workspace", params=params)
+    side = DiffSide(local_step_dir(git.root / art.path), "workspace", params=params)
+    return side, metrics_files(git, None)
 
 
 def _read_small(path: Path) -> str | None:

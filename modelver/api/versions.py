@@ -13,11 +13,13 @@ from modelver.errors import (
     ArtifactNotFoundError,
     DataMissingError,
     MalformedDataError,
+    ModelverError,
     RemoteError,
     UnknownRefError,
     VersionExistsError,
 )
 from modelver.materialize import newest_step_dir, read_object_json, tree, with_step
+from modelver.metrics import CommitMetrics, metrics_at
 from modelver.refs import (
     ResolvedRef,
     artifact_at,
@@ -27,6 +29,7 @@ from modelver.refs import (
     open_git,
     pinned,
     resolve_ref,
+    version_ref,
 )
 from modelver.storage import Storage, TreeFile, open_storage
 from modelver.storage import backend as storage_backend
@@ -42,18 +45,23 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class VersionInfo:
+    """A version, or (``version`` and ``tag`` None) an untagged commit or experiment shown."""
+
     name: str
-    version: str
-    tag: str
+    version: str | None
+    tag: str | None
     commit: str
     date: str
     step: int | None
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # the checkpoint manifest's
     stages: list[str]
     checkpoint_hash: str | None
     parent: str | None
     message: str
     invalid: str | None = None  # why the tag's metadata was refused; the tag is unusable
+    # the DVC metrics files at the commit, path -> {name: value} (None: not read)
+    dvc_metrics: dict[str, dict[str, float | str]] | None = None
+    dvc_metrics_error: str | None = None  # the file that could not be read, and why
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,11 +84,18 @@ class VersionDetails:
     in_cache: bool
     in_remote: bool | None  # None: no remote configured or unreachable
 
+    @property
+    def run(self) -> str | None:
+        """The run of the checkpoint (``run-<id>/step-N``), None without runs."""
+        m = untrusted.CHECKPOINT_SUBDIR_RE.match(self.step_dir or "")
+        return m.group(1) if m else None
+
     def to_json(self) -> dict[str, Any]:
         d = self.info.to_json()
         d.update(
             path=self.path,
             step_dir=self.step_dir,
+            run=self.run,
             params=self.params,
             files=[asdict(f) for f in self.files],
             in_cache=self.in_cache,
@@ -147,7 +162,16 @@ class TransferResult:
     tags: list[str] = field(default_factory=list)  # tags sent to / fetched from the Git remote
 
 
-def _info(ver: v.VersionTag) -> VersionInfo:
+def _dvc_metrics(found: CommitMetrics | None) -> dict[str, Any]:
+    """VersionInfo's DVC metrics fields from what :func:`metrics_at` read at its commit."""
+    if found is None:
+        return {}
+    files = {rel: {**m.numbers, **m.other} for rel, m in found.files.items()}
+    return {"dvc_metrics": files,
+            "dvc_metrics_error": None if found.problem is None else str(found.problem)}
+
+
+def _info(ver: v.VersionTag, dvc: CommitMetrics | None = None) -> VersionInfo:
     return VersionInfo(
         name=ver.name,
         version=str(ver.version),
@@ -161,6 +185,7 @@ def _info(ver: v.VersionTag) -> VersionInfo:
         parent=ver.meta.get("parent"),
         message=ver.message,
         invalid=ver.invalid,
+        **_dvc_metrics(dvc),
     )
 
 
@@ -212,7 +237,7 @@ def tag(
     else:
         name, version = v.parse_version_ref(ref)
     tag_name = v.version_tag(name, version)
-    commit = git.resolve_commit(rev)
+    commit = git.resolve_commit_or_exp(rev)
     art = artifact_at(git, name, commit)
     path = checked_output(git, art.path, commit=commit, field=f"artifact {name} path")
     kind = storage_backend(git.root)
@@ -234,7 +259,7 @@ def tag(
     st = open_storage(git.root)
     try:
         files = tree(st, checkpoint, what=f"checkpoint of {where}")
-        step_dir, step = newest_step_dir(files, where)
+        step_dir, step = newest_step_dir(st, files, where)
         manifest_md5 = next(f.oid for f in files if f.relpath == f"{step_dir}/{fmt.MANIFEST}")
         what = f"manifest of {step_dir} ({where})"
         raw = read_object_json(st, manifest_md5, what=what)
@@ -288,8 +313,12 @@ def promote(ref: str, stage: str, *, repo_root: str | Path = ".") -> PromoteResu
 # --- list, show ------------------------------------------------------------------------------
 
 
-def list_versions(name: str | None = None, *, repo_root: str | Path = ".") -> list[VersionInfo]:
-    """Every version (of ``name``), oldest first; one ``git for-each-ref`` call."""
+def list_versions(
+    name: str | None = None, *, repo_root: str | Path = ".", dvc_metrics: bool = False
+) -> list[VersionInfo]:
+    """Every version (of ``name``), oldest first; one ``git for-each-ref`` call. With
+    ``dvc_metrics`` each version's commit's DVC metrics files too: a few ``git cat-file
+    --batch`` calls for all versions, and DVC-cached files only from the local cache."""
     git = open_git(repo_root)
     registry = load_registry(git)
     if name is not None:
@@ -297,20 +326,33 @@ def list_versions(name: str | None = None, *, repo_root: str | Path = ".") -> li
         found = registry.of(name)
         if not found and name not in artifacts_at(git, None):
             raise ArtifactNotFoundError(name, known=sorted(artifacts_at(git, None)))
+    else:
+        found = list(registry.versions)
+    if not dvc_metrics:
         return [_info(x) for x in found]
-    return [_info(x) for x in registry.versions]
+    read = metrics_at(git, [x.commit for x in found], fetch=False)
+    return [_info(x, read[x.commit]) for x in found]
 
 
 def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) -> VersionDetails:
-    """One version with its params, files and where its data is."""
+    """One version (or a commit or DVC experiment, shown as the version tagged there if
+    there is one) with its params, files, DVC metrics files and where its data is."""
     git = open_git(repo_root)
     r = resolve_ref(git.root, ref, action="cannot show")
-    if r.kind != "version" or r.name is None or r.version is None or r.commit is None:
-        raise UnknownRefError(ref, hint="show takes a version: NAME, NAME@vX.Y.Z or NAME#STAGE")
-    ver = load_registry(git).get(r.name, v.Semver.parse(r.version))
-    assert ver is not None and r.checkpoint_hash is not None and r.path_in_repo is not None
-    art = artifact_at(git, r.name, r.commit)
-    params = pinned(git, art, r.commit, action="cannot show").params
+    if r.kind == "path" or r.name is None or r.commit is None:
+        raise UnknownRefError(ref, hint="show takes a version (NAME, NAME@vX.Y.Z, NAME#STAGE), "
+                              "a commit or an experiment, not a directory")
+    name, commit = r.name, r.commit
+    registry = load_registry(git)
+    if r.version is not None:
+        ver = registry.get(name, v.Semver.parse(r.version))
+    else:  # a commit: the version of its artifact tagged there, if any
+        ver = next((x for x in registry.of(name) if x.commit == commit), None)
+        if ver is not None:
+            r = version_ref(git, ref, ver, action="cannot show")
+    assert r.checkpoint_hash is not None and r.path_in_repo is not None
+    art = artifact_at(git, name, commit)
+    params = pinned(git, art, commit, action="cannot show").params
     st = open_storage(git.root)
     try:
         try:
@@ -322,12 +364,23 @@ def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) ->
         mine = [f for f in files if f.relpath.startswith(prefix)]
         hashes = [r.checkpoint_hash] + [f.oid for f in mine]
         in_cache = not st.missing_in_cache(hashes)
-        sizes = _sizes(st, [f for f in mine if f.relpath == prefix + "MANIFEST.json"])
+        sizes, metrics = _manifest_facts(
+            st, [f for f in mine if f.relpath == prefix + "MANIFEST.json"]
+        )
         in_remote = st.in_remote(hashes) if check_remote else None
     finally:
         st.close()
+    dvc = metrics_at(git, [commit])[commit]
+    if ver is not None:
+        info = _info(ver, dvc)
+    else:
+        info = VersionInfo(
+            name=name, version=None, tag=None, commit=commit, date=git.commit_date(commit),
+            step=r.step, metrics=metrics, stages=[], checkpoint_hash=r.checkpoint_hash,
+            parent=None, message="", **_dvc_metrics(dvc),
+        )
     return VersionDetails(
-        info=_info(ver),
+        info=info,
         path=r.path_in_repo,
         step_dir=r.step_dir,
         params=params,
@@ -340,15 +393,19 @@ def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) ->
     )
 
 
-def _sizes(st: Storage, manifest: Sequence[TreeFile]) -> dict[str, int]:
-    """File sizes from the version's manifest when it is in the cache (DVC's listing has none)."""
+def _manifest_facts(
+    st: Storage, manifest: Sequence[TreeFile]
+) -> tuple[dict[str, int], dict[str, float]]:
+    """File sizes (DVC's listing has none) and metrics from the checkpoint's manifest when it
+    is in the cache; both optional, so an unreadable manifest gives neither."""
     if not manifest or st.missing_in_cache([manifest[0].oid]):
-        return {}
+        return {}, {}
     path = st.object_path(manifest[0].oid)
     try:
-        files = untrusted.load_json(path.read_bytes(), what="manifest")["files"]
-        sizes = {str(k): int(e["size"]) for k, e in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError, OSError):  # sizes are optional
-        return {}
+        raw = untrusted.load_json(path.read_bytes(), what="manifest")
+        sizes = {str(k): int(e["size"]) for k, e in raw["files"].items()}
+        metrics = untrusted.metrics(raw.get("metrics") or {}, what="manifest")
+    except (ModelverError, ValueError, KeyError, TypeError, AttributeError, OSError):
+        return {}, {}
     sizes["MANIFEST.json"] = path.stat().st_size
-    return sizes
+    return sizes, metrics

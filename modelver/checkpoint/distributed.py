@@ -318,7 +318,7 @@ def _commit(
         manifest = fmt.Manifest(
             step=step,
             epoch=epoch,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             files=files,
             tensors=tensors,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.catalog import CheckpointInfo, list_checkpoints
+from modelver.checkpoint.catalog import CheckpointInfo, info_of
 from modelver.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
@@ -41,24 +41,27 @@ def newest_valid(
     failed attempt had already overwritten live state (the error's ``partial``) and no earlier
     checkpoint succeeds, this raises instead of letting training start afresh half-loaded.
     """
-    candidates = list(reversed(list_checkpoints(root)))
+    # newest first by directory name; a manifest is read only when its checkpoint is tried,
+    # so a restore costs the same however many checkpoints the run keeps
+    candidates = sorted(fmt.iter_checkpoint_dirs(root), key=lambda c: c[0], reverse=True)
     if step is not None:
-        candidates = [c for c in candidates if c.step == step]
+        candidates = [c for c in candidates if c[0] == step]
         if not candidates:
             raise CheckpointCorruptedError(
                 root / fmt.step_dirname(step), ["no committed checkpoint at this step"]
             )
     overwritten = False
-    for info in candidates:
+    for _, path in candidates:
         try:
-            result = attempt(info.path)
+            info = info_of(path, fmt.read_manifest(path))
+            result = attempt(path)
         except CheckpointNotFoundError:  # retired by a writer since it was listed
             continue
         except (CheckpointCorruptedError, MalformedDataError, UnsafePathError) as e:
             overwritten = overwritten or bool(getattr(e, "partial", False))
             why = "; ".join(getattr(e, "problems", [e.message])[:3])
             warnings.warn(
-                f"skipping corrupted checkpoint {info.path}: {why}",
+                f"skipping corrupted checkpoint {path}: {why}",
                 ModelverWarning,
                 stacklevel=stacklevel + 1,
             )

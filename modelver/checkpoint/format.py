@@ -12,7 +12,6 @@ import errno
 import io
 import math
 import os
-import re
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -40,7 +39,7 @@ from modelver.errors import (
     clip,
 )
 from modelver.hashing import new_hasher, update_from
-from modelver.untrusted import STEP_DIR_RE
+from modelver.untrusted import RUN_ID_RE, STEP_DIR_RE
 
 FORMAT_NAME = "modelver-checkpoint"
 FORMAT_VERSION = 1
@@ -49,8 +48,6 @@ DELTA_SUFFIX = ".delta"
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "state.json"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a run's id (checkpoint.runid)
 
 
 def step_dirname(step: int) -> str:

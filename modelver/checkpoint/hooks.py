@@ -8,7 +8,9 @@ Work that follows a commit (an upload, DVC's hash state) is supplied from above 
 The checkpoint core knows no Git, DVC or remote: a :class:`CommitHook` is told of each committed
 checkpoint. ``CheckpointManager(on_commit=[...])`` takes the caller's own; the options ``push``
 and ``dvc_hashes`` name hooks that the ``modelver`` package provides at import
-(:func:`provide`), so the core imports nothing above it.
+(:func:`provide`), so the core imports nothing above it. The one question the core asks above
+it, :func:`saved_elsewhere` (may ``keep_runs`` remove a run from the workspace?), is answered
+the same way (:func:`provide_answer`).
 """
 
 from __future__ import annotations
@@ -61,3 +63,17 @@ def provide(option: str, factory: Factory) -> None:
 
 def hook_for(option: str, root: Path, value: Any) -> CommitHook:
     return _PROVIDERS[option](root, value)  # every option is provided by modelver/__init__.py
+
+
+SavedElsewhere = Callable[[Path], bool]
+_ANSWERS: dict[str, SavedElsewhere] = {}
+
+
+def provide_answer(question: str, answer: SavedElsewhere) -> None:
+    _ANSWERS[question] = answer
+
+
+def saved_elsewhere(path: Path) -> bool:
+    """Whether every file under ``path`` is stored outside the workspace (the DVC cache or
+    remote), so removing it loses nothing; False whenever that cannot be told."""
+    return _ANSWERS["saved_elsewhere"](path)  # provided by modelver/__init__.py

@@ -51,7 +51,7 @@ class Snapshot:
     aliases: dict[str, str]
     rng: dict[str, Any]
     created: str = field(
-        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="microseconds")
     )
 
 

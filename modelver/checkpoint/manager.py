@@ -28,6 +28,7 @@ from modelver.checkpoint.dirlock import DirLock, prepare_directory
 from modelver.checkpoint.fallback import newest_valid
 from modelver.checkpoint.hooks import CommitHook, RestoreAware
 from modelver.checkpoint.io import BufferPool, Snapshot, take_snapshot, write_checkpoint
+from modelver.checkpoint.kept import KeptCopies, kept_dir
 from modelver.checkpoint.restore import restore_checkpoint
 from modelver.checkpoint.retention import (
     check_count,
@@ -37,7 +38,8 @@ from modelver.checkpoint.retention import (
     execute_retention,
     plan_retention,
 )
-from modelver.checkpoint.runid import record_run, run_id, run_root
+from modelver.checkpoint.runid import mark_current, record_run, run_id, run_root
+from modelver.checkpoint.runretention import bound_runs, check_keep_runs
 from modelver.checkpoint.signals import StopSignals
 from modelver.errors import (
     AsyncSaveError,
@@ -83,6 +85,7 @@ class CheckpointManager:
         delta_full_every: int | None = None,
         on_commit: Sequence[CommitHook] = (),
         run: str | Mapping[str, Any] | None = None,
+        keep_runs: int | None = None,
     ) -> None:
         if not isinstance(directory, str | os.PathLike) or not isinstance(
             os.fspath(directory), str
@@ -108,6 +111,7 @@ class CheckpointManager:
             raise InvalidArgumentError(
                 "delta_full_every", delta_full_every, expected="None (no deltas) or an integer >= 2"
             )
+        keep_runs = check_keep_runs(keep_runs, run=run)  # None: every run stays
         self._distributed = distributed.active()
         if self._distributed and async_save:
             raise InvalidArgumentError(
@@ -129,6 +133,8 @@ class CheckpointManager:
         self._lock: DirLock | None = None
         if not self._distributed or distributed.rank() == 0:
             self._lock = DirLock(self.root)
+            if self.run is not None:  # the run the directory's commit stands for (runid)
+                mark_current(self.directory, self.run)
         # XOR deltas against the previous checkpoint, a full one every K (modelver.checkpoint
         # .delta); costs one host copy of the state, kept between saves (under torch.distributed
         # on rank 0, which writes the replicated tensors)
@@ -163,12 +169,22 @@ class CheckpointManager:
         # DVC remote), a remote name or URL: an upload from a background thread, then the
         # caller's own hooks; the modelver package provides the first two (checkpoint.hooks)
         self._hooks: list[CommitHook] = []
+        # in a DVC repository each checkpoint is hard-linked aside, where the forced checkout
+        # `dvc exp run` starts with cannot delete it (checkpoint.kept)
+        where = kept_dir(self.root) if not self._distributed and _in_dvc_repo(self.root) else None
+        self._kept = KeptCopies(self.root, where) if where is not None else None
+        if self._kept is not None:
+            self._hooks.append(self._kept)
         if self.dvc_hashes and not self._distributed:
             self._hooks.append(hooks.hook_for("dvc_hashes", self.root, True))
         if push:
             self._hooks.append(hooks.hook_for("push", self.root, push))
         self._hooks += hooks_given
         self._recover()
+        if keep_runs is not None and self._lock is not None and self.run is not None:
+            # the oldest runs beyond the bound, only those stored elsewhere (runretention)
+            bound_runs(self.directory, current=self.run, keep_runs=keep_runs,
+                       remove=self._remove_later)
         if handle_signals:
             self._stop.install()
 
@@ -203,6 +219,8 @@ class CheckpointManager:
                 if self._delta is not None and distributed.rank() == 0:
                     self._delta.seed(self.root / fmt.step_dirname(restored))
             return restored
+        if self._kept is not None:  # what `dvc exp run`'s checkout deleted comes back first
+            self._kept.bring_back()
         # a bad checkpoint (corrupted, malformed, unsafe, unreadable) is skipped for the
         # previous one; StateMismatchError (the live objects changed) is not: it propagates
         found = newest_valid(

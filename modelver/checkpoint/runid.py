@@ -6,6 +6,11 @@ the number of steps), fingerprinted. Each run keeps its checkpoints in its own s
 ``run-<id>/`` (a checkpoints root as any other: its own lock, listing, retention and start-up
 recovery), records its parameters once in ``run-<id>/RUN.json``, and every manifest records
 the run. ``run=None`` is the layout without runs: step directories in the directory itself.
+
+The directory's ``CURRENT_RUN.json`` names the run a manager last opened there. A pipeline's
+checkpoints output holds every run it has trained, and this says which one the commit that
+pins it stands for: ``modelver tag``, ``show``, ``diff`` and ``checkout`` of that commit take
+that run's newest checkpoint.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from modelver import untrusted
 from modelver.checkpoint.commit import fsync_dir_quietly, leftover
-from modelver.checkpoint.format import RUN_ID_RE
-from modelver.errors import InvalidArgumentError
+from modelver.errors import InvalidArgumentError, MalformedDataError
+from modelver.untrusted import RUN_ID_RE
 
 RUN_PREFIX = "run-"
 RUN_FILE = "RUN.json"
+CURRENT_FILE = "CURRENT_RUN.json"  # in the directory: the run its newest training used
 
 
 def run_id(run: object) -> str | None:
@@ -81,3 +88,42 @@ def list_runs(directory: Path) -> list[str]:
         if n.startswith(RUN_PREFIX) and RUN_ID_RE.fullmatch(n[len(RUN_PREFIX):])
         and (directory / n).is_dir() and not (directory / n).is_symlink()
     )
+
+
+def mark_current(directory: Path, run: str) -> None:
+    """Name ``run`` in ``CURRENT_RUN.json``, atomically; unchanged when it already does, so a
+    re-run of a finished job leaves the directory as it was."""
+    dest = directory / CURRENT_FILE
+    doc = json.dumps({"run": run}) + "\n"
+    try:
+        if dest.read_text() == doc:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    tmp = leftover(dest, "tmp")
+    tmp.write_text(doc)
+    os.replace(tmp, dest)
+    fsync_dir_quietly(directory)
+
+
+def parse_current(data: bytes | str, *, where: str) -> str:
+    """The run a ``CURRENT_RUN.json`` names (data others may have written)."""
+    doc = untrusted.load_json(data, what=where, max_bytes=4096)
+    run = doc.get("run") if isinstance(doc, dict) else None
+    if not (isinstance(run, str) and RUN_ID_RE.fullmatch(run)):
+        raise MalformedDataError(where, "run", run, expected="a run id")
+    return run
+
+
+def current_run(directory: Path) -> str | None:
+    """The run ``CURRENT_RUN.json`` names in ``directory``; None without one."""
+    path = directory / CURRENT_FILE
+    try:
+        if path.is_symlink():
+            raise OSError("a symlink (not followed)")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MalformedDataError(str(path), "file", str(e), expected="a readable file") from e
+    return parse_current(data, where=str(path))

@@ -32,9 +32,11 @@ if TYPE_CHECKING:
 def diff(a: str, b: str | None, as_json: bool, stat: bool, top: int, quiet: bool) -> None:
     """Compare checkpoint B against A: params, metrics and every tensor.
 
-    A and B are versions (NAME@vX.Y.Z, NAME, NAME#STAGE), commits, or checkpoint directories
-    (a step directory or a checkpoints root: its newest checkpoint). B defaults to the
-    workspace's newest checkpoint. Tensors with equal hashes are 'unchanged' without being
+    A and B are versions (NAME@vX.Y.Z, NAME, NAME#STAGE), commits, DVC experiments (a name
+    as 'dvc exp show' lists it, or its refs/exps/... ref), or checkpoint directories (a step
+    directory or a checkpoints root: its newest checkpoint). B defaults to the workspace's
+    newest checkpoint. Metrics are the manifests' and, as FILE:NAME, the DVC metrics files
+    of each side's commit. Tensors with equal hashes are 'unchanged' without being
     read; changed ones are streamed and get L2 distance, relative change (||a-b||/||a||),
     cosine similarity and max |a-b|.
     """

@@ -51,7 +51,8 @@ def init_cmd(remote: str | None, backend: str, artifact: str, quiet: bool) -> No
 def tag_cmd(
     ref: str, rev: str, bump: str | None, message: str | None, as_json: bool, quiet: bool
 ) -> None:
-    """Register a model version at REV (default HEAD) as a GTO tag."""
+    """Register a model version at REV (default HEAD) as a GTO tag. REV is a commit, branch
+    or tag, or a DVC experiment: its name as 'dvc exp show' lists it, or its refs/exps/... ref."""
     if bump and "@" in ref:
         raise click.UsageError("give either NAME@vX.Y.Z or NAME --bump, not both")
     res = api.tag(ref, rev=rev, bump=bump, message=message, repo_root=".")
@@ -87,9 +88,10 @@ def promote_cmd(ref: str, stage: str, quiet: bool) -> None:
 @click.argument("name", required=False)
 @json_option
 def list_cmd(name: str | None, as_json: bool) -> None:
-    """Versions with stages, commit, date, step and metrics; a tag whose metadata is refused
-    is listed as invalid (with the reason) and cannot be used."""
-    rows = api.list_versions(name, repo_root=".")
+    """Versions with stages, commit, date, step and metrics (--json: also the DVC metrics
+    files of each version's commit); a tag whose metadata is refused is listed as invalid
+    (with the reason) and cannot be used."""
+    rows = api.list_versions(name, repo_root=".", dvc_metrics=as_json)
     if as_json:
         echo_json([r.to_json() for r in rows])
         return
@@ -102,7 +104,7 @@ def list_cmd(name: str | None, as_json: bool) -> None:
         table.add_column(col, justify="right" if col == "step" else "left")
     for r in rows:  # tag text is data others wrote: never rich markup
         table.add_row(
-            escape(r.name), r.version + (" [red](invalid)[/red]" if r.invalid else ""),
+            escape(r.name), (r.version or "") + (" [red](invalid)[/red]" if r.invalid else ""),
             escape(",".join(r.stages)), r.commit[:10], escape(r.date[:19].replace("T", " ")),
             "" if r.step is None else str(r.step),
             f"[red]invalid: {escape(r.invalid)}[/red]" if r.invalid
@@ -115,7 +117,8 @@ def list_cmd(name: str | None, as_json: bool) -> None:
 @click.argument("ref")
 @json_option
 def show_cmd(ref: str, as_json: bool) -> None:
-    """One version: metadata, params, files, and whether its data is local / in the remote."""
+    """One version (or commit, or DVC experiment): metadata, manifest and DVC metrics, params,
+    files, and whether its data is local / in the remote."""
     d = api.show(ref, repo_root=".")
     if as_json:
         echo_json(d.to_json())
@@ -124,15 +127,24 @@ def show_cmd(ref: str, as_json: bool) -> None:
     out = console()
     yes_no = {True: "yes", False: "no", None: "unknown"}
     fields: list[tuple[str, Any]] = [
-        ("version", i.tag), ("commit", i.commit), ("date", i.date),
+        ("version", i.tag or "- (no version tagged at this commit)"), ("commit", i.commit),
+        ("date", i.date),
         ("stages", ", ".join(i.stages) or "-"), ("parent", i.parent or "-"),
         ("step", i.step), ("checkpoint", f"{d.path}/{d.step_dir or '?'}  ({i.checkpoint_hash})"),
+        ("run", d.run or "-"),
         ("metrics", format_metrics(i.metrics) or "-"),
         ("in cache", yes_no[d.in_cache]), ("in remote", yes_no[d.in_remote]),
         ("message", i.message),
     ]
     for k, val in fields:  # values are data others wrote (tag messages): never rich markup
         out.print(f"[bold]{k:>10}[/bold]  {escape(str(val))}")
+    if i.dvc_metrics or i.dvc_metrics_error:
+        out.print("[bold]dvc metrics[/bold]")
+        for file, values in (i.dvc_metrics or {}).items():
+            shown = ", ".join(f"{k}={_value(x)}" for k, x in sorted(values.items()))
+            out.print(f"            {escape(file)}: {escape(shown or '-')}")
+        if i.dvc_metrics_error:
+            out.print(f"            [red]unreadable: {escape(i.dvc_metrics_error)}[/red]")
     if d.params:
         out.print("[bold]    params[/bold]")
         for file, values in d.params.items():  # dvc.lock keys params by file
@@ -147,6 +159,11 @@ def show_cmd(ref: str, as_json: bool) -> None:
         for f in d.files:
             table.add_row(escape(f.path), "" if f.size is None else str(f.size), f.md5)
         out.print(table)
+
+
+def _value(x: float | str) -> str:
+    """A metric number as ``format_metrics`` shows it; a non-numeric one as its text."""
+    return x if isinstance(x, str) else f"{x:.4g}"
 
 
 def _flatten(d: Any, prefix: str = "") -> list[str]:

@@ -29,6 +29,11 @@ Use either ``ModelverTrainer(model=..., args=..., modelver_dir=..., keep_last=3)
 its class is swapped for a subclass of it with the hooks). Defaults follow ``TrainingArguments``:
 ``checkpoint_dir`` = ``<output_dir>/checkpoints``, ``keep_last`` = ``save_total_limit`` (None keeps
 all), and with ``load_best_model_at_end`` the best checkpoint by ``metric_for_best_model`` is kept.
+``run=`` names the run as ``CheckpointManager(run=...)`` does (a name, or a mapping of the
+hyperparameters that define it, fingerprinted): its checkpoints live in
+``<checkpoint_dir>/run-<id>/``, retention counts in it, and a resume takes only its own
+checkpoints, so runs of different hyperparameters share one ``output_dir`` without resuming
+each other. ``train_or_resume()`` is the one call of a preemptible job.
 Tested with transformers 4.46 and 5.24.
 
 Limits: one process (no torchrun/DDP, DeepSpeed, FSDP, TPU); checkpoints are not pushed to the Hub
@@ -43,6 +48,7 @@ import json
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +62,11 @@ from modelver.checkpoint import format as fmt
 from modelver.checkpoint.fallback import newest_valid
 from modelver.checkpoint.manager import CheckpointManager
 from modelver.checkpoint.restore import restore_checkpoint
+from modelver.checkpoint.runid import run_id, run_root
 from modelver.checkpoint.signals import StopSignals
 from modelver.checkpoint.verify import verify_checkpoint
 from modelver.errors import (
+    CheckpointCorruptedError,
     CheckpointNotFoundError,
     ModelverError,
     ModelverWarning,
@@ -82,6 +90,8 @@ class TrainerCheckpointing:
     monitor: str | None
     mode: str
     handle_signals: bool
+    run: str | Mapping[str, Any] | None  # as given: the manager records a mapping in RUN.json
+    run_id: str | None
 
 
 def _settings(
@@ -93,8 +103,9 @@ def _settings(
     monitor: str | None,
     mode: str,
     handle_signals: bool,
+    run: str | Mapping[str, Any] | None,
 ) -> TrainerCheckpointing:
-    """Fill what was left unset from ``TrainingArguments``."""
+    """Fill what was left unset from ``TrainingArguments``; ``run`` checked now."""
     metric = args.metric_for_best_model
     if metric is not None and not metric.startswith("eval_"):
         metric = f"eval_{metric}"
@@ -118,6 +129,8 @@ def _settings(
         monitor,
         mode,
         handle_signals,
+        run,
+        run_id(run),
     )
 
 
@@ -156,6 +169,7 @@ class ModelverTrainerMixin:
         monitor: str | None = _UNSET,
         mode: str = _UNSET,
         handle_signals: bool = False,
+        run: str | Mapping[str, Any] | None = None,
     ) -> None:
         trainer: Any = self
         self._modelver = _settings(
@@ -166,6 +180,7 @@ class ModelverTrainerMixin:
             monitor=monitor,
             mode=mode,
             handle_signals=handle_signals,
+            run=run,
         )
         self._modelver_managers = {}
         self._modelver_resume = None
@@ -179,21 +194,27 @@ class ModelverTrainerMixin:
 
     # --- where ---------------------------------------------------------------------------------
 
-    def modelver_checkpoint_dir(self, trial: Any = None) -> Path:
-        """The directory holding this run's ``step-*`` checkpoints."""
+    def _modelver_directory(self, trial: Any) -> Path:
+        """The checkpoints directory, shared by every run of this output directory."""
         trainer: Any = self
         if self._modelver.checkpoint_dir is not None:
             return self._modelver.checkpoint_dir
         return Path(trainer._get_output_dir(trial=trial)) / "checkpoints"
 
-    def _modelver_manager(self, root: Path) -> CheckpointManager:
-        mgr = self._modelver_managers.get(root)
+    def modelver_checkpoint_dir(self, trial: Any = None) -> Path:
+        """The directory holding this run's ``step-*`` checkpoints (``run-<id>/`` with run=)."""
+        return run_root(self._modelver_directory(trial), self._modelver.run_id)
+
+    def _modelver_manager(self, trial: Any) -> CheckpointManager:
+        directory = self._modelver_directory(trial)
+        mgr = self._modelver_managers.get(directory)
         if mgr is None:
             s = self._modelver
             mgr = CheckpointManager(
-                root, keep_last=s.keep_last, keep_best=s.keep_best, monitor=s.monitor, mode=s.mode
+                directory, keep_last=s.keep_last, keep_best=s.keep_best, monitor=s.monitor,
+                mode=s.mode, run=s.run,
             )
-            self._modelver_managers[root] = mgr
+            self._modelver_managers[directory] = mgr
         return mgr
 
     def _modelver_check_supported(self) -> None:
@@ -238,7 +259,7 @@ class ModelverTrainerMixin:
         state = self._modelver_components(include_training=not args.save_only_model)
         state["trainer_state"] = json.loads(json.dumps(dataclasses.asdict(trainer.state)))
         epoch = trainer.state.epoch
-        self._modelver_manager(root).save(
+        self._modelver_manager(trial).save(
             step,
             state,
             metrics={**self._modelver_metrics(step), **(metrics or {})},
@@ -390,7 +411,8 @@ class ModelverTrainerMixin:
         raises when there is none, so job scripts carry an if/else). A finished job re-run
         trains and saves nothing. Corrupted checkpoints are skipped with a warning, as the
         manager's restore skips them; when none is left, training starts afresh."""
-        found = newest_valid(self.modelver_checkpoint_dir(trial), verify_checkpoint, stacklevel=2)
+        found = newest_valid(self.modelver_checkpoint_dir(trial), self._modelver_verify,
+                             stacklevel=2)
         if found is None:
             return self.train(trial=trial, **kwargs)
         self._modelver_verified = found[0].path
@@ -411,7 +433,7 @@ class ModelverTrainerMixin:
         """A verified step directory: ``path`` itself, or the newest valid one under it."""
         if (path / fmt.MANIFEST).is_file():
             if path != self._modelver_verified:  # train_or_resume verified it a moment ago
-                verify_checkpoint(path)
+                self._modelver_verify(path)
             return path
         if (path / TRAINER_STATE_NAME).is_file():
             raise ModelverError(
@@ -419,10 +441,20 @@ class ModelverTrainerMixin:
                 "modelver resumes only from its own checkpoints",
                 hint="resume once with a plain Trainer, then continue with modelver",
             )
-        found = newest_valid(path, verify_checkpoint, stacklevel=3)  # as the manager skips
+        found = newest_valid(path, self._modelver_verify, stacklevel=3)  # as the manager skips
         if found is None:
             raise CheckpointNotFoundError(path)
         return found[0].path
+
+    def _modelver_verify(self, path: Path) -> None:
+        """Verify a checkpoint of this run (of no run without ``run=``): another run's is
+        refused as the manager's restore refuses it, so runs never resume each other."""
+        saved, mine = fmt.read_manifest(path).run, self._modelver.run_id
+        if saved != mine:
+            raise CheckpointCorruptedError(
+                path, [f"it belongs to run {saved or '(none)'}, not to run {mine or '(none)'}"]
+            )
+        verify_checkpoint(path)
 
     def _modelver_saved_components(self, path: Path) -> list[str]:
         extras = fmt.read_manifest(path).extras.get(EXTRAS_KEY, {})
@@ -487,7 +519,8 @@ class ModelverTrainer(ModelverTrainerMixin, Trainer):
     """``Trainer`` whose checkpoints are modelver checkpoints.
 
     Takes Trainer's arguments plus the keyword-only ``modelver_dir``, ``keep_last``,
-    ``keep_best``, ``monitor``, ``mode`` and ``handle_signals`` (see :func:`patch_trainer`).
+    ``keep_best``, ``monitor``, ``mode``, ``handle_signals`` and ``run`` (see
+    :func:`patch_trainer`).
     """
 
     def __init__(
@@ -499,6 +532,7 @@ class ModelverTrainer(ModelverTrainerMixin, Trainer):
         monitor: str | None = _UNSET,
         mode: str = _UNSET,
         handle_signals: bool = False,
+        run: str | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -509,6 +543,7 @@ class ModelverTrainer(ModelverTrainerMixin, Trainer):
             monitor=monitor,
             mode=mode,
             handle_signals=handle_signals,
+            run=run,
         )
 
 
@@ -524,13 +559,15 @@ def patch_trainer(
     monitor: str | None = _UNSET,
     mode: str = _UNSET,
     handle_signals: bool = False,
+    run: str | Mapping[str, Any] | None = None,
 ) -> Trainer:
     """Make an existing Trainer (or subclass) save and resume with modelver; returns it.
 
     Unset options follow ``TrainingArguments``: ``checkpoint_dir`` = ``<output_dir>/checkpoints``,
     ``keep_last`` = ``save_total_limit``, and with ``load_best_model_at_end`` ``keep_best=1``
     on ``metric_for_best_model`` (``mode`` from ``greater_is_better``). ``handle_signals``: on
-    SIGTERM/SIGINT, save after the current step and raise ``TrainingInterrupted``.
+    SIGTERM/SIGINT, save after the current step and raise ``TrainingInterrupted``. ``run``:
+    the run, as ``CheckpointManager(run=...)`` takes it (checkpoints in ``run-<id>/``).
     """
     if not isinstance(trainer, Trainer):
         raise TypeError("patch_trainer needs a transformers.Trainer")
@@ -549,5 +586,6 @@ def patch_trainer(
         monitor=monitor,
         mode=mode,
         handle_signals=handle_signals,
+        run=run,
     )
     return trainer

@@ -231,18 +231,22 @@ class DvcStorage(Storage):
 
     def workspace_saved(self, path: str) -> bool:
         """Whether every file now at ``path`` is in the cache (replacing it loses nothing)."""
+        return not self.workspace_unsaved(path)
+
+    def workspace_unsaved(self, path: str) -> list[str]:
+        """The md5s of the files now at ``path`` that the cache lacks (hashed through DVC's
+        state, so files DVC or the writer hashed before are not read again)."""
         target = self.root / path
         if not target.exists():
-            return True
+            return []
         from dvc_data.hashfile.build import build
         from dvc_data.hashfile.tree import Tree
 
         cache = self._repo.cache.local
         with _quiet_dvc():
             _, _, obj = build(cache, os.fspath(target), cache.fs, "md5", ignore=None)
-        if isinstance(obj, Tree):
-            return all(cache.exists(hi.value) for _, _, hi in obj)
-        return cache.exists(obj.hash_info.value)
+        found = [hi.value for _, _, hi in obj] if isinstance(obj, Tree) else [obj.hash_info.value]
+        return [str(m) for m in found if not cache.exists(m)]
 
     # --- objects -------------------------------------------------------------------------
 
@@ -459,7 +463,8 @@ class DvcStorage(Storage):
 
         cache = self._repo.cache.local
         tree = self._load_tree(tree_id)
-        obj = tree.get_obj(cache, (prefix,)) if prefix else tree
+        key: Any = tuple(prefix.split("/")) if prefix else None  # run-<id>/step-N: two parts
+        obj = tree.get_obj(cache, key) if key else tree  # (dvc_data annotates a 1-tuple)
         if obj is None:
             raise DataMissingError(f"{prefix} in {tree_id}")
         oids = [hi.value for _, _, hi in obj] if isinstance(obj, Tree) else [obj.oid]

@@ -1,9 +1,13 @@
-"""DVC's hash state pre-filled with the MD5s a checkpoint writer computed from memory, so
-``dvc commit``/``dvc repro`` does not read every checkpoint byte again to hash it.
+"""What the checkpoint core asks of DVC's state: the MD5s a writer computed from memory, and
+whether a run's files are stored anywhere but the workspace.
 
-A :class:`~modelver.checkpoint.hooks.CommitHook` (the manager's ``dvc_hashes`` option). DVC is
-imported by :mod:`modelver.storage.dvc` in a background thread at construction: importing it
-and opening the repository takes seconds, which the first save should not pay.
+:class:`DvcHashState` pre-fills DVC's hash state so ``dvc commit``/``dvc repro`` does not read
+every checkpoint byte again to hash it: a :class:`~modelver.checkpoint.hooks.CommitHook` (the
+manager's ``dvc_hashes`` option). DVC is imported by :mod:`modelver.storage.dvc` in a background
+thread at construction: importing it and opening the repository takes seconds, which the first
+save should not pay.
+
+:func:`saved_elsewhere` answers the core's ``saved_elsewhere`` question (``keep_runs``).
 """
 
 from __future__ import annotations
@@ -66,3 +70,27 @@ def _warm(directory: Path) -> None:
         record_hashes(existing, {})
     except Exception:  # the first real record reports any problem
         pass
+
+
+def saved_elsewhere(path: Path) -> bool:
+    """Every file under ``path`` is in the DVC cache, or else in the default remote: removing
+    it from the workspace loses nothing. False without DVC, outside a DVC repository, or when
+    DVC cannot tell (a remote out of reach): then nothing is removed."""
+    if importlib.util.find_spec("dvc") is None:
+        return False
+    from modelver.storage.dvc import DvcStorage, find_root
+
+    here = Path(os.path.realpath(path))
+    try:
+        st = DvcStorage(find_root(here))
+    except Exception:  # not a DVC repository, or one DVC cannot open: keep everything
+        return False
+    try:
+        unsaved = st.workspace_unsaved(os.path.relpath(here, st.root))
+        if not unsaved:
+            return True
+        return st.default_remote() is not None and not st.missing_in_remote(unsaved)
+    except Exception:  # DVC raises what it meets (a remote down, a file vanishing): keep it
+        return False
+    finally:
+        st.close()
