@@ -350,7 +350,7 @@ def test_demo_pipeline_gate_with_training_state(tmp_path: Path) -> None:
     res = modelver(*gate, "--fail-if", "accuracy < baseline.accuracy - 0.05")
     assert res.returncode == 0, res.stdout + res.stderr
     text = (repo / "report.md").read_text()
-    assert ("✅ restored config, data, model, optimizer, scheduler into what "
+    assert ("✅ restored data, model, optimizer, scheduler into what "
             "examples/ci/digits_state.py:build_state builds") in text
     assert "| step | 300 | 400 | +100 |" in text
     res = modelver(*gate, "--fail-if", "accuracy < baseline.accuracy + 0.5")

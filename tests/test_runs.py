@@ -20,7 +20,8 @@ from modelver import (
     load_checkpoint,
 )
 from modelver.checkpoint.format import read_manifest
-from modelver.checkpoint.runid import list_runs, run_id
+from modelver.checkpoint.kept import kept_dir
+from modelver.checkpoint.runid import list_runs, run_dir, run_id
 from modelver.errors import InvalidArgumentError, ModelverError, ModelverWarning
 from tests.helpers import dvc, init_repo
 
@@ -225,9 +226,12 @@ def test_keep_runs_drops_the_oldest_runs_only_once_dvc_has_them(tmp_path: Path) 
     assert any("exist nowhere else" in m and run_id(A) in m for m in said), said
     assert not any(run_id(B) in m for m in said)
 
+    kept_a = kept_dir(run_dir(root, A))  # A's hard-linked copies (checkpoint.kept)
+    assert kept_a is not None and kept_a.is_dir()
     dvc(repo, "add", "-q", "checkpoints")  # every run's files now in the DVC cache
     assert _start(root, C, keep_runs=2) == []
     assert list_runs(root) == sorted(run_id(r) for r in (B, C))
+    assert not kept_a.exists()  # went with the run
     assert not [n for n in os.listdir(root) if n.startswith(".")]  # no leftover of the removal
     assert [c.step for c in list_checkpoints(root, run=B)] == [1, 2]  # the others untouched
 

@@ -1,7 +1,7 @@
 """`modelver check --model examples/ci/digits_state.py:build_state`: the digits demo's state.
 
-Builds what examples/digits/train.py restores into (model, optimizer, scheduler, sampler,
-config) from params.yaml and data/, so the CI gate proves a candidate checkpoint resumes in the
+Builds what examples/digits/train.py restores into (model, optimizer, scheduler, sampler)
+from params.yaml and data/, so the CI gate proves a candidate checkpoint resumes in the
 real training code, not just that its bytes are intact. Run from the repository root.
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "digits"))
 import torch
 from common import load_params, load_split, make_model
 from torch.utils.data import TensorDataset
-from train import TRAJECTORY, make_scheduler
+from train import make_scheduler
 
 from modelver import ResumableSampler
 
@@ -31,5 +31,4 @@ def build_state() -> dict[str, Any]:
         "optimizer": opt,
         "scheduler": make_scheduler(opt, p),
         "data": ResumableSampler(TensorDataset(x, y), shuffle=True, seed=p["seed"]),
-        "config": {k: p[k] for k in TRAJECTORY},
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 from modelver.checkpoint import commit, hooks
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.dirlock import DirLock
+from modelver.checkpoint.kept import kept_dir
 from modelver.checkpoint.retention import check_count
 from modelver.checkpoint.runid import RUN_FILE, list_runs, run_root
 from modelver.errors import (
@@ -108,12 +110,15 @@ def execute_runs(
             lock = DirLock(root)
         except (CheckpointLockedError, OSError):  # being written by another process, or gone
             continue
+        kept = kept_dir(root)  # its hard-linked copies (checkpoint.kept) go with it
         try:
             trash = commit.retire(root)
         finally:
             lock.release()
         if trash is not None:
             remove(trash)
+            if kept is not None and kept.is_dir():
+                shutil.rmtree(kept, ignore_errors=True)
             removed.append(r)
     return removed
 
