@@ -55,15 +55,16 @@ class KeptCopies:
     def committed(self, path: Path, manifest: fmt.Manifest) -> None:
         if self._broken is not None:
             return
-        try:
+        try:  # links only: a save's cost must not grow with the checkpoints kept
             self.where.mkdir(parents=True, exist_ok=True)
             _link_tree(path, self.where / path.name)
-            present = {p.name for _, p in fmt.iter_checkpoint_dirs(self.root)}
-            for old in _step_dirs(self.where):  # what retention removed goes here too
-                if old.name not in present:
-                    shutil.rmtree(old, ignore_errors=True)
         except OSError as e:  # another file system, no hard links: the run goes on without
             self._broken = f"{type(e).__name__}: {e}"
+
+    def retired(self, names: list[str]) -> None:
+        """Retention removed these step directories: their kept copies go too."""
+        for name in names:
+            shutil.rmtree(self.where / name, ignore_errors=True)
 
     def check(self) -> None:
         if self._broken is not None:
@@ -80,13 +81,22 @@ class KeptCopies:
         self.check()
 
     def bring_back(self) -> list[str]:
-        """Under ``dvc exp run``: link back the kept checkpoints newer than the newest one in
-        the workspace (DVC's checkout deleted them); returns their names. Each one is
-        verified by the restore that follows, like any other."""
-        if not os.environ.get(UNDER_DVC_EXP) or not self.where.is_dir():
-            return []
-        steps = [s for s, _ in fmt.iter_checkpoint_dirs(self.root)]
-        newest = max(steps, default=-1)
+        """At a restore. Under ``dvc exp run``: link back the kept checkpoints newer than the
+        newest one in the workspace (DVC's checkout deleted them); returns their names. Each
+        one is verified by the restore that follows, like any other. Then the kept copies of
+        what the workspace no longer has are removed."""
+        present = {p.name: s for s, p in fmt.iter_checkpoint_dirs(self.root)}
+        if os.environ.get(UNDER_DVC_EXP):
+            back = self._link_back(max(present.values(), default=-1))
+            present.update(dict.fromkeys(back, 0))
+        else:
+            back = []
+        for old in _step_dirs(self.where):  # the rest the workspace lost (a user deleted it)
+            if old.name not in present:
+                shutil.rmtree(old, ignore_errors=True)
+        return back
+
+    def _link_back(self, newest: int) -> list[str]:
         back = []
         for kept in _step_dirs(self.where):
             m = STEP_DIR_RE.match(kept.name)

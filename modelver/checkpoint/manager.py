@@ -369,6 +369,8 @@ class CheckpointManager:
                     )
                     execute_retention(plan, remove=self._remove_later)
                     self._listing.retired(plan.delete)
+                    if self._kept is not None:
+                        self._kept.retired([i.path.name for i in plan.delete])
             except Exception as e:  # the save is committed: never an exception for it now
                 warnings.warn(
                     f"step {manifest.step} is saved, but deleting older checkpoints in "
