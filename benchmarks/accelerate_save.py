@@ -29,6 +29,7 @@ from pathlib import Path
 import accelerate
 import torch
 from accelerate import Accelerator
+from save_table import dir_bytes, print_saves
 from torch import nn
 
 from modelver import CheckpointManager
@@ -41,10 +42,6 @@ def fsync_tree(path: Path) -> None:
         fd = os.open(f, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def main() -> None:
@@ -121,10 +118,7 @@ def main() -> None:
     print(f"state: {total / (1 << 20):.1f} MiB (model + AdamW moments), median of {a.saves} "
           f"saves, torch {torch.__version__}, accelerate {accelerate.__version__}, "
           f"{os.cpu_count()} cores")
-    base_s, base_b = results["accelerator.save_state"]
-    print(f"{'':24} {'blocked s':>10} {'x save_state':>13} {'MiB on disk':>12} {'x':>6}")
-    for name, (s, b) in results.items():
-        print(f"{name:24} {s:10.3f} {s / base_s:13.2f} {b / (1 << 20):12.1f} {b / base_b:6.2f}")
+    print_saves(results, base="accelerator.save_state")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import AsyncCheckpointIO
+from save_table import dir_bytes, print_saves
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -63,10 +64,6 @@ def timed(cls: type[ModelCheckpoint], blocked: list[float]) -> type[ModelCheckpo
             blocked.append(time.perf_counter() - t0)
 
     return Timed
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def run(work: Path, name: str, layers: int, saves: int) -> tuple[float, int]:
@@ -114,10 +111,7 @@ def main() -> None:
     mib = layers * (WIDTH * WIDTH + WIDTH) * 12 / (1 << 20)
     print(f"state: {mib:.1f} MiB (model + AdamW moments), median of {a.saves} saves, "
           f"torch {torch.__version__}, lightning {pl.__version__}, {os.cpu_count()} cores")
-    base_s, base_b = results["ModelCheckpoint"]
-    print(f"{'':26} {'blocked s':>10} {'x Lightning':>12} {'MiB on disk':>12} {'x':>6}")
-    for name, (s, b) in results.items():
-        print(f"{name:26} {s:10.3f} {s / base_s:12.2f} {b / (1 << 20):12.1f} {b / base_b:6.2f}")
+    print_saves(results, base="ModelCheckpoint")
 
 
 if __name__ == "__main__":

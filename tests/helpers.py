@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -405,3 +406,18 @@ def set_train_params(repo: Path, **values: float) -> None:
     params = yaml.safe_load(path.read_text())
     params["train"].update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+# --- Hugging Face Trainer ------------------------------------------------------------------------
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n: int, length: int = 12, seed: int = 123) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, 100, (n, length), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.x[i], "labels": self.x[i]}

@@ -36,6 +36,7 @@ from modelver.integrations.transformers import (
     ModelverTrainerMixin,
     patch_trainer,
 )
+from tests.helpers import TokenData
 
 N_ITEMS, BATCH = 40, 4  # 10 optimizer steps per epoch
 
@@ -49,18 +50,6 @@ def _offline_single_thread(monkeypatch: pytest.MonkeyPatch) -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n: int = N_ITEMS, length: int = 12, seed: int = 123) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randint(0, 100, (n, length), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
 class CrashAt(transformers.TrainerCallback):
@@ -115,7 +104,7 @@ def make_trainer(
     return ModelverTrainer(
         model=tiny_model(),
         args=training_args(out, **(args or {})),
-        train_dataset=TokenData(),
+        train_dataset=TokenData(N_ITEMS),
         eval_dataset=TokenData(8, seed=7),
         callbacks=[CrashAt(crash)] if crash else [],
         **opts,
@@ -289,7 +278,7 @@ def test_patch_trainer_keeps_the_subclass(tmp_path: Path) -> None:
     t = CountingTrainer(
         model=tiny_model(),
         args=training_args(out, num_train_epochs=1),
-        train_dataset=TokenData(),
+        train_dataset=TokenData(N_ITEMS),
     )
     ckpts = tmp_path / "ckpts"
     assert patch_trainer(t, checkpoint_dir=ckpts, keep_last=1) is t
@@ -346,13 +335,32 @@ def test_load_best_model_at_end_keeps_and_loads_the_best(tmp_path: Path) -> None
     assert_same(dict(load_checkpoint(best).state["model"]), weights(t))
 
 
-def test_unsupported_setups_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unsupported_setups_are_refused_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DDP works (tests/test_transformers_ddp.py); FSDP, DeepSpeed and several processes
+    without a torch.distributed group are refused, each with why, before anything trains."""
     t = transformers.Trainer(
-        model=tiny_model(), args=training_args(tmp_path / "run"), train_dataset=TokenData()
+        model=tiny_model(), args=training_args(tmp_path / "run"),
+        train_dataset=TokenData(N_ITEMS),
     )
-    monkeypatch.setattr(type(t.args), "world_size", property(lambda self: 2))
-    with pytest.raises(ModelverError, match="single-process"):
+    t.is_fsdp_enabled = True  # what Trainer sets from Accelerate's FSDP plugin
+    with pytest.raises(ModelverError, match=r"FSDP \(Accelerate shards the parameters"):
         patch_trainer(t)
+    t.is_fsdp_enabled = False
+    t.is_deepspeed_enabled = True
+    with pytest.raises(ModelverError, match=r"DeepSpeed \(its engine partitions"):
+        patch_trainer(t)
+    t.is_deepspeed_enabled = False
+    monkeypatch.setattr(type(t.args), "world_size", property(lambda self: 2))
+    with pytest.raises(ModelverError, match=r"2 processes without a torch\.distributed process"):
+        patch_trainer(t)
+    monkeypatch.undo()
+    patched = patch_trainer(t)
+    patched.is_fsdp_enabled = True  # a Trainer changed after patching is refused at train()
+    with pytest.raises(ModelverError, match="FSDP"):
+        patched.train()
+    assert patched.state.global_step == 0
     with pytest.raises(TypeError):
         patch_trainer(object())  # type: ignore[arg-type]
 

@@ -36,9 +36,15 @@ checkpoints, so runs of different hyperparameters share one ``output_dir`` witho
 each other. ``train_or_resume()`` is the one call of a preemptible job.
 Tested with transformers 4.46 and 5.24.
 
-Limits: one process (no torchrun/DDP, DeepSpeed, FSDP, TPU); checkpoints are not pushed to the Hub
-(``save_model``/``push_to_hub`` still are); a data collator that draws from the global RNG in the
-main process makes the first resumed batch differ, exactly as with Trainer's own checkpoints.
+Under DDP (``torchrun``, ``accelerate launch --multi_gpu``; gloo on CPU or NCCL) every rank saves
+(Trainer's ``should_save`` is rank 0's alone) and the manager writes one coordinated checkpoint:
+rank 0 the shared state, every rank its RNGs in ``rank-NNNNN.json``; rank 0 chooses the
+checkpoint to resume from, and stop signals are agreed across ranks (:mod:`.trainer_ddp`).
+
+Limits: DeepSpeed, FSDP and TPU/XLA are refused (:func:`.trainer_ddp.unsupported` says why);
+checkpoints are not pushed to the Hub (``save_model``/``push_to_hub`` still are); a data collator
+that draws from the global RNG in the main process makes the first resumed batch differ, exactly
+as with Trainer's own checkpoints.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback, TrainerState
+from transformers import Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput
 
 from modelver import untrusted
@@ -63,7 +69,6 @@ from modelver.checkpoint.fallback import newest_valid
 from modelver.checkpoint.manager import CheckpointManager
 from modelver.checkpoint.restore import restore_checkpoint
 from modelver.checkpoint.runid import run_id, run_root
-from modelver.checkpoint.signals import StopSignals
 from modelver.checkpoint.verify import verify_checkpoint
 from modelver.errors import (
     CheckpointCorruptedError,
@@ -71,6 +76,12 @@ from modelver.errors import (
     ModelverError,
     ModelverWarning,
     TrainingInterrupted,
+)
+from modelver.integrations.trainer_ddp import (
+    SignalStop,
+    check_supported,
+    on_rank0,
+    restore_rngs,
 )
 
 TRAINER_STATE_NAME = "trainer_state.json"  # what Trainer.train reads from the resume directory
@@ -134,19 +145,6 @@ def _settings(
     )
 
 
-class _SignalStop(TrainerCallback):
-    """After SIGTERM/SIGINT: finish the optimizer step, save it, stop training."""
-
-    def __init__(self) -> None:
-        self.signals = StopSignals(needs="train() to run")  # installed for train()'s length
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.signals.signum is not None:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
 class ModelverTrainerMixin:
     """The Trainer methods that save and resume, routed through modelver (see module docstring).
 
@@ -157,7 +155,7 @@ class ModelverTrainerMixin:
     _modelver: TrainerCheckpointing
     _modelver_managers: dict[Path, CheckpointManager]
     _modelver_resume: Path | None
-    _modelver_stop: _SignalStop | None = None
+    _modelver_stop: SignalStop | None = None
     _modelver_verified: Path | None = None
 
     def configure_modelver(
@@ -184,9 +182,9 @@ class ModelverTrainerMixin:
         )
         self._modelver_managers = {}
         self._modelver_resume = None
-        self._modelver_check_supported()
+        check_supported(self)
         if handle_signals and self._modelver_stop is None:
-            self._modelver_stop = _SignalStop()
+            self._modelver_stop = SignalStop()
             trainer.add_callback(self._modelver_stop)
         elif not handle_signals and self._modelver_stop is not None:
             trainer.remove_callback(self._modelver_stop)
@@ -217,26 +215,6 @@ class ModelverTrainerMixin:
             self._modelver_managers[directory] = mgr
         return mgr
 
-    def _modelver_check_supported(self) -> None:
-        trainer: Any = self
-        args = trainer.args
-        unsupported = [
-            name
-            for name, on in (
-                ("several processes", args.world_size > 1),
-                ("DeepSpeed", getattr(trainer, "is_deepspeed_enabled", False)),
-                ("FSDP", getattr(trainer, "is_fsdp_enabled", False)),
-                ("FSDP on XLA", getattr(trainer, "is_fsdp_xla_enabled", False)),
-            )
-            if on
-        ]
-        if unsupported:
-            raise ModelverError(
-                "modelver's Trainer integration supports single-process training only; "
-                f"this Trainer uses {', '.join(unsupported)}",
-                hint="train without the modelver hooks, or in one process",
-            )
-
     # --- saving --------------------------------------------------------------------------------
 
     def _save_checkpoint(
@@ -244,17 +222,17 @@ class ModelverTrainerMixin:
     ) -> None:
         """Replaces Trainer's pickle-writing checkpoint with one modelver checkpoint.
 
+        Under torch.distributed every rank saves (Trainer's ``should_save`` is rank 0's alone):
+        the manager's save is collective, rank 0 writes the shared state and commits.
         ``metrics``: the evaluation results Trainer < 4.47 passes; newer ones log them only.
         """
         trainer: Any = self
         args = trainer.args
         if trainer.hp_search_backend is None and trial is None:
-            trainer.store_flos()
+            trainer.store_flos()  # a collective under DDP, as in Trainer's own save
         root = self.modelver_checkpoint_dir(trial)
         step = int(trainer.state.global_step)
         self._modelver_track_best(root, step, metrics)
-        if not args.should_save:
-            return
         self._modelver_update_callback_state()
         state = self._modelver_components(include_training=not args.save_only_model)
         state["trainer_state"] = json.loads(json.dumps(dataclasses.asdict(trainer.state)))
@@ -347,12 +325,13 @@ class ModelverTrainerMixin:
         """
         trainer: Any = self
         kwargs["ignore_keys_for_eval"] = ignore_keys_for_eval
-        self._modelver_check_supported()
+        check_supported(self)
         staging: Path | None = None
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
             root = self.modelver_checkpoint_dir(trial)
-            path = self._modelver_pick(
-                root if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+            path = on_rank0(  # every rank resumes from the checkpoint rank 0 verified
+                self._modelver_pick,
+                root if resume_from_checkpoint is True else Path(resume_from_checkpoint),
             )
             saved = self._modelver_trainer_state(path)
             finished = self._modelver_finished(path, saved)
@@ -411,15 +390,19 @@ class ModelverTrainerMixin:
         raises when there is none, so job scripts carry an if/else). A finished job re-run
         trains and saves nothing. Corrupted checkpoints are skipped with a warning, as the
         manager's restore skips them; when none is left, training starts afresh."""
-        found = newest_valid(self.modelver_checkpoint_dir(trial), self._modelver_verify,
-                             stacklevel=2)
+        found = on_rank0(self._modelver_newest, trial)
         if found is None:
             return self.train(trial=trial, **kwargs)
-        self._modelver_verified = found[0].path
+        self._modelver_verified = found
         try:
-            return self.train(resume_from_checkpoint=str(found[0].path), trial=trial, **kwargs)
+            return self.train(resume_from_checkpoint=str(found), trial=trial, **kwargs)
         finally:
             self._modelver_verified = None
+
+    def _modelver_newest(self, trial: Any) -> Path | None:
+        found = newest_valid(self.modelver_checkpoint_dir(trial), self._modelver_verify,
+                             stacklevel=4)
+        return None if found is None else found[0].path
 
     @staticmethod
     def _modelver_stage(saved: dict[str, Any]) -> Path:
@@ -441,7 +424,7 @@ class ModelverTrainerMixin:
                 "modelver resumes only from its own checkpoints",
                 hint="resume once with a plain Trainer, then continue with modelver",
             )
-        found = newest_valid(path, self._modelver_verify, stacklevel=3)  # as the manager skips
+        found = newest_valid(path, self._modelver_verify, stacklevel=4)  # as the manager skips
         if found is None:
             raise CheckpointNotFoundError(path)
         return found[0].path
@@ -500,11 +483,12 @@ class ModelverTrainerMixin:
             )
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
-        """Trainer calls this after skipping the consumed batches: the RNGs come back here."""
+        """Trainer calls this after skipping the consumed batches: the RNGs come back here,
+        each rank's own under DDP."""
         if self._modelver_resume is None:
             super()._load_rng_state(checkpoint)  # type: ignore[misc]
             return
-        restore_checkpoint(self._modelver_resume, {}, restore_rngs=True)
+        restore_rngs(self._modelver_resume)
 
     def _load_best_model(self) -> None:
         trainer: Any = self
