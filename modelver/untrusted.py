@@ -111,13 +111,16 @@ def load_json(data: str | bytes, *, what: str, max_bytes: int = MAX_JSON_BYTES) 
 
 def _too_deep(value: Any, limit: int) -> bool:
     """Nesting depth of parsed JSON, without recursion (decoders after this one recurse)."""
-    todo = [(value, 1)]
-    while todo:
+    todo = [(value, 1)] if isinstance(value, dict | list) else []
+    while todo:  # containers only: the scalars (most of a tensor index) are never queued
         v, depth = todo.pop()
-        if isinstance(v, dict | list):
-            if depth > limit:
-                return True
-            todo.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+        if depth > limit:
+            return True
+        todo.extend(
+            (c, depth + 1)
+            for c in (v.values() if isinstance(v, dict) else v)
+            if isinstance(c, dict | list)
+        )
     return False
 
 

@@ -383,3 +383,68 @@ def test_rerunning_a_finished_loop_changes_nothing(tmp_path: Path) -> None:
         again = job()
         assert all(torch.equal(final[k], again[k]) for k in final)
         assert on_disk() == listed
+
+
+def test_many_small_components_share_files_and_come_back(tmp_path: Path) -> None:
+    state = {f"t{i}": torch.randn(64) for i in range(100)}
+    saved = {k: v.clone() for k, v in state.items()}
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    first = mgr.save(1, state)
+    second = mgr.save(2, state)
+    assert first is not None and second is not None
+    files = sorted(f for f in json.loads((first.path / "MANIFEST.json").read_text())["files"])
+    assert files == ["+packed-00000.safetensors", "state.json"]
+    assert sorted(verify_checkpoint(second.path).files) == files  # the same layout again
+    for t in state.values():
+        t.zero_()
+    assert restore_checkpoint(first.path, state) == 1
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    few = {f"t{i}": torch.randn(4) for i in range(3)}  # a handful keep files of their own
+    info = CheckpointManager(tmp_path / "few").save(1, few)
+    assert info is not None
+    assert sorted(verify_checkpoint(info.path).files) == [
+        "state.json", "t0-00000.safetensors", "t1-00000.safetensors", "t2-00000.safetensors"
+    ]
+
+
+def test_a_module_read_in_place_skips_load_state_dict_unless_something_needs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def build() -> nn.Module:
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        model.register_buffer("scale", torch.zeros(3))
+        return model
+
+    torch.manual_seed(0)
+    model = build()
+    model.scale += 2.0
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    info = CheckpointManager(tmp_path).save(1, {"model": model})
+    assert info is not None
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load_state_dict called")
+
+    fresh = build()
+    with monkeypatch.context() as m:
+        m.setattr(nn.Module, "load_state_dict", refuse)
+        restore_checkpoint(info.path, {"model": fresh}, restore_rngs=False)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    calls: list[object] = []
+    hooked = build()
+    hooked[0].register_load_state_dict_post_hook(lambda module, keys: calls.append(module))
+    restore_checkpoint(info.path, {"model": hooked}, restore_rngs=False)
+    assert calls == [hooked[0]]  # a hook runs: the ordinary load_state_dict was taken
+    assert all(torch.equal(hooked.state_dict()[k], v) for k, v in saved.items())
+    norm = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))  # overrides _load_from_state_dict
+    norm(torch.randn(8, 4))
+    expected = {k: v.clone() for k, v in norm.state_dict().items()}
+    info = CheckpointManager(tmp_path / "bn").save(1, {"model": norm})
+    assert info is not None
+    other = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with monkeypatch.context() as m:
+        m.setattr(nn.Module, "load_state_dict", refuse)
+        with pytest.raises(StateMismatchError):
+            restore_checkpoint(info.path, {"model": other}, restore_rngs=False)
+    restore_checkpoint(info.path, {"model": other}, restore_rngs=False)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in expected.items())

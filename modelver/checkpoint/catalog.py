@@ -93,7 +93,7 @@ class Listing:
     def committed(self, info: CheckpointInfo) -> list[CheckpointInfo]:
         """The checkpoints kept now, ``info`` (just committed) included, in step order."""
         if not self._fresh:
-            self._relist()
+            self._relist(known=info)
         replaced = self.known.get(info.path.name)
         self.known[info.path.name] = info
         if replaced is None and (not self._ordered or self._ordered[-1].step < info.step):
@@ -111,12 +111,13 @@ class Listing:
             self._ordered = [i for i in self._ordered if i.path.name not in gone]
         self.stamp = fmt.dir_stamp(self.root)
 
-    def _relist(self) -> None:
+    def _relist(self, *, known: CheckpointInfo) -> None:
+        """``known``: the checkpoint just committed, whose manifest is not read back."""
         before = fmt.dir_stamp(self.root)
         names = {path.name: path for _, path in fmt.iter_checkpoint_dirs(self.root)}
         self.known = {n: i for n, i in self.known.items() if n in names}
         for name, path in names.items():
-            if name in self.known:
+            if name in self.known or name == known.path.name:
                 continue
             try:
                 self.known[name] = info_of(path, fmt.read_manifest(path))

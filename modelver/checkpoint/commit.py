@@ -125,7 +125,10 @@ def write_small(path: Path, data: bytes, *, md5: bool = False) -> fmt.FileEntry:
 def seal(tmp: Path, final: Path, manifest: fmt.Manifest) -> None:
     """The manifest (the commit marker), the directory's entries, then the rename: every
     writer of a checkpoint ends with this, single-process or rank 0 of a group."""
-    write_small(tmp / fmt.MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
+    # compact: json's C encoder (an indent falls back to the pure-Python one, 3.6x slower on
+    # an index of 80,000 tensors)
+    text = json.dumps(manifest.to_json(), separators=(",", ":"))
+    write_small(tmp / fmt.MANIFEST, text.encode())
     fsync_path(tmp)
     commit_dir(tmp, final)
 

@@ -13,7 +13,9 @@ import io
 import math
 import os
 import stat
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,7 +40,7 @@ from modelver.errors import (
     UnsafePathError,
     clip,
 )
-from modelver.hashing import new_hasher, update_from
+from modelver.hashing import new_hasher, update_from, xxh3_bytes
 from modelver.untrusted import RUN_ID_RE, STEP_DIR_RE
 
 FORMAT_NAME = "modelver-checkpoint"
@@ -104,11 +106,10 @@ class TensorEntry:
         }
 
     @classmethod
-    def from_json(
-        cls, name: str, d: Mapping[str, Any], *, where: str | Path = "the checkpoint"
-    ) -> TensorEntry:
+    def from_json(cls, name: str, d: Mapping[str, Any]) -> TensorEntry:
         """One index entry, its byte count checked against dtype and shape (no allocation
-        ever trusts a shape alone)."""
+        ever trusts a shape alone). Its file must be one the manifest lists, whose names are
+        checked as paths once: :meth:`Manifest.from_json` refuses any other."""
         field = f"tensors.{name}"
         d = untrusted.mapping(d, what=_WHAT, field=field)
         dtype = _str(d.get("dtype"), f"{field}.dtype")
@@ -125,7 +126,7 @@ class TensorEntry:
             )
         return cls(
             name=name,
-            file=_member(d.get("file"), f"{field}.file", where),
+            file=_str(d.get("file"), f"{field}.file", max_len=4096),
             dtype=dtype,
             shape=shape,
             offsets=(begin, end),
@@ -282,7 +283,7 @@ class Manifest:
                     _WHAT, f"deltas.{k}.stored", v.stored, expected="a file listed in files"
                 )
         raw_tensors = untrusted.mapping(d.get("tensors"), what=_WHAT, field="tensors")
-        tensors = {k: TensorEntry.from_json(k, v, where=where) for k, v in raw_tensors.items()}
+        tensors = {k: TensorEntry.from_json(k, v) for k, v in raw_tensors.items()}
         stored = {v.stored for v in deltas.values()}
         for k, t in tensors.items():
             if t.file in stored or not (t.file in files or t.file in deltas):
@@ -417,12 +418,32 @@ def read_manifest(path: str | Path) -> Manifest:
             data = f.read()
         except OSError as e:
             raise member_error(path, MANIFEST, e) from e
+    key = (str(path), xxh3_bytes(data))
+    with _PARSED_LOCK:
+        known = _PARSED.get(key)
+        if known is not None:
+            _PARSED.move_to_end(key)
+            return known
     try:
-        return Manifest.from_json(untrusted.load_json(data, what=MANIFEST), where=path)
+        manifest = Manifest.from_json(untrusted.load_json(data, what=MANIFEST), where=path)
     except UnsafePathError as e:
         raise unsafe(path, e) from e
     except MalformedDataError as e:
         raise CheckpointCorruptedError(path, [f"unreadable manifest: {e.message}"]) from e
+    with _PARSED_LOCK:
+        _PARSED[key] = manifest
+        if len(_PARSED) > _PARSED_MAX:
+            _PARSED.popitem(last=False)
+    return manifest
+
+
+# A restore reads a manifest several times (choosing the checkpoint, checking its run, reading
+# it), and checking one costs time per tensor: the bytes are read each time, the parse is
+# reused when they are the same (a hash of them, not the file's identity, is the key). The
+# save and retention threads read manifests too: one lock
+_PARSED: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
+_PARSED_MAX = 8
+_PARSED_LOCK = threading.Lock()
 
 
 def delta_chain(path: Path, manifest: Manifest) -> list[tuple[Path, Manifest]]:
