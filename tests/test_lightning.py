@@ -29,6 +29,7 @@ from modelver import ResumableSampler, load_checkpoint, verify_checkpoint
 from modelver.checkpoint import format as fmt
 from modelver.cli.main import cli
 from modelver.errors import (
+    CheckpointCorruptedError,
     CheckpointNotFoundError,
     ModelverError,
     ModelverWarning,
@@ -36,6 +37,7 @@ from modelver.errors import (
 )
 from modelver.integrations.lightning import ModelverCheckpoint, ModelverCheckpointIO
 from tests.helpers import TESTS, free_port, repo_env, weights_equal
+from tests.test_untrusted_checkpoint import edit_state_json
 
 SCRIPT = TESTS / "lightning_train_script.py"
 STEPS = 40  # 26 batches an epoch: the runs cross an epoch end and its validation
@@ -240,6 +242,19 @@ def test_a_value_that_is_neither_tensor_nor_json_is_named(tmp_path: Path) -> Non
     with pytest.raises(NotSerializableError, match="lightning/factory"):
         trainer(tmp_path / "ck", 2).fit(WithClass(), loader())
     assert not step_dirs(tmp_path / "ck")
+
+
+def test_a_crafted_data_position_is_a_corrupted_checkpoint(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    fit(ck, 4)
+    newest = step_dirs(ck)[-1]
+
+    def bad_position(state: dict[str, Any]) -> None:
+        state["components"]["data"]["state"]["position"] = "seven"  # hash rewritten to match
+
+    edit_state_json(newest, bad_position)
+    with pytest.raises(CheckpointCorruptedError, match="component data"):
+        trainer(ck, 6).fit(Tiny(), loader(), ckpt_path=newest)
 
 
 def test_save_checkpoint_writes_modelver_and_fit_resumes_from_it(tmp_path: Path) -> None:

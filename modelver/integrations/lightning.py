@@ -210,7 +210,8 @@ class ModelverCheckpoint(ModelCheckpoint):
         self._manager: CheckpointManager | None = None
         self._io: ModelverCheckpointIO | None = None
         self._positions: list[_Position] = []
-        self._loaded_data: Any = None  # a sampler state read at the resume, set at train start
+        self._loaded_data: tuple[Path, Any] | None = None  # a sampler state read at the
+        # resume (and its checkpoint), set into the sampler when training starts
         self._rng: dict[str, Any] | None = None  # put back at the next training batch
         self._verified: Path | None = None
 
@@ -274,14 +275,15 @@ class ModelverCheckpoint(ModelCheckpoint):
         if where is None or trainer.state.fn != "fit":
             return
         path = Path(where)
-        names = fmt.read_manifest(path).extras.get(EXTRAS_KEY, {}).get("data", [])
-        holder: dict[str, Any] = {DATA: None} if DATA in names else {}
+        meta = fmt.read_manifest(path).extras.get(EXTRAS_KEY)  # data from a file: checked
+        names = meta.get("data") if isinstance(meta, dict) else None
+        holder: dict[str, Any] = {DATA: None} if isinstance(names, list) and DATA in names else {}
         if distributed.active():  # the ranks check it again, each a share, then read their own
             distributed.restore(path.parent, holder, step=fmt.read_manifest(path).step)
         else:
             restore_checkpoint(path, holder)
         self._rng = capture_rng()
-        self._loaded_data = holder.get(DATA)
+        self._loaded_data = (path, holder[DATA]) if DATA in holder else None
 
     # --- training ------------------------------------------------------------------------------
 
@@ -290,7 +292,11 @@ class ModelverCheckpoint(ModelCheckpoint):
         if self._positions:  # Lightning cannot tell that the sampler resumes exactly
             warnings.filterwarnings("ignore", message=_NOT_RESUMABLE)
         if self._loaded_data is not None and self._positions:
-            self._positions[0].load_state_dict(self._loaded_data)
+            path, saved = self._loaded_data
+            try:
+                self._positions[0].load_state_dict(saved)
+            except (KeyError, TypeError, ValueError) as e:  # a position this sampler refuses
+                raise CheckpointCorruptedError(path, [f"component data: {e}"]) from e
             # the loader's iterator was created before this hook: a new one starts where the
             # sampler now stands. The loop counts the epoch's batches from its start, so the
             # fetcher keeps the whole epoch's length, not the shorter one the sampler reports
