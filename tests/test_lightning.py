@@ -172,6 +172,11 @@ def test_resume_in_process_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     resumed = fit(tmp_path / "b", 9)
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+    saved = [(d.name, fmt.read_manifest(d).created) for d in step_dirs(tmp_path / "b")]
+    again = fit(tmp_path / "b", 9)  # a finished job run again: the final state, nothing trained
+    assert [(d.name, fmt.read_manifest(d).created) for d in step_dirs(tmp_path / "b")] == saved
+    for (k, a), b in zip(whole.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
 
 
 def test_checkpoint_verifies_and_diff_lists_changed_tensors(tmp_path: Path) -> None:
