@@ -68,6 +68,13 @@ def _saved_elsewhere(path: Path) -> bool:
     return saved_elsewhere(path)
 
 
+def _node_tier(root: Path, target: Any, run: str) -> _hooks.NodeTier:
+    from modelver.nodelocal import RemoteTier
+
+    return RemoteTier(root, target, run)
+
+
 _hooks.provide("push", _push_hook)
+_hooks.provide_tier(_node_tier)
 _hooks.provide("dvc_hashes", _dvc_hashes_hook)
 _hooks.provide_answer("saved_elsewhere", _saved_elsewhere)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelver.checkpoint import format as fmt
 from modelver.errors import CheckpointCorruptedError, ModelverError
+from modelver.layout import Place, by_name, read_layout
 from modelver.metrics import split_values
 
 if TYPE_CHECKING:
@@ -52,13 +53,17 @@ class DiffSide:
     """One side of a diff: a checkpoint step directory and what is known about its version.
 
     ``manifest`` alone (no ``path``) is enough for a ``--stat`` diff, so a version whose data
-    is only in a remote can be compared without fetching its tensors.
+    is only in a remote can be compared without fetching its tensors; ``state`` (its checked
+    state.json) then names the tensors' places.
     """
 
     path: Path | None
-    label: str
+    label: str  # the ref as the user wrote it
     params: Mapping[str, Any] | None = None  # params.yaml content; None when not known
     manifest: fmt.Manifest | None = None  # already parsed; read from ``path`` when None
+    state: Mapping[str, Any] | None = None  # state.json, checked; read from ``path`` when None
+    commit: str | None = None  # the commit a version or commit ref resolved to
+    version: str | None = None  # the version tag it resolved to, when not the ref itself
 
     def read_manifest(self) -> fmt.Manifest:
         if self.manifest is not None:
@@ -68,16 +73,29 @@ class DiffSide:
                                 "manifest", hint="give a version, a commit or a directory")
         return fmt.read_manifest(self.path)
 
+    def read_layout(self, manifest: fmt.Manifest) -> dict[str, Place]:
+        """Each tensor's place, from state.json (hash-checked and validated when read here)."""
+        if self.state is not None:
+            return read_layout(self.state)
+        if self.path is None:
+            return {}
+        from modelver.checkpoint.reader import read_state_json
+
+        return read_layout(read_state_json(self.path, manifest))
+
 
 @dataclass(frozen=True)
 class Endpoint:
-    label: str
+    label: str  # the ref as the user wrote it
     path: Path | None  # None: compared from the manifest alone (not materialised)
     step: int
+    commit: str | None = None
+    version: str | None = None  # the version tag the ref resolved to, when not the ref itself
 
     def to_json(self) -> dict[str, Any]:
         path = None if self.path is None else str(self.path)
-        return {"ref": self.label, "path": path, "step": self.step}
+        return {"ref": self.label, "path": path, "step": self.step, "commit": self.commit,
+                "version": self.version}
 
 
 @dataclass(frozen=True)
@@ -157,6 +175,7 @@ class TensorDiff:
     a: fmt.TensorEntry | None
     b: fmt.TensorEntry | None
     stats: TensorStats | None = None  # changed tensors with equal shapes, full diff only
+    place: Place | None = None  # where it sits in the training state (from state.json)
 
     @property
     def nbytes(self) -> int:
@@ -165,7 +184,8 @@ class TensorDiff:
         return entry.nbytes if entry else 0
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "status": self.status}
+        out: dict[str, Any] = {"name": self.name, "status": self.status,
+                               **(self.place or by_name(self.name)).to_json()}
         for side, e in (("a", self.a), ("b", self.b)):
             out[f"dtype_{side}"] = e.dtype if e else None
             out[f"shape_{side}"] = list(e.shape) if e else None
@@ -200,7 +220,7 @@ class CheckpointDiff:
     stat_only: bool
     params: tuple[ParamChange, ...] | None  # None when either side's params are unknown
     metrics: tuple[MetricDiff, ...]
-    tensors: tuple[TensorDiff, ...]  # sorted by name
+    tensors: tuple[TensorDiff, ...]  # model tensors first, each component in its saved order
     summary: DiffSummary
 
     def to_json(self) -> dict[str, Any]:
@@ -271,11 +291,15 @@ def _entries(manifest: fmt.Manifest) -> dict[str, fmt.TensorEntry]:
     return entries
 
 
-def match_tensors(a: fmt.Manifest, b: fmt.Manifest) -> list[TensorDiff]:
-    """Classify every tensor from the manifests alone (no data read)."""
+def match_tensors(
+    a: fmt.Manifest, b: fmt.Manifest, layout: Mapping[str, Place] | None = None
+) -> list[TensorDiff]:
+    """Classify every tensor from the manifests alone (no data read), in layout order (B's
+    places, then A's; tensors no state.json places come last, by name)."""
     ea, eb = _entries(a), _entries(b)
+    places = {n: (layout or {}).get(n) or by_name(n) for n in ea.keys() | eb.keys()}
     out = []
-    for name in sorted(ea.keys() | eb.keys()):
+    for name in sorted(places, key=lambda n: (places[n].order, n)):
         ta, tb = ea.get(name), eb.get(name)
         if ta is None:
             status = ADDED
@@ -285,7 +309,7 @@ def match_tensors(a: fmt.Manifest, b: fmt.Manifest) -> list[TensorDiff]:
             status = UNCHANGED
         else:
             status = CHANGED
-        out.append(TensorDiff(name, status, ta, tb))
+        out.append(TensorDiff(name, status, ta, tb, place=places[name]))
     return out
 
 
@@ -547,7 +571,7 @@ def diff_checkpoints(
 ) -> CheckpointDiff:
     """Compare checkpoint B against A; with ``stat`` only the manifests are read."""
     ma, mb = a.read_manifest(), b.read_manifest()
-    tensors = match_tensors(ma, mb)
+    tensors = match_tensors(ma, mb, {**a.read_layout(ma), **b.read_layout(mb)})
     bytes_read = 0
     if not stat:
         if a.path is None or b.path is None:
@@ -582,8 +606,8 @@ def diff_checkpoints(
         metrics_changed=sum(1 for m in metrics if m.changed),
     )
     return CheckpointDiff(
-        a=Endpoint(a.label, a.path, ma.step),
-        b=Endpoint(b.label, b.path, mb.step),
+        a=Endpoint(a.label, a.path, ma.step, a.commit, a.version),
+        b=Endpoint(b.label, b.path, mb.step, b.commit, b.version),
         stat_only=stat,
         params=params,
         metrics=metrics,

@@ -213,6 +213,14 @@ class VersionExistsError(ModelverError):
         super().__init__(f"version {tag} {reason}", hint="pick a higher version or use --bump")
 
 
+class RegistryStateError(ModelverError):
+    """A registry change that the current state refuses (deprecating twice, unassigning a stage
+    the version does not hold, promoting a deprecated version)."""
+
+    def __init__(self, what: str, *, hint: str) -> None:
+        super().__init__(what, hint=hint)
+
+
 class DirtyWorkspaceError(ModelverError):
     def __init__(self, what: str, *, hint: str | None = None) -> None:
         self.what = what
@@ -239,6 +247,18 @@ class RemoteError(ModelverError):
         super().__init__(
             f"remote '{remote}' failed: {cause}",
             hint="check the remote URL and credentials ('dvc remote list'), then retry",
+        )
+
+
+class UploadError(ModelverError, OSError):
+    """A node-local checkpoint did not reach the remote (reported on every rank)."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(
+            f"a checkpoint did not reach the remote: {detail}",
+            hint="it is on the local disks only: check the remote ('dvc remote list') and save "
+            "again, or restart the job to resume from the remote's newest checkpoint",
         )
 
 

@@ -34,6 +34,8 @@ _TAG_FORMAT = _FIELD.join(
         "%(objectname)",
         "%(*objectname)",
         "%(taggerdate:iso-strict)",
+        "%(taggername)",
+        "%(taggeremail:trim)",
         "%(contents)",
     ]
 ).replace(_FIELD, "%1f") + "%00"
@@ -70,6 +72,8 @@ class TagRecord:
     commit: str
     date: str  # ISO 8601 tagger date ("" for lightweight tags)
     message: str
+    tagger: str = ""  # the tagger's name and email ("" for lightweight tags)
+    tagger_email: str = ""
 
 
 class GitRepo:
@@ -223,12 +227,14 @@ class GitRepo:
             raw = raw.lstrip("\n")
             if not raw:
                 continue
-            fields = raw.split(_FIELD, 5)
-            if len(fields) != 6:  # not a record git wrote: never one of ours to believe
+            fields = raw.split(_FIELD, 7)
+            if len(fields) != 8:  # not a record git wrote: never one of ours to believe
                 continue
-            name, otype, oid, peeled, date, message = fields
+            name, otype, oid, peeled, date, tagger, email, message = fields
             annotated = otype == "tag"
-            records.append(TagRecord(name, annotated, peeled if annotated else oid, date, message))
+            records.append(TagRecord(
+                name, annotated, peeled if annotated else oid, date, message, tagger, email
+            ))
         return records
 
     def tag_exists(self, name: str) -> bool:

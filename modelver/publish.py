@@ -36,7 +36,7 @@ from modelver.runs import RUNS, PushedDir, RunRecord, new_run_id
 if TYPE_CHECKING:
     from modelver.remote import RemoteStore
 
-def _utcnow() -> str:
+def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -45,7 +45,7 @@ class CheckpointGone(Exception):
 
 
 @dataclass(frozen=True)
-class _Session:
+class Session:
     store: RemoteStore
     path: str  # the checkpoints root relative to the repository root
     commit: str | None
@@ -84,7 +84,7 @@ class Publisher:
         self._busy = False
         self._closing = False
         self._fatal: ModelverError | None = None
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._thread: threading.Thread | None = None
 
     # --- training thread ---------------------------------------------------------------
@@ -148,7 +148,7 @@ class Publisher:
     def _publish_with_retries(self, path: Path, manifest: fmt.Manifest) -> None:
         if self._session is None:
             try:
-                self._session = _open_session(self.root, self.remote)
+                self._session = open_session(self.root, self.remote)
             except ModelverError as e:  # no repository or no such remote: retrying won't help
                 with self._cond:
                     self._fatal = e
@@ -201,7 +201,7 @@ class Publisher:
             run=self.run_id, commit=s.commit, branch=s.branch,
             path=s.path, step=manifest.step, step_dir=path.name,
             dir_md5=dir_md5, files={k: m for k, (m, _) in files.items()},
-            created=manifest.created, pushed=_utcnow(), metrics=dict(manifest.metrics),
+            created=manifest.created, pushed=utcnow(), metrics=dict(manifest.metrics),
             host=socket.gethostname(), bases=tuple(bases),
         )
         data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
@@ -228,22 +228,32 @@ class Publisher:
         return dir_md5, files
 
 
-def _relpath(path: Path, root: Path) -> str:
+def _in_repo(path: Path) -> bool:
+    here = path.resolve()
+    return any((d / ".dvc").is_dir() for d in (here, *here.parents))
+
+
+def _relpath(path: Path, root: Path, *, outside_ok: bool = False) -> str:
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError as e:
+        if outside_ok:  # a node-local disk: `modelver recover` places it under checkpoints/
+            return f"checkpoints/{path.resolve().name}"
         raise ModelverError(
             f"checkpoints directory {path} is outside the DVC repository {root}",
             hint="keep checkpoints inside the repository to push them",
         ) from e
 
 
-def _open_session(root: Path, remote: str | None) -> _Session:
+def open_session(root: Path, remote: str | None, *, outside_ok: bool = False) -> Session:
+    """The remote, and where the run stands in Git. ``outside_ok``: ``root`` may lie outside
+    the repository (a node-local disk); the repository is then the working directory's."""
     from modelver.storage.dvc import DvcStorage, find_root
 
     try:
-        repo_root = find_root(root.resolve())
-        path = _relpath(root, repo_root)
+        inside = not outside_ok or _in_repo(root)
+        repo_root = find_root(root.resolve() if inside else Path.cwd())
+        path = _relpath(root, repo_root, outside_ok=outside_ok)
         repo = DvcStorage(repo_root)
         try:
             store = repo.remote_store(remote)
@@ -254,4 +264,4 @@ def _open_session(root: Path, remote: str | None) -> _Session:
         raise
     except Exception as e:  # a broken DVC configuration: say so once, in the training thread
         raise ModelverError(f"cannot push checkpoints: {e}") from e
-    return _Session(store, path, commit, branch)
+    return Session(store, path, commit, branch)

@@ -81,6 +81,29 @@ class RemoteStore:
         if not self._call(lambda: self.odb.exists(md5)):
             self._call(lambda: self.odb.add_bytes(md5, data))
 
+    def get_file(self, md5: str, dest: Path) -> None:
+        """Download object ``md5`` to ``dest``: a temporary sibling, fsync'd, then renamed, so
+        ``dest`` is never half-written. The caller checks the bytes against its own hashes."""
+        tmp = dest.with_name(f".{dest.name}.fetch-{os.getpid()}")
+        source = self.odb.oid_to_path(md5)
+        try:
+            self._call(lambda: self.fs.get_file(source, os.fspath(tmp)))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_record(self, relpath: str) -> bytes | None:
+        """``modelver/<relpath>``, or None when the remote has no such record."""
+        path = self.fs.join(self.root, "modelver", *relpath.split("/"))
+        try:
+            return bytes(self._call(lambda: self.fs.cat_file(path)))
+        except RemoteError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return None
+            raise
+
     def write_record(self, relpath: str, data: bytes) -> None:
         """Write ``modelver/<relpath>`` in one piece (readers never see part of it)."""
         path = self.fs.join(self.root, "modelver", *relpath.split("/"))

@@ -1,8 +1,10 @@
 """Model versions as Git tags in the GTO convention.
 
-``NAME@vX.Y.Z`` registers a version; ``NAME#STAGE#N`` assigns a stage (``NAME#STAGE!#N``
-unassigns). The annotated tag message carries one line of machine-readable metadata
-(``modelver: {json}``) so ``list`` needs nothing but a single ``git for-each-ref`` call.
+``NAME@vX.Y.Z`` registers a version (``NAME@vX.Y.Z!`` deregisters it: modelver's "deprecate
+a version"); ``NAME#STAGE#N`` assigns a stage (``NAME#STAGE!#N`` unassigns);
+``NAME@deprecated`` deprecates the artifact. The annotated tag message carries one line of
+machine-readable metadata (``modelver: {json}``) so ``list`` and ``history`` need nothing but
+a single ``git for-each-ref`` call. The state is what GTO 1.10 computes (docs/registry.md).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,13 @@ _NAME_ONLY = re.compile(rf"^{NAME_RE}$")
 _SEMVER = r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
 _VERSION_REF = re.compile(rf"^(?P<name>{NAME_RE})@v(?P<ver>{_SEMVER})$")
 _STAGE_REF = re.compile(rf"^(?P<name>{NAME_RE})#(?P<stage>{NAME_RE})$")
-_VERSION_TAG = re.compile(rf"^(?P<name>{NAME_RE})@v(?P<ver>{_SEMVER})(?P<cancel>!?)(?:#\d+)?$")
-_STAGE_TAG = re.compile(
-    rf"^(?P<name>{NAME_RE})#(?P<stage>{NAME_RE})(?P<cancel>!?)#(?P<counter>\d+)$"
+# GTO's tag grammar (gto/constants.py tag_re) without its ``dir:name`` artifacts and semver
+# pre-releases, which modelver never writes: a registration ``NAME@vX.Y.Z`` (``!``: its
+# deregistration), an assignment ``NAME#STAGE`` (``!``: unassignment), an artifact's deprecation
+# ``NAME@deprecated``; each with an optional ``#N`` counter
+_EVENT_TAG = re.compile(
+    rf"^(?P<name>{NAME_RE})(?:@v(?P<ver>{_SEMVER})(?P<vcancel>!?)"
+    rf"|#(?P<stage>{NAME_RE})(?P<scancel>!?)|@(?P<deprecated>deprecated))(?:#(?P<counter>\d+))?$"
 )
 _COUNTER_TAG = re.compile(rf"^(?P<name>{NAME_RE})[@#].*#(?P<counter>\d+)$")
 META_PREFIX = "modelver: "
@@ -190,10 +197,128 @@ def read_tag_meta(
         summary, raw = parse_message(message)
         return summary, parse_meta(raw, tag=tag, root=root), None
     except (MalformedDataError, UnsafePathError) as e:
-        summary = "\n".join(
-            line for line in message.splitlines() if not line.startswith(META_PREFIX)
-        ).strip()
-        return summary, {}, e
+        return summary_of(message), {}, e
+
+
+def summary_of(message: str) -> str:
+    """A tag message without its metadata line: what a person wrote."""
+    return "\n".join(
+        line for line in message.splitlines() if not line.startswith(META_PREFIX)
+    ).strip()
+
+
+# --- events: what each tag does, in GTO's order --------------------------------------------
+
+# GTO's event priorities (gto/base.py). Its clock is the tagger time (whole seconds); events of
+# one second sort by priority and the later one decides: a deregistration beats the registration
+# of its second, an unassignment the assignment, and any event of the artifact a deprecation.
+PRIORITY = {"deprecation": 2, "registration": 3, "deregistration": 4, "assignment": 5,
+            "unassignment": 6}
+
+
+@dataclass(frozen=True)
+class TagEvent:
+    """One registry event: an annotated tag read with GTO's grammar. The ``version`` of a
+    stage event is the registered version at the tag's commit, as GTO finds it (None: none)."""
+
+    kind: str  # GTO's names: registration, deregistration, assignment, unassignment, deprecation
+    name: str
+    tag: str
+    commit: str
+    time: float  # tagger time, seconds since the epoch
+    counter: int | None
+    version: Semver | None
+    stage: str | None
+    record: TagRecord = field(compare=False, repr=False)  # author, date and message
+
+    @property
+    def order(self) -> tuple[float, int, int, str]:
+        return (self.time, PRIORITY[self.kind], self.counter or 0, self.tag)
+
+
+def event_tag(
+    kind: str, name: str, *, version: Semver | None = None, stage: str | None = None,
+    counter: int | None = None,
+) -> str:
+    """The tag GTO writes for an event; ``counter`` None gives its simple form (no ``#N``)."""
+    base = {
+        "registration": f"{name}@{version}", "deregistration": f"{name}@{version}!",
+        "assignment": f"{name}#{stage}", "unassignment": f"{name}#{stage}!",
+        "deprecation": f"{name}@deprecated",
+    }[kind]
+    return base if counter is None else f"{base}#{counter}"
+
+
+def event_of(tag: str) -> tuple[str, str] | None:
+    """(artifact name, GTO event kind) of a tag in GTO's grammar; None for any other tag."""
+    m = _EVENT_TAG.match(tag)
+    if m is None:
+        return None
+    if m["ver"] is not None:
+        return m["name"], "deregistration" if m["vcancel"] else "registration"
+    if m["stage"] is not None:
+        return m["name"], "unassignment" if m["scancel"] else "assignment"
+    return m["name"], "deprecation"
+
+
+def stage_tag(name: str, stage: str, counter: int) -> str:
+    return event_tag("assignment", name, stage=stage, counter=counter)
+
+
+def _seconds(date: str) -> float:
+    try:
+        return datetime.fromisoformat(date).timestamp()
+    except ValueError:  # a tag without a tagger line (git mktag allows one): the epoch
+        return 0.0
+
+
+def read_events(records: Iterable[TagRecord]) -> tuple[list[TagEvent], dict[str, int]]:
+    """Every registry event in GTO's order, and each artifact's highest ``#N`` counter (of any
+    tag, lightweight ones too: GTO counts them all, and ignores lightweight tags otherwise).
+
+    Names only, no tag metadata: ``history`` over a thousand versions reads nothing else."""
+    counters: dict[str, int] = {}
+    found: list[tuple[re.Match[str], TagRecord]] = []
+    registered: dict[tuple[str, str], list[Semver]] = {}  # (name, commit) -> versions there
+    for rec in records:
+        cm = _COUNTER_TAG.match(rec.name)
+        if cm:
+            counters[cm["name"]] = max(counters.get(cm["name"], 0), int(cm["counter"]))
+        m = _EVENT_TAG.match(rec.name) if rec.annotated else None
+        if m is None:
+            continue
+        found.append((m, rec))
+        if m["ver"] is not None and not m["vcancel"]:
+            registered.setdefault((m["name"], rec.commit), []).append(Semver.parse("v" + m["ver"]))
+    events = []
+    for m, rec in found:
+        counter = int(m["counter"]) if m["counter"] else None
+        version: Semver | None = None
+        if m["ver"] is not None:
+            kind = "deregistration" if m["vcancel"] else "registration"
+            version = Semver.parse("v" + m["ver"])
+        elif m["stage"] is not None:
+            kind = "unassignment" if m["scancel"] else "assignment"
+            version = _at_commit(registered.get((m["name"], rec.commit), []), rec.message)
+        else:
+            kind = "deprecation"
+        events.append(TagEvent(kind, m["name"], rec.name, rec.commit, _seconds(rec.date),
+                               counter, version, m["stage"], rec))
+    events.sort(key=lambda e: e.order)
+    return events, counters
+
+
+def _at_commit(versions: list[Semver], message: str) -> Semver | None:
+    """The version a stage tag means: the one registered at its commit. Several there (GTO
+    refuses that, modelver never tags so): the one its metadata names, else the highest."""
+    if len(versions) < 2:
+        return versions[0] if versions else None
+    try:
+        named = parse_message(message)[1].get("version")
+        wanted = Semver.parse(named) if isinstance(named, str) else None
+    except (MalformedDataError, InvalidVersionError):
+        wanted = None
+    return wanted if wanted in versions else max(versions)
 
 
 # --- the registry state --------------------------------------------------------------------
@@ -210,8 +335,10 @@ class VersionTag:
     date: str
     message: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False)  # checked (parse_meta)
-    stages: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ()  # the stages whose current version this is
     problem: ModelverError | None = field(default=None, compare=False)  # why it is invalid
+    deprecated: str | None = None  # the tag that deprecated it or its artifact (None: live)
+    assigned: tuple[str, ...] = ()  # stages with an assignment in effect (current or not)
 
     @property
     def step(self) -> int | None:
@@ -235,19 +362,28 @@ class VersionTag:
 
 @dataclass(frozen=True)
 class Registry:
-    """All versions and stage assignments of a repository."""
+    """All versions, stage assignments and deprecations of a repository."""
 
-    versions: tuple[VersionTag, ...]  # sorted by (name, version)
+    versions: tuple[VersionTag, ...]  # live versions, sorted by (name, version)
     stage_counters: dict[str, int]  # name -> highest GTO counter in use
+    deprecated: tuple[VersionTag, ...]  # deregistered, or of a deprecated artifact
+    events: tuple[TagEvent, ...]  # in GTO's order
+    deprecated_artifacts: dict[str, str]  # name -> the tag that deprecated it
 
-    def of(self, name: str) -> list[VersionTag]:
-        return [v for v in self.versions if v.name == name]
+    def of(self, name: str, *, deprecated: bool = False) -> list[VersionTag]:
+        """``name``'s versions, oldest first; the deprecated ones too if asked."""
+        mine = [v for v in self.versions if v.name == name]
+        if deprecated:
+            mine = sorted(mine + [v for v in self.deprecated if v.name == name],
+                          key=lambda v: v.version)
+        return mine
 
     def names(self) -> list[str]:
-        return sorted({v.name for v in self.versions})
+        return sorted({v.name for v in self.versions + self.deprecated})
 
     def get(self, name: str, version: Semver) -> VersionTag | None:
-        for v in self.versions:
+        """The version, deprecated or not (its ``deprecated`` says)."""
+        for v in self.versions + self.deprecated:
             if v.name == name and v.version == version:
                 return v
         return None
@@ -262,73 +398,62 @@ class Registry:
                 return v
         return None
 
+    def last_event(self, name: str) -> TagEvent | None:
+        return next((e for e in reversed(self.events) if e.name == name), None)
+
 
 def build_registry(records: Iterable[TagRecord], *, root: str | Path = ".") -> Registry:
-    """Interpret tags the way GTO does: registrations, cancellations, latest stage assignment.
+    """Replay the events in GTO's order: the newest event decides whether a version is
+    registered, a version holds a stage, an artifact is deprecated. A stage's current version
+    is the live one assigned most recently (``gto show``'s default, one version per stage).
 
     A version tag whose metadata fails :func:`parse_meta` stays listed, with ``problem`` set
-    and no metadata; a stage tag with bad metadata assigns by its commit alone."""
-    found: dict[tuple[str, Semver], VersionTag] = {}
-    cancelled: set[tuple[str, Semver]] = set()
-    counters: dict[str, int] = {}
-    # stage events: (name, stage) -> (counter, cancel, version or commit)
-    events: dict[tuple[str, str], tuple[int, bool, str | None, str]] = {}
-    for rec in records:
-        cm = _COUNTER_TAG.match(rec.name)
-        if cm:
-            counters[cm.group("name")] = max(counters.get(cm.group("name"), 0), int(cm["counter"]))
-        if not rec.annotated:
-            continue  # GTO ignores lightweight tags
-        vm = _VERSION_TAG.match(rec.name)
-        if vm:
-            key = (vm.group("name"), Semver.parse("v" + vm.group("ver")))
-            if vm.group("cancel"):
-                cancelled.add(key)
-                continue
-            summary, meta, problem = read_tag_meta(rec.message, tag=rec.name, root=root)
-            found[key] = VersionTag(
-                key[0], key[1], rec.name, rec.commit, rec.date, summary, meta, problem=problem
-            )
+    and no metadata."""
+    events, counters = read_events(records)
+    registration: dict[tuple[str, Semver], TagEvent] = {}
+    dropped: dict[tuple[str, Semver], TagEvent] = {}  # deregistrations in effect
+    held: dict[tuple[str, Semver, str], TagEvent] = {}  # assignments in effect
+    gone: dict[str, TagEvent] = {}  # deprecations in effect
+    for e in events:
+        if e.kind == "deprecation":
+            gone[e.name] = e
             continue
-        sm = _STAGE_TAG.match(rec.name)
-        if sm:
-            skey = (sm.group("name"), sm.group("stage"))
-            counter = int(sm.group("counter"))
-            _, meta, _ = read_tag_meta(rec.message, tag=rec.name, root=root)
-            if skey not in events or events[skey][0] < counter:
-                events[skey] = (counter, bool(sm.group("cancel")), meta.get("version"), rec.commit)
-    live = {k: v for k, v in found.items() if k not in cancelled}
+        gone.pop(e.name, None)  # any newer event of the artifact revives it
+        if e.version is None:
+            continue
+        key = (e.name, e.version)
+        if e.kind == "registration":
+            registration[key] = e
+            dropped.pop(key, None)
+        elif e.kind == "deregistration":
+            dropped[key] = e
+        elif e.stage is not None and e.kind == "assignment":
+            held[(e.name, e.version, e.stage)] = e
+        elif e.stage is not None:
+            held.pop((e.name, e.version, e.stage), None)
+    current: dict[tuple[str, str], TagEvent] = {}  # (name, stage) -> the assignment in effect
+    assigned: dict[tuple[str, Semver], list[str]] = {}
+    for (name, ver, stage), e in held.items():
+        if (name, ver) in registration and (name, ver) not in dropped:
+            assigned.setdefault((name, ver), []).append(stage)
+            best = current.get((name, stage))
+            if best is None or e.order > best.order:
+                current[(name, stage)] = e
     stages: dict[tuple[str, Semver], list[str]] = {}
-    for (name, stage), (_, cancel, version, commit) in events.items():
-        if cancel:
-            continue
-        target = _stage_target(live, name, version, commit)
-        if target is not None:
-            stages.setdefault(target, []).append(stage)
-    versions = tuple(
-        VersionTag(
-            v.name, v.version, v.tag, v.commit, v.date, v.message, v.meta,
-            tuple(sorted(stages.get(k, []))), v.problem,
+    for (name, stage), e in current.items():
+        assert e.version is not None
+        stages.setdefault((name, e.version), []).append(stage)
+    live: list[VersionTag] = []
+    deprecated: list[VersionTag] = []
+    for key, e in sorted(registration.items()):
+        rec = e.record
+        summary, meta, problem = read_tag_meta(rec.message, tag=rec.name, root=root)
+        cancel = dropped.get(key) or gone.get(key[0])
+        found = VersionTag(
+            key[0], key[1], rec.name, rec.commit, rec.date, summary, meta,
+            tuple(sorted(stages.get(key, ()))), problem, cancel.tag if cancel else None,
+            tuple(sorted(assigned.get(key, ()))),
         )
-        for k, v in sorted(live.items())
-    )
-    return Registry(versions, counters)
-
-
-def _stage_target(
-    live: Mapping[tuple[str, Semver], VersionTag], name: str, version: str | None, commit: str
-) -> tuple[str, Semver] | None:
-    """The version a stage tag assigns: named in its metadata, else the newest at its commit."""
-    if version:
-        try:
-            key = (name, Semver.parse(version))
-        except InvalidVersionError:
-            key = None
-        if key in live:
-            return key
-    at_commit = [k for k, v in live.items() if k[0] == name and v.commit == commit]
-    return max(at_commit) if at_commit else None
-
-
-def stage_tag(name: str, stage: str, counter: int) -> str:
-    return f"{name}#{stage}#{counter}"
+        (deprecated if cancel else live).append(found)
+    return Registry(tuple(live), counters, tuple(deprecated), tuple(events),
+                    {name: e.tag for name, e in gone.items()})

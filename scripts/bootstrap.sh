@@ -4,12 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra=${1:-test}
-# The Git LFS backend's tests need git-lfs (Debian package); install it where we may.
-if [ "$extra" = test ] && ! git lfs version >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq git-lfs >/dev/null
-  else
-    echo "note: install git-lfs (e.g. 'sudo apt-get install git-lfs') for the LFS backend tests" >&2
+# The Git LFS backend's tests need git-lfs, the HTML report's test a headless Chromium (Debian
+# packages); install them where we may.
+if [ "$extra" = test ]; then
+  need=()
+  git lfs version >/dev/null 2>&1 || need+=(git-lfs)
+  command -v chromium >/dev/null || need+=(chromium)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+      echo "note: install ${need[*]} (e.g. 'sudo apt-get install ${need[*]}') for the tests" >&2
+    fi
   fi
 fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv

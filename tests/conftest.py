@@ -114,3 +114,15 @@ def s3_endpoint(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     if S3_BUCKET not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
         client.create_bucket(Bucket=S3_BUCKET)
     return moto_server
+
+
+@pytest.fixture
+def one_rank_group() -> Iterator[None]:
+    """An initialised one-process gloo group (torch.distributed code paths in this process)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

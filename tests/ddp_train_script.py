@@ -1,6 +1,7 @@
 """Distributed training scripts run under torchrun by tests/test_distributed.py (gloo, CPU).
 
     torchrun ... ddp_train_script.py train CKPT OUT TOTAL [--every K] [--graceful] [--die-at S]
+        [--fsdp] [--async-save] [--node-local REMOTE --job NAME]
     torchrun ... ddp_train_script.py shard-save CKPT FULL_OUT
     torchrun ... ddp_train_script.py shard-load CKPT FULL_OUT
 
@@ -8,6 +9,9 @@
 rank-aware ResumableSampler; every rank's RNGs are seeded differently. Rank 0 writes the final
 weights. ``shard-save``/``shard-load``: an FSDP2 (``fully_shard``) model and AdamW saved with one
 world size and restored with another; rank 0 writes the full (gathered) state as safetensors.
+``--fsdp``: the model is ``fully_shard``-ed instead of DDP-wrapped. ``--node-local REMOTE``:
+each rank's CKPT is its own (``{rank}`` in CKPT is replaced), shared only through the DVC
+remote REMOTE of the working directory's repository.
 ``--cuda``: NCCL and one GPU per rank (for the device checks); gloo on the CPU otherwise.
 """
 
@@ -42,16 +46,24 @@ def train(a: argparse.Namespace) -> None:
     model = nn.Sequential(
         nn.Linear(16, a.hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(a.hidden, 2)
     ).to(a.device)
-    ddp = DistributedDataParallel(model)
+    if a.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        ddp = fully_shard(model, mesh=init_device_mesh(a.device, (dist.get_world_size(),)))
+    else:
+        ddp = DistributedDataParallel(model)
     random.seed(rank)
     np.random.seed(rank)
     torch.manual_seed(100 + rank)  # dropout masks and noise differ per rank
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=a.total)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "data": sampler}
+    node = {"node_local": True, "push": a.node_local, "run": a.job} if a.node_local else {}
     mgr = CheckpointManager(
-        a.ckpt, every_steps=a.every, keep_last=a.keep, handle_signals=a.graceful,
-        delta_full_every=a.delta or None,
+        a.ckpt.replace("{rank}", str(rank)), every_steps=a.every, keep_last=a.keep,
+        handle_signals=a.graceful, delta_full_every=a.delta or None, async_save=a.async_save,
+        **node,
     )
     start = mgr.restore(state)
     print(f"START {start} rank {rank}", flush=True)
@@ -78,8 +90,9 @@ def train(a: argparse.Namespace) -> None:
             time.sleep(a.step_sleep)
     mgr.save(a.total, state, metrics=metrics)
     mgr.close()
+    full = full_state(state)  # a collective under FSDP
     if rank == 0:
-        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, a.out)
+        save_file({k: v for k, v in full.items() if k.startswith("model/")}, a.out)
     print(f"DONE rank {rank}", flush=True)
 
 
@@ -150,6 +163,10 @@ def main() -> None:
     p.add_argument("--die-rank", type=int, default=1)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--delta", type=int, default=0, help="delta_full_every (0: plain)")
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--async-save", action="store_true")
+    p.add_argument("--node-local", default="", help="a DVC remote: per-rank CKPT directories")
+    p.add_argument("--job", default="job", help="the run name")
     a = p.parse_args()
     torch.set_num_threads(1)
     a.device = "cpu"

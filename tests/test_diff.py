@@ -334,11 +334,14 @@ def test_cli_table_lists_changed_tensors_by_relative_change(pair: Any) -> None:
     assert res.exit_code == 0, res.output
     out = res.stdout
     assert "9 changed" in out and "1 unchanged" in out and "w/new" in out and "w/gone" in out
-    # shape change first, then by relative change: "zero" (undefined = infinite) before "tiny"
-    assert out.index("w/reshaped") < out.index("w/zero") < out.index("w/half") < out.index("w/tiny")
+    # component "w" is a section of its own, its tensors named inside it; shape change first,
+    # then by relative change: "zero" (undefined = infinite) before "tiny"
+    rows = [line.split()[0] for line in out[out.index("w: 9 of 12 tensors changed"):]
+            .splitlines()[3:12]]
+    assert rows.index("reshaped") < rows.index("zero") < rows.index("half") < rows.index("tiny")
     top = CliRunner().invoke(cli, ["diff", "--top", "2", str(pa), str(pb)])
-    assert "w/reshaped" in top.stdout and "w/tiny" not in top.stdout
-    assert "7 more changed tensors" in top.stdout
+    assert "reshaped " in top.stdout and "tiny " not in top.stdout
+    assert "7 more changed tensors in w" in top.stdout
     quiet = CliRunner().invoke(cli, ["diff", "-q", str(pa), str(pb)])
     assert quiet.exit_code == 0 and quiet.stdout.strip().startswith("tensors: 9 changed")
     assert len(quiet.stdout.strip().splitlines()) == 1
@@ -402,11 +405,112 @@ def test_diff_between_versions_and_the_workspace(project: Path, monkeypatch: Any
     shutil.rmtree(root / ".dvc" / "cache")
     again = api.diff("tiny@v0.1.0", "tiny@v0.2.0", stat=True)
     assert again.summary.counts == result.summary.counts
+    # (and two state.json, which name the tensors' places)
     fetched = [p for p in (root / ".dvc" / "cache").rglob("*") if p.is_file()]
-    assert len(fetched) == 4, fetched
+    assert len(fetched) == 6, fetched
 
     # a version against a plain directory, and an unknown version
     ws = root / "checkpoints" / fmt.step_dirname(40)
     assert api.diff("tiny@v0.1.0", str(ws), stat=True).summary.counts["changed"] > 0
     bad = CliRunner().invoke(cli, ["diff", "tiny@v9.9.9"])
     assert bad.exit_code == 1 and "unknown reference" in bad.stderr
+
+    # text: versions as the user named them, with commit and step; no scratch paths
+    text = CliRunner().invoke(cli, ["diff", "tiny@v0.1.0", "tiny"], env={"COLUMNS": "80"})
+    assert text.exit_code == 0, text.output
+    head = text.stdout.splitlines()[:2]
+    assert head[0].startswith("A tiny@v0.1.0  step 20 · commit ")
+    assert head[1].startswith("B tiny  tiny@v0.2.0 · step 40 · commit ")
+    assert ".dvc" not in text.stdout and "modelver/" not in text.stdout
+    assert all(len(line) <= 80 for line in text.stdout.splitlines()), text.stdout
+
+
+# --- readable text: model first, optimizer state by parameter name, tables that fit ----------
+
+
+def _train(root: Path, steps: tuple[int, ...], opt_params: Any = None) -> list[Path]:
+    """A tiny model and AdamW saved at each of ``steps`` (one optimizer step between)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters() if opt_params is None else opt_params(model))
+    mgr = CheckpointManager(root, keep_last=None)
+    for step in steps:
+        opt.zero_grad()
+        model(torch.randn(8, 3)).square().sum().backward()
+        for p in (p for g in opt.param_groups for p in g["params"] if p.grad is None):
+            p.grad = torch.ones_like(p)  # a parameter outside the model still gets state
+        opt.step()
+        mgr.save(step, {"model": model, "optimizer": opt})
+    mgr.close()
+    return [root / fmt.step_dirname(s) for s in steps]
+
+
+def test_optimizer_state_is_named_after_its_parameter(tmp_path: Path) -> None:
+    # two groups, in an order unlike model.parameters(): the ids map by identity, not by order
+    def groups(m: Any) -> list[dict[str, Any]]:
+        return [{"params": [m[2].weight]}, {"params": [m[0].weight, m[0].bias, m[2].bias]}]
+
+    pa, pb = _train(tmp_path / "c", (1, 2), groups)
+    result = diff_checkpoints(side(pa), side(pb))
+    names = [t.name for t in result.tensors]
+    assert names[:4] == ["model/0.weight", "model/0.bias", "model/2.weight", "model/2.bias"]
+    assert all(n.startswith("optimizer/") for n in names[4:])
+    t = by_name(result.tensors)
+    assert t["optimizer/state/0/exp_avg"].place is not None
+    assert (t["optimizer/state/0/exp_avg"].place.param, t["optimizer/state/0/exp_avg"].place.key
+            ) == ("2.weight", "exp_avg")
+    assert t["optimizer/state/3/exp_avg_sq"].place.param == "2.bias"  # type: ignore[union-attr]
+    row = next(x for x in result.to_json()["tensors"] if x["name"] == "optimizer/state/1/step")
+    assert (row["component"], row["role"], row["param"], row["key"]) == (
+        "optimizer", "optimizer", "0.weight", "step")
+
+    res = CliRunner().invoke(cli, ["diff", str(pa), str(pb)], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    # (the A and B lines name the directories as given: long temporary paths here)
+    assert all(len(line) <= 80 for line in out.splitlines()[2:]), out
+    assert "state/" not in out and "#" not in out
+    assert out.index("model: 4 of 4") < out.index("optimizer: 12 of 12")
+    opt_rows = out[out.index("optimizer: 12 of 12"):].splitlines()
+    assert opt_rows[1].split() == ["parameter", "exp_avg", "exp_avg_sq", "step"] or \
+        opt_rows[1].split() == ["parameter", "step", "exp_avg", "exp_avg_sq"]
+    assert [r.split()[0] for r in opt_rows[3:7]] == ["2.weight", "0.weight", "0.bias", "2.bias"]
+    assert "L2 diff" not in out and "max |a-b|" not in out
+    wide = CliRunner().invoke(cli, ["diff", "--wide", str(pa), str(pb)], env={"COLUMNS": "200"})
+    assert "L2 diff" in wide.stdout and "max |a-b|" in wide.stdout and "float32" in wide.stdout
+    assert "2.weight" in wide.stdout
+
+
+def test_a_parameter_of_no_saved_module_is_never_guessed(tmp_path: Path) -> None:
+    stray = torch.nn.Parameter(torch.ones(5))
+    pa, pb = _train(tmp_path / "c", (1, 2), lambda m: [*m.parameters(), stray])
+    t = by_name(diff_checkpoints(side(pa), side(pb)).tensors)
+    assert t["optimizer/state/4/exp_avg"].place.param == "#4"  # type: ignore[union-attr]
+    assert t["optimizer/state/0/exp_avg"].place.param == "0.weight"  # type: ignore[union-attr]
+    out = CliRunner().invoke(cli, ["diff", str(pa), str(pb)]).stdout
+    assert "#4" in out and "was not recorded" in out
+
+
+def test_recorded_param_names_are_checked() -> None:
+    from modelver.errors import MalformedDataError
+    from modelver.layout import read_layout
+
+    opt = {"state": {}, "param_groups": [{"params": [0, 1]}]}
+    for bad in (["model/a"], "model/a", [1, 2]):
+        meta = {"components": {"optimizer": {"kind": "stateful", "state": opt,
+                                             "param_names": bad}}}
+        with pytest.raises(MalformedDataError, match="param_names"):
+            read_layout(meta)
+
+
+def test_diff_html_writes_the_layer_chart(tmp_path: Path) -> None:
+    pa, pb = _train(tmp_path / "c", (1, 2))
+    page = tmp_path / "d.html"
+    res = CliRunner().invoke(cli, ["diff", str(pa), str(pb), "--html", str(page)])
+    assert res.exit_code == 0, res.output
+    text = page.read_text()
+    assert "model/2.bias" in text and "optimizer/state" not in text
+    assert text.count('data-chart="') == 1
+    bad = CliRunner().invoke(cli, ["diff", str(pa), str(pb), "--html", str(tmp_path / "no/x")])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error:") and "--html" in bad.stderr
+    assert not (tmp_path / "no").exists()

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -107,16 +106,6 @@ def test_sampler_resumes_its_rank_share_and_refuses_another_rank() -> None:
 
 
 # --- one-rank group in this process: the DCP path without torchrun ------------------------------
-
-
-@pytest.fixture
-def one_rank_group() -> Iterator[None]:
-    store = dist.HashStore()
-    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def fsdp_state(hidden: int = 8) -> dict:

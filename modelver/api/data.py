@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from modelver import versions as v
 from modelver.api.versions import CheckoutResult, ResumeResult, TransferResult
 from modelver.checkpoint.commit import clean_side_dirs
 from modelver.errors import (
@@ -282,11 +283,15 @@ def push(
 
 
 def _tags_of(git: GitRepo, resolved: Sequence[ResolvedRef]) -> list[str]:
+    """The versions' own tags and their artifacts' history: stage (un)assignments and
+    deprecations, so ``gto show`` on the other side agrees (other versions stay here)."""
     names = {r.name for r in resolved}
-    stage_tags = [
-        t.name for t in git.list_tags() if "#" in t.name and t.name.split("#")[0] in names
-    ]  # stages are the names' history
-    return [r.tag for r in resolved if r.tag] + stage_tags
+    history = []
+    for t in git.list_tags():
+        event = v.event_of(t.name)
+        if event is not None and event[0] in names and event[1] != "registration":
+            history.append(t.name)
+    return [r.tag for r in resolved if r.tag] + history
 
 
 def pull(

@@ -80,10 +80,12 @@ def _diff_side(
     or commit. For ``stat`` a version's manifest alone is read from the DVC cache (or
     fetched; with Git LFS it is a plain Git blob)."""
     from modelver.checkpoint import format as ckfmt
+    from modelver.checkpoint.reader import check_state_json
     from modelver.diff import DiffSide
     from modelver.errors import (
         CheckpointCorruptedError,
         CheckpointNotFoundError,
+        MalformedDataError,
         ModelverError,
         NotARepositoryError,
         clip,
@@ -92,6 +94,7 @@ def _diff_side(
     from modelver.metrics import metrics_files, read_json_object
     from modelver.refs import open_git, resolve_ref
     from modelver.storage import open_storage
+    from modelver.untrusted import mapping
 
     try:
         r = resolve_ref(repo_root, ref, action="cannot diff")
@@ -111,28 +114,41 @@ def _diff_side(
                           what=f"params.yaml at {r.commit[:10]}")
     dvc_metrics = metrics_files(git, r.commit)
     label = r.tag or ref
+    commit, version = r.commit, (r.tag if r.tag != ref else None)
     st = open_storage(git.root)
     try:
         if stat:
             r, files = with_step(st, r)
-            wanted = f"{r.step_dir}/{ckfmt.MANIFEST}"
-            md5 = next((f.oid for f in files if f.relpath == wanted), None)
-            if md5 is None:
-                raise CheckpointCorruptedError(f"{label}:{wanted}", ["no such file in the "
-                                               "version's checkpoint"])
-            data = read_json_object(st, md5, what=f"{label}:{wanted}")
+
+            def read(member: str) -> tuple[str, Any]:
+                wanted = f"{r.step_dir}/{member}"
+                md5 = next((f.oid for f in files if f.relpath == wanted), None)
+                if md5 is None:
+                    raise CheckpointCorruptedError(f"{label}:{wanted}", ["no such file in the "
+                                                   "version's checkpoint"])
+                return f"{label}:{wanted}", read_json_object(st, md5, what=f"{label}:{wanted}")
+
+            where, data = read(ckfmt.MANIFEST)
             try:
                 manifest = ckfmt.Manifest.from_json(data)
             except ModelverError:
                 raise
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 problem = f"unreadable manifest: {type(e).__name__}: {clip(str(e))}"
-                raise CheckpointCorruptedError(f"{label}:{wanted}", [problem]) from None
-            return DiffSide(None, label, params=params, manifest=manifest), r.name, dvc_metrics
+                raise CheckpointCorruptedError(where, [problem]) from None
+            where, state = read(ckfmt.STATE_FILE)
+            try:
+                check_state_json(mapping(state, what=where, field="content"), manifest)
+            except MalformedDataError as e:
+                raise CheckpointCorruptedError(where, [e.message]) from None
+            side = DiffSide(None, ref, params=params, manifest=manifest, state=state,
+                            commit=commit, version=version)
+            return side, r.name, dvc_metrics
         path = materialize_step(st, r, progress=progress)[0]
     finally:
         st.close()
-    return DiffSide(path, label, params=params), r.name, dvc_metrics
+    side = DiffSide(path, ref, params=params, commit=commit, version=version)
+    return side, r.name, dvc_metrics
 
 
 def _workspace_side(

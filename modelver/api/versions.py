@@ -1,7 +1,9 @@
-"""Versions: init, tag, promote, list and show."""
+"""Versions: init, tag, promote, deprecate, unassign, list and show."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from modelver.errors import (
     DataMissingError,
     MalformedDataError,
     ModelverError,
+    RegistryStateError,
     RemoteError,
     UnknownRefError,
     VersionExistsError,
@@ -35,7 +38,7 @@ from modelver.storage import Storage, TreeFile, open_storage
 from modelver.storage import backend as storage_backend
 
 if TYPE_CHECKING:
-    pass
+    from modelver.gitrepo import GitRepo
 
 Progress = Callable[[int, int], None]
 
@@ -62,6 +65,7 @@ class VersionInfo:
     # the DVC metrics files at the commit, path -> {name: value} (None: not read)
     dvc_metrics: dict[str, dict[str, float | str]] | None = None
     dvc_metrics_error: str | None = None  # the file that could not be read, and why
+    deprecated: str | None = None  # the tag that deprecated the version or its artifact
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +142,23 @@ class PromoteResult:
 
 
 @dataclass(frozen=True)
+class DeprecateResult:
+    tag: str
+    name: str
+    version: str | None  # None: the whole artifact
+    commit: str
+
+
+@dataclass(frozen=True)
+class UnassignResult:
+    tag: str
+    name: str
+    version: str
+    stage: str
+    current: str | None  # the stage's version now (an older assignment still in effect), or None
+
+
+@dataclass(frozen=True)
 class CheckoutResult:
     ref: ResolvedRef
     path: Path  # the materialised checkpoint (step) directory
@@ -185,6 +206,7 @@ def _info(ver: v.VersionTag, dvc: CommitMetrics | None = None) -> VersionInfo:
         parent=ver.meta.get("parent"),
         message=ver.message,
         invalid=ver.invalid,
+        deprecated=ver.deprecated,
         **_dvc_metrics(dvc),
     )
 
@@ -230,10 +252,10 @@ def tag(
 
     git = open_git(repo_root)
     registry = load_registry(git)
-    if bump is not None:
+    if bump is not None:  # above every version, deprecated ones too: a tag name is never reused
         name = v.check_name(ref, "artifact name")
-        latest = registry.latest(name)
-        version = latest.version.bump(bump) if latest else v.Semver(0, 0, 0).bump(bump)
+        ever = registry.of(name, deprecated=True)
+        version = (ever[-1].version if ever else v.Semver(0, 0, 0)).bump(bump)
     else:
         name, version = v.parse_version_ref(ref)
     tag_name = v.version_tag(name, version)
@@ -243,7 +265,7 @@ def tag(
     kind = storage_backend(git.root)
     pin = pinned(git, art, commit, action="cannot tag")
     checkpoint, stage = pin.tree, pin.stage
-    existing = registry.of(name)
+    existing = registry.of(name, deprecated=True)
     if git.tag_exists(tag_name) or registry.get(name, version):
         raise VersionExistsError(tag_name)
     same_commit = [x.tag for x in existing if x.commit == commit]
@@ -301,33 +323,151 @@ def promote(ref: str, stage: str, *, repo_root: str | Path = ".") -> PromoteResu
     if r.kind != "version" or r.name is None or r.version is None or r.commit is None:
         raise UnknownRefError(ref, hint="promote takes a version: NAME@vX.Y.Z")
     registry = load_registry(git)
+    ver = registry.get(r.name, v.Semver.parse(r.version))
+    if ver is not None and ver.deprecated:
+        raise RegistryStateError(
+            f"cannot promote {ver.tag}: deprecated by {ver.deprecated}",
+            hint=f"a deprecated version holds no stage; tag a new version of {r.name}",
+        )
     current = registry.in_stage(r.name, stage)
     if current is not None and str(current.version) == r.version:
         return PromoteResult(None, r.name, r.version, stage)
     tag_name = v.stage_tag(r.name, stage, registry.stage_counters.get(r.name, 0) + 1)
     summary = f"Assigning stage {stage} to artifact {r.name} version {r.version}"
+    _after(registry.last_event(r.name))
     git.create_tag(tag_name, r.commit, v.format_message(summary, {"version": r.version}))
     return PromoteResult(tag_name, r.name, r.version, stage)
+
+
+def deprecate(
+    ref: str, *, message: str | None = None, repo_root: str | Path = "."
+) -> DeprecateResult:
+    """Deprecate a version (``NAME@vX.Y.Z``: GTO's deregistration, ``NAME@vX.Y.Z!``) or a
+    whole artifact (``NAME``: ``NAME@deprecated``), as ``gto deprecate`` writes them. Its
+    stages stop counting; ``list`` hides it unless asked; registering a new version of a
+    deprecated artifact revives it (GTO's rule)."""
+    git = open_git(repo_root)
+    registry = load_registry(git)
+    if "@" in ref:
+        name, version = v.parse_version_ref(ref)
+        ver = _known_version(registry, ref, name, version)
+        if ver.deprecated:
+            raise RegistryStateError(f"{ver.tag} is deprecated already (by {ver.deprecated})",
+                                     hint=f"'modelver list {name} --deprecated' shows it")
+        kind, commit = "deregistration", ver.commit
+        summary = message or f"Deregistering artifact {name} version {version}"
+    else:
+        name = v.check_name(ref, "artifact name")
+        if name in registry.deprecated_artifacts:
+            raise RegistryStateError(
+                f"artifact {name} is deprecated already (by {registry.deprecated_artifacts[name]})",
+                hint=f"tag a new version of {name} to bring it back",
+            )
+        last = registry.last_event(name)
+        if last is None:
+            raise _no_versions(git, name)
+        kind, commit, version = "deprecation", last.commit, None
+        summary = message or f"Deprecating artifact '{name}'"
+        _after(last)  # a deprecation in the second of the artifact's last event loses to it
+    tag_name = v.event_tag(kind, name, version=version)  # GTO's simple form, once
+    if git.tag_exists(tag_name):  # deprecated before and revived since: GTO's --force form
+        tag_name = v.event_tag(kind, name, version=version,
+                               counter=registry.stage_counters.get(name, 0) + 1)
+    git.create_tag(tag_name, commit, summary.strip() + "\n")  # the tag's name says it all
+    return DeprecateResult(tag_name, name, None if version is None else str(version), commit)
+
+
+def unassign(
+    ref: str, stage: str, *, message: str | None = None, repo_root: str | Path = "."
+) -> UnassignResult:
+    """Take a stage from a version with a GTO ``NAME#STAGE!#N`` tag: from the stage's current
+    version (``NAME``) or from a version that holds it (``NAME@vX.Y.Z``). An older assignment
+    still in effect becomes the stage's version again, as in ``gto show``."""
+    v.check_name(stage, "stage name")
+    git = open_git(repo_root)
+    registry = load_registry(git)
+    if "@" in ref:
+        name, version = v.parse_version_ref(ref)
+        ver: v.VersionTag | None = _known_version(registry, ref, name, version)
+    else:
+        name = v.check_name(ref, "artifact name")
+        if not registry.of(name, deprecated=True):
+            raise _no_versions(git, name)
+        ver = registry.in_stage(name, stage) or next(
+            (x for x in registry.of(name, deprecated=True) if stage in x.stages), None
+        )
+    if ver is None or stage not in ver.assigned:
+        what = (f"no version of {name} is in stage '{stage}'" if ver is None
+                else f"{ver.tag} does not hold stage '{stage}'")
+        raise RegistryStateError(what, hint=f"'modelver list {name}' shows the stages")
+    if ver.deprecated:
+        raise RegistryStateError(
+            f"cannot unassign {ver.tag}: deprecated by {ver.deprecated}",
+            hint="a deprecated version's stages no longer count",
+        )
+    tag_name = v.event_tag("unassignment", name, stage=stage,
+                           counter=registry.stage_counters.get(name, 0) + 1)
+    summary = message or (
+        f"Unassigning stage '{stage}' to artifact '{name}' version '{ver.version}'"
+    )
+    git.create_tag(tag_name, ver.commit,
+                   v.format_message(summary, {"version": str(ver.version)}))
+    now = load_registry(git).in_stage(name, stage)
+    return UnassignResult(tag_name, name, str(ver.version), stage,
+                          None if now is None else str(now.version))
+
+
+def _known_version(
+    registry: v.Registry, ref: str, name: str, version: v.Semver
+) -> v.VersionTag:
+    ver = registry.get(name, version)
+    if ver is None:
+        raise UnknownRefError(ref, hint=f"run 'modelver list {name} --deprecated' to see its "
+                              "versions")
+    return ver
+
+
+def _no_versions(git: GitRepo, name: str) -> ModelverError:
+    known = artifacts_at(git, None)
+    if name not in known:
+        return ArtifactNotFoundError(name, known=sorted(known))
+    return UnknownRefError(name, hint=f"{name} has no versions yet: nothing to change")
+
+
+def _after(last: v.TagEvent | None) -> None:
+    """GTO's clock is the tagger time in whole seconds, and an assignment or a deprecation made
+    in the second of the artifact's last event does not count as newer: wait for the next
+    second (at most one; never for a tag dated ahead of this clock). Git stamps tags from a
+    coarse clock that can lag this one by a tick: hence the slack."""
+    slack = 0.05
+    if last is not None:
+        wait = math.floor(last.time) + 1 + slack - time.time()
+        if 0 < wait <= 1 + slack:
+            time.sleep(wait)
 
 
 # --- list, show ------------------------------------------------------------------------------
 
 
 def list_versions(
-    name: str | None = None, *, repo_root: str | Path = ".", dvc_metrics: bool = False
+    name: str | None = None, *, repo_root: str | Path = ".", dvc_metrics: bool = False,
+    deprecated: bool = False,
 ) -> list[VersionInfo]:
-    """Every version (of ``name``), oldest first; one ``git for-each-ref`` call. With
-    ``dvc_metrics`` each version's commit's DVC metrics files too: a few ``git cat-file
-    --batch`` calls for all versions, and DVC-cached files only from the local cache."""
+    """Every live version (of ``name``; with ``deprecated`` the deprecated ones too), oldest
+    first; one ``git for-each-ref`` call. With ``dvc_metrics`` each version's commit's DVC
+    metrics files too: a few ``git cat-file --batch`` calls for all versions, and DVC-cached
+    files only from the local cache."""
     git = open_git(repo_root)
     registry = load_registry(git)
     if name is not None:
         v.check_name(name, "artifact name")
-        found = registry.of(name)
-        if not found and name not in artifacts_at(git, None):
+        if not registry.of(name, deprecated=True) and name not in artifacts_at(git, None):
             raise ArtifactNotFoundError(name, known=sorted(artifacts_at(git, None)))
+        found = registry.of(name, deprecated=deprecated)
     else:
         found = list(registry.versions)
+        if deprecated:
+            found = sorted(found + list(registry.deprecated), key=lambda x: (x.name, x.version))
     if not dvc_metrics:
         return [_info(x) for x in found]
     read = metrics_at(git, [x.commit for x in found], fetch=False)
@@ -347,7 +487,7 @@ def show(ref: str, *, repo_root: str | Path = ".", check_remote: bool = True) ->
     if r.version is not None:
         ver = registry.get(name, v.Semver.parse(r.version))
     else:  # a commit: the version of its artifact tagged there, if any
-        ver = next((x for x in registry.of(name) if x.commit == commit), None)
+        ver = next((x for x in registry.of(name, deprecated=True) if x.commit == commit), None)
         if ver is not None:
             r = version_ref(git, ref, ver, action="cannot show")
     assert r.checkpoint_hash is not None and r.path_in_repo is not None

@@ -9,56 +9,37 @@ its part, so a checkpoint is either complete for all ranks or invisible:
 - sharded tensors (DTensor / ShardedTensor, e.g. FSDP2 ``fully_shard``) go through
   ``torch.distributed.checkpoint`` into ``dcp-<component>/`` (see :mod:`.sharded`).
 
-Restoring, the ranks agree on the newest checkpoint that is intact (each rank hashes 1/world of
-its files), then each loads the shared state and its own rank file.
+Saving is in :mod:`.distsave`. Restoring, the ranks agree on the newest checkpoint that is
+intact (each rank hashes 1/world of its files), then each loads the shared state and its own
+rank file. Node-local checkpoints (each rank's own disk, the DVC remote shared) are restored
+from the checkpoint the remote names, each rank fetching what its disk lacks.
 
 torch.distributed itself is imported lazily: single-process users never pay for it.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from modelver import untrusted
-from modelver.checkpoint import commit
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.delta import DeltaEncoder
-from modelver.checkpoint.hooks import PerRank
-from modelver.checkpoint.io import (
-    plan_shards,
-    storage_key,
-    write_shard,
-)
+from modelver.checkpoint.hooks import NodeTier, PerRank
 from modelver.checkpoint.reader import read_state_json
 from modelver.checkpoint.sharded import chunk_names as chunk_names  # re-exported
-from modelver.checkpoint.sharded import is_sharded, writer_class
 from modelver.checkpoint.sharded import sharded_index as sharded_index  # re-exported
-from modelver.checkpoint.state import (
-    FlatTensor,
-    capture_rng,
-    component_state,
-    flatten,
-    frozen_names,
-    is_stateful,
-    prepare_rng,
-    safe_filename,
-    unflatten,
-)
+from modelver.checkpoint.state import is_stateful, prepare_rng, unflatten
 from modelver.errors import (
     CheckpointCorruptedError,
-    CheckpointWriteError,
     MalformedDataError,
     ModelverWarning,
     StateMismatchError,
+    UploadError,
 )
 from modelver.hashing import xxh3_bytes
 
@@ -88,20 +69,30 @@ def per_rank(obj: object) -> bool:
 # --- collectives (small Python objects between our own ranks; nothing here reads files) -----
 
 
-def _broadcast(obj: Any) -> Any:
+Group = Any  # a torch.distributed ProcessGroup; None: the default (training) group
+
+
+def broadcast(obj: Any, group: Group = None) -> Any:
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def _all_gather(obj: Any) -> list[Any]:
+def all_gather(obj: Any, group: Group = None) -> list[Any]:
     import torch.distributed as dist
 
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def side_group() -> Group:
+    """Collective: a gloo group of our own, for collectives off the training thread."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
 
 
 def agree(signum: int, due: bool) -> tuple[int, bool]:
@@ -116,224 +107,28 @@ def agree(signum: int, due: bool) -> tuple[int, bool]:
     return int(flags[0]), bool(flags[1])
 
 
-def barrier() -> None:
+def barrier(group: Group = None) -> None:
     import torch.distributed as dist
 
-    dist.barrier()
+    dist.barrier(group=group)
 
 
-# --- splitting the state --------------------------------------------------------------------
+def make_tier(root: Path, target: bool | str, run: str) -> NodeTier:
+    """Collective: every rank opens the remote for node-local checkpoints; if one cannot, no
+    rank goes on (each says why, or which rank could not)."""
+    from modelver.checkpoint.hooks import tier_for
 
-
-@dataclass
-class _Parts:
-    components: dict[str, dict[str, Any]] = field(default_factory=dict)  # shared skeletons
-    per_rank: dict[str, dict[str, Any]] = field(default_factory=dict)
-    replicated: list[FlatTensor] = field(default_factory=list)
-    sharded: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # comp -> name -> t
-
-
-def _split(state: Mapping[str, Any]) -> _Parts:
-    parts = _Parts()
-    for comp, obj in state.items():
-        if not isinstance(comp, str) or not comp:
-            raise ValueError("state keys must be non-empty strings")
-        skeleton, flat = flatten(comp, component_state(obj), frozen_names(obj))
-        entry = {"kind": "stateful" if is_stateful(obj) else "value", "state": skeleton}
-        if per_rank(obj):
-            if flat:
-                raise ValueError(f"per-rank component '{comp}' holds tensors; keep it JSON-only")
-            parts.per_rank[comp] = entry
-            continue
-        parts.components[comp] = entry
-        for ft in flat:
-            if is_sharded(ft.tensor):
-                parts.sharded.setdefault(comp, {})[ft.name] = ft.tensor
-            else:
-                parts.replicated.append(ft)
-    return parts
-
-
-def _host_tensors(flat: list[FlatTensor]) -> tuple[list[FlatTensor], dict[str, str]]:
-    """CPU, contiguous, tied tensors stored once (as :func:`io.take_snapshot` does)."""
-    seen: dict[tuple[Any, ...], str] = {}
-    aliases: dict[str, str] = {}
-    out = []
-    for ft in flat:
-        key = storage_key(ft.tensor)
-        if key in seen and ft.tensor.numel() > 0:
-            aliases[ft.name] = seen[key]
-            continue
-        seen[key] = ft.name
-        t = ft.tensor.detach().cpu().contiguous()
-        out.append(FlatTensor(ft.name, t, ft.group, ft.frozen))
-    return out, aliases
-
-
-# --- save -------------------------------------------------------------------------------------
-
-
-def save(
-    root: Path,
-    state: Mapping[str, Any],
-    *,
-    step: int,
-    epoch: int | None,
-    metrics: Mapping[str, float] | None,
-    extras: Mapping[str, Any] | None,
-    delta: DeltaEncoder | None = None,
-    run: str | None = None,
-) -> fmt.Manifest:
-    """Collective: every rank calls it with the same step; rank 0 commits once all parts are in.
-
-    ``delta`` (rank 0's encoder) stores the replicated safetensors files as XOR deltas against
-    rank 0's previous checkpoint; DCP shard files stay plain."""
-    import torch.distributed as dist
-
-    me, world = dist.get_rank(), dist.get_world_size()
-    final = root / fmt.step_dirname(step)
-    # the temp dir carries rank 0's pid, so a restarted rank 0 can tell it is stale
-    token = _broadcast(commit.writer_token() if me == 0 else None)
-    tmp = commit.leftover(final, "tmp", token)
-    files: dict[str, fmt.FileEntry] = {}
-    tensors: dict[str, fmt.TensorEntry] = {}
-    aliases: dict[str, str] = {}
-    deltas: dict[str, fmt.DeltaEntry] = {}
-    own_error: Exception | None = None
-    parts = _Parts()
+    tier, error = None, None
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        parts = _split(state)
-        doc = {
-            "rank": me,
-            "world_size": world,
-            "step": step,
-            "rng": capture_rng(),
-            "components": parts.per_rank,
-        }
-        name = rank_file(me)
-        files[name] = commit.write_small(tmp / name, json.dumps(doc).encode())  # order kept, see io
-        if me == 0:
-            host, aliases = _host_tensors(parts.replicated)
-            against = None if delta is None else (delta, delta.begin(root, step))
-            for fname, members in plan_shards(host):
-                fentry, tentries, dentry = write_shard(tmp / fname, members, delta=against)
-                files[fentry.path] = fentry
-                tensors.update((e.name, e) for e in tentries)
-                if dentry is not None:
-                    deltas[fname] = dentry
-    except Exception as e:  # reported to every rank, so none waits for a part that never comes
-        own_error = e
-    reports = _all_gather((None if own_error is None else f"rank {me}: {own_error}", files))
-    problems = [r[0] for r in reports if r[0]]
-    if problems:
-        _abort(me, tmp)
-        if isinstance(own_error, OSError):  # the hint fits its errno (disk full, read-only…)
-            raise CheckpointWriteError(final, own_error) from own_error
-        if own_error is not None:
-            raise own_error
-        raise CheckpointWriteError(final, RuntimeError("; ".join(problems)))
-    layout: dict[str, Any] = {}
-    try:
-        import torch.distributed.checkpoint as dcp
-
-        for comp in sorted(parts.sharded):
-            writer = writer_class()(tmp, "dcp-" + safe_filename(comp))
-            dcp.save(parts.sharded[comp], storage_writer=writer)
-            files.update(writer.files)
-            tensors.update(writer.tensors)
-            layout.update(writer.layout)
-    except Exception as e:  # DCP raises on every rank when any rank failed
-        _abort(me, tmp)
-        raise CheckpointWriteError(final, e) from e
-    outcome: tuple[str | None, fmt.Manifest | None] = (None, None)
-    if me == 0:
-        for _, rank_files in reports:
-            files.update(rank_files)
-        outcome = _commit(
-            tmp,
-            final,
-            files,
-            tensors,
-            aliases,
-            layout,
-            parts,
-            world,
-            deltas,
-            step=step,
-            epoch=epoch,
-            metrics=metrics,
-            extras=extras,
-            run=run,
-        )
-    problem, manifest = _broadcast(outcome)
-    if problem is not None or manifest is None:
-        code, _, text = (problem or "").partition(" ")
-        cause = OSError(int(code), text) if code.isdigit() else RuntimeError(text or problem)
-        raise CheckpointWriteError(final, cause)
-    if delta is not None and me == 0:
-        delta.finish(final.name, used_delta=bool(manifest.deltas))
-    return manifest
-
-
-def _abort(me: int, tmp: Path) -> None:
-    barrier()  # every rank has stopped writing into tmp
-    if me == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _commit(
-    tmp: Path,
-    final: Path,
-    files: dict[str, fmt.FileEntry],
-    tensors: dict[str, fmt.TensorEntry],
-    aliases: dict[str, str],
-    layout: dict[str, Any],
-    parts: _Parts,
-    world: int,
-    deltas: dict[str, fmt.DeltaEntry],
-    *,
-    step: int,
-    epoch: int | None,
-    metrics: Mapping[str, float] | None,
-    extras: Mapping[str, Any] | None,
-    run: str | None,
-) -> tuple[str | None, fmt.Manifest | None]:
-    """Rank 0: state.json, then the manifest (the commit marker), then the rename."""
-    try:
-        doc = {
-            "format_version": fmt.FORMAT_VERSION,
-            "step": step,
-            "epoch": epoch,
-            "components": parts.components,
-            "aliases": aliases,
-            "rng": capture_rng(),
-            "extras": dict(extras or {}),
-            "sharded": layout,
-            "per_rank": sorted(parts.per_rank),
-            "world_size": world,
-        }
-        payload = json.dumps(doc).encode()  # dict order kept, as in io.write_checkpoint
-        files[fmt.STATE_FILE] = commit.write_small(tmp / fmt.STATE_FILE, payload)
-        manifest = fmt.Manifest(
-            step=step,
-            epoch=epoch,
-            created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            metrics={k: float(v) for k, v in (metrics or {}).items()},
-            files=files,
-            tensors=tensors,
-            aliases=aliases,
-            world_size=world,
-            extras=dict(extras or {}),
-            format_version=fmt.DELTA_FORMAT_VERSION if deltas else fmt.FORMAT_VERSION,
-            deltas=deltas,
-            run=run,
-        )
-        commit.seal(tmp, final, manifest)
+        tier = tier_for(root, target, run)
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return f"{getattr(e, 'errno', None) or '-'} {e}", None  # errno first: the hint fits
-    return None, manifest
+        error = e
+    failed = [f for f in all_gather(None if error is None else f"rank {rank()}: {error}") if f]
+    if error is not None:
+        raise error
+    if failed or tier is None:
+        raise UploadError(f"another rank cannot open the remote ({failed[0]})")
+    return tier
 
 
 # --- restore ----------------------------------------------------------------------------------
@@ -362,9 +157,9 @@ def _choose(root: Path, step: int | None, me: int, world: int) -> Path | None:
         listed = [
             str(i.path) for i in reversed(list_checkpoints(root)) if step is None or i.step == step
         ]
-    for candidate in _broadcast(listed):
+    for candidate in broadcast(listed):
         path = Path(candidate)
-        problems = [p for share in _all_gather(_verify_share(path, me, world)) for p in share]
+        problems = [p for share in all_gather(_verify_share(path, me, world)) for p in share]
         if not problems:
             return path
         if me == 0:
@@ -376,12 +171,25 @@ def _choose(root: Path, step: int | None, me: int, world: int) -> Path | None:
     return None
 
 
-def restore(root: Path, state: MutableMapping[str, Any], *, step: int | None = None) -> int:
-    """Collective: all ranks agree on the checkpoint, then load shared state and their own file."""
+def restore(
+    root: Path,
+    state: MutableMapping[str, Any],
+    *,
+    step: int | None = None,
+    tier: NodeTier | None = None,
+) -> int:
+    """Collective: all ranks agree on the checkpoint, then load shared state and their own file.
+
+    With ``tier`` (node-local) the checkpoint is the one the remote names; each rank keeps the
+    local files that verify and fetches the rest of its share."""
     import torch.distributed as dist
 
     me, world = dist.get_rank(), dist.get_world_size()
-    path = _choose(root, step, me, world)
+    held: list[str] | None = None
+    if tier is not None:
+        path, held = _from_remote(root, tier, step, me, world)
+    else:
+        path = _choose(root, step, me, world)
     if path is None:
         if step is not None:
             raise CheckpointCorruptedError(
@@ -391,10 +199,10 @@ def restore(root: Path, state: MutableMapping[str, Any], *, step: int | None = N
     error: Exception | None = None
     restored = 0
     try:
-        restored = _restore_one(path, state, me, world)
+        restored = _restore_one(path, state, me, world, held)
     except Exception as e:  # every rank learns of it, so none trains from a mixed state
         error = e
-    problems = [p for p in _all_gather(None if error is None else f"rank {me}: {error}") if p]
+    problems = [p for p in all_gather(None if error is None else f"rank {me}: {error}") if p]
     if error is not None:
         raise error
     if problems:
@@ -402,7 +210,9 @@ def restore(root: Path, state: MutableMapping[str, Any], *, step: int | None = N
     return restored
 
 
-def _restore_one(path: Path, state: MutableMapping[str, Any], me: int, world: int) -> int:
+def _restore_one(
+    path: Path, state: MutableMapping[str, Any], me: int, world: int, held: list[str] | None
+) -> int:
     """This rank's own file is read and checked before anything live changes; its objects are
     loaded first (with a backup) so the shared restore's refusal can put them back."""
     from modelver.checkpoint.restore import after_restore, backup, restore_checkpoint, roll_back
@@ -413,7 +223,7 @@ def _restore_one(path: Path, state: MutableMapping[str, Any], me: int, world: in
     shared = {c: o for c, o in state.items() if c not in saved_per_rank}
     name = rank_file(me)
     if manifest.world_size != world or name not in manifest.files:
-        restore_checkpoint(path, shared, restore_rngs=False)
+        restore_checkpoint(path, shared, restore_rngs=False, held=held)
         state.update({c: shared[c] for c in shared if not is_stateful(state[c])})
         warnings.warn(
             f"{path} was saved by {manifest.world_size} ranks, this run has {world}: "
@@ -433,7 +243,7 @@ def _restore_one(path: Path, state: MutableMapping[str, Any], me: int, world: in
             if is_stateful(state[comp]):
                 backups[comp] = backup(state[comp])
                 state[comp].load_state_dict(value)
-        restore_checkpoint(path, shared, restore_rngs=False)
+        restore_checkpoint(path, shared, restore_rngs=False, held=held)
     except BaseException:
         roll_back(state, backups)
         raise
@@ -442,6 +252,106 @@ def _restore_one(path: Path, state: MutableMapping[str, Any], me: int, world: in
     set_rngs()
     after_restore(state)
     return manifest.step
+
+
+# --- node-local: the remote names the checkpoint -----------------------------------------------
+
+
+def _from_remote(
+    root: Path, tier: NodeTier, step: int | None, me: int, world: int
+) -> tuple[Path | None, list[str] | None]:
+    """Collective: rank 0 reads the run's record; local checkpoints the remote does not name
+    are dropped (they never completed); each rank then makes its share of the named one
+    local, every file hash-checked, fetching what is absent or bad."""
+    found: tuple[str, dict[str, str]] | None = None
+    error = None
+    if me == 0:
+        try:
+            found = tier.latest()
+        except Exception as e:  # a remote down or a crafted record: one line on every rank
+            error = getattr(e, "message", None) or str(e)
+    found, error = broadcast((found, error))
+    if error is not None:
+        raise UploadError(f"cannot read this run's record in the remote: {error}")
+    named = found[0] if found is not None else None
+    _drop_unnamed(root, named)
+    if found is None:
+        return None, None
+    step_dir, md5s = found
+    path = root / step_dir
+    if step is not None and step_dir != fmt.step_dirname(step):
+        raise CheckpointCorruptedError(
+            root / fmt.step_dirname(step), [f"the remote's newest checkpoint is {step_dir}"]
+        )
+    problem, held = None, None
+    try:
+        held = _make_local(path, md5s, tier, me, world)
+    except Exception as e:
+        problem = f"rank {me}: {getattr(e, 'message', None) or e}"
+    problems = [p for p in all_gather(problem) if p]
+    if problems:
+        raise CheckpointCorruptedError(path, problems)
+    return path, held
+
+
+def _drop_unnamed(root: Path, named: str | None) -> None:
+    """Local step directories newer than the one the remote names never completed: removed,
+    so retention never keeps them over the checkpoints this run saves again."""
+    newest = -1 if named is None else int(named.rsplit("-", 1)[-1])
+    for child in root.iterdir() if root.is_dir() else ():
+        m = untrusted.STEP_DIR_RE.match(child.name)
+        if m and child.is_dir() and int(m.group(1)) > newest:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _share(manifest: fmt.Manifest, me: int, world: int) -> list[str]:
+    """The files rank ``me`` reads: the shared ones, its own rank file and, at the world size
+    they were written with, its own DCP shard files (all of them at another)."""
+    own_shard = f"{me:05d}.safetensors"
+    out = []
+    for name in sorted(manifest.files):
+        if name.startswith("rank-") and name != rank_file(me):
+            continue
+        same_world = manifest.world_size == world
+        if name.startswith("dcp-") and same_world and name.rsplit("/", 1)[-1] != own_shard:
+            continue
+        out.append(name)
+    return out
+
+
+def _make_local(path: Path, md5s: Mapping[str, str], tier: NodeTier, me: int, world: int
+                ) -> list[str]:
+    from modelver.hashing import md5_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    mpath = path / fmt.MANIFEST
+    want = md5s.get(fmt.MANIFEST)
+    if want is None:
+        raise CheckpointCorruptedError(path, ["the run record names no manifest"])
+    if not mpath.is_file() or md5_file(mpath) != want:
+        tier.fetch(want, mpath)
+        if md5_file(mpath) != want:
+            raise CheckpointCorruptedError(path, ["the remote's manifest differs from its md5"])
+    manifest = fmt.read_manifest(path)
+    names = _share(manifest, me, world)
+    for name in names:
+        if _member_problem(path, manifest, name) is None:
+            continue  # the local copy is good
+        if name not in md5s:
+            raise CheckpointCorruptedError(path, [f"the run record does not name {name}"])
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        tier.fetch(md5s[name], path / name)
+        problem = _member_problem(path, manifest, name)
+        if problem is not None:
+            raise CheckpointCorruptedError(path, [f"fetched from the remote: {problem}"])
+    return names
+
+
+def _member_problem(path: Path, manifest: fmt.Manifest, name: str) -> str | None:
+    if not (path / name).is_file():
+        return f"{name} is missing"
+    problems = fmt.verify_files(path, manifest, [name])
+    return "; ".join(problems) if problems else None
 
 
 def _read_rank_file(

@@ -16,7 +16,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -462,10 +462,15 @@ def delta_chain(path: Path, manifest: Manifest) -> list[tuple[Path, Manifest]]:
     return chain
 
 
-def check_sizes(path: Path, manifest: Manifest) -> list[str]:
-    """Cheap structural check (no data read): every listed file exists with its size."""
+def check_sizes(
+    path: Path, manifest: Manifest, names: Collection[str] | None = None
+) -> list[str]:
+    """Cheap structural check (no data read): every listed file (of ``names``, when given)
+    exists with its size."""
     problems = []
     for name, entry in manifest.files.items():
+        if names is not None and name not in names:
+            continue
         try:
             fd = open_fd(path, name)
         except CheckpointCorruptedError as e:
@@ -481,12 +486,13 @@ def check_sizes(path: Path, manifest: Manifest) -> list[str]:
 
 
 def verify_files(path: Path, manifest: Manifest, names: Iterable[str] | None = None) -> list[str]:
-    """Full check: sizes and content hashes of the listed files."""
-    problems = check_sizes(path, manifest)
+    """Full check: sizes and content hashes of the listed files (``names``; None: all)."""
+    names = sorted(manifest.files) if names is None else list(names)
+    problems = check_sizes(path, manifest, set(names))
     if problems:
         return problems
     buf = bytearray(READ_BUF)
-    for name in names if names is not None else sorted(manifest.files):
+    for name in names:
         compute = partial(hash_member, path, name, buf)
         problem = hash_problem(name, compute, manifest.files[name].hash)
         if problem:

@@ -53,6 +53,32 @@ class PerRank(Protocol):
     def modelver_per_rank(self) -> bool: ...
 
 
+@runtime_checkable
+class NodeTier(Protocol):
+    """The remote half of node-local checkpoints (``CheckpointManager(node_local=True)``):
+    every rank uploads its own files in the background and rank 0 commits the checkpoint in
+    the remote once all have reported. Provided above the core (:mod:`modelver.nodelocal`)."""
+
+    def upload(self, path: Path, names: list[str], manifest: Manifest) -> None:
+        """Start uploading this rank's files of a locally committed checkpoint; returns at once."""
+        ...
+
+    def outcome(self) -> str | None:
+        """Wait for the previous upload (and, on rank 0, its commit); its error, or None."""
+        ...
+
+    def latest(self) -> tuple[str, dict[str, str]] | None:
+        """Rank 0: the step directory and ``name -> md5`` of the run's newest checkpoint that
+        the remote holds whole; None when it holds none."""
+        ...
+
+    def fetch(self, md5: str, dest: Path) -> None:
+        """Download object ``md5`` to ``dest`` (a temporary name, then a rename)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 Factory = Callable[[Path, Any], CommitHook]  # (checkpoints root, the option's value)
 _PROVIDERS: dict[str, Factory] = {}
 
@@ -63,6 +89,18 @@ def provide(option: str, factory: Factory) -> None:
 
 def hook_for(option: str, root: Path, value: Any) -> CommitHook:
     return _PROVIDERS[option](root, value)  # every option is provided by modelver/__init__.py
+
+
+TierFactory = Callable[[Path, Any, str], NodeTier]  # (local root, push target, run id)
+_TIERS: dict[str, TierFactory] = {}
+
+
+def provide_tier(factory: TierFactory) -> None:
+    _TIERS["node_local"] = factory
+
+
+def tier_for(root: Path, target: Any, run: str) -> NodeTier:
+    return _TIERS["node_local"](root, target, run)  # provided by modelver/__init__.py
 
 
 SavedElsewhere = Callable[[Path], bool]

@@ -30,6 +30,7 @@ from modelver.checkpoint.state import (
     flatten,
     frozen_names,
     is_stateful,
+    optimizer_param_names,
     safe_filename,
 )
 from modelver.errors import CheckpointWriteError
@@ -112,12 +113,15 @@ def take_snapshot(
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
     cuda_used = False
+    param_names = optimizer_param_names(state)
     for comp, obj in state.items():
         if not isinstance(comp, str) or not comp:
             raise ValueError("state keys must be non-empty strings")
         skeleton, flat = flatten(comp, component_state(obj), frozen_names(obj))
         if is_stateful(obj):  # the class is compared at restore (SGD state into Adam: refused)
             components[comp] = {"kind": "stateful", "class": class_name(obj), "state": skeleton}
+            if comp in param_names:  # which parameter each optimizer state id belongs to
+                components[comp]["param_names"] = param_names[comp]
         else:
             components[comp] = {"kind": "value", "state": skeleton}
         for ft in flat:

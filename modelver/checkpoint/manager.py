@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from modelver.checkpoint import commit, distributed, hooks
+from modelver.checkpoint import commit, distributed, distsave, hooks
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.catalog import (
     CheckpointInfo,
@@ -29,7 +29,7 @@ from modelver.checkpoint.fallback import newest_valid
 from modelver.checkpoint.hooks import CommitHook, RestoreAware
 from modelver.checkpoint.io import BufferPool, Snapshot, take_snapshot, write_checkpoint
 from modelver.checkpoint.kept import KeptCopies, kept_dir
-from modelver.checkpoint.restore import restore_checkpoint
+from modelver.checkpoint.restore import restore_checkpoint, restore_partial
 from modelver.checkpoint.retention import (
     check_count,
     check_flag,
@@ -59,6 +59,8 @@ class CheckpointManager:
     Inside an initialised ``torch.distributed`` process group (torchrun, DDP, FSDP2) every rank
     builds the manager and calls ``restore``/``maybe_save``/``save`` with the same steps; the
     ranks then write one checkpoint together (see :mod:`modelver.checkpoint.distributed`).
+    ``node_local=True`` (with ``push`` and ``run``): ``directory`` is each rank's own disk and
+    the DVC remote the only shared store (see :mod:`modelver.nodelocal`).
 
     Every option is checked at construction (:class:`~modelver.errors.InvalidArgumentError`), and
     so is the directory: created if missing, then a probe file written and removed
@@ -86,6 +88,7 @@ class CheckpointManager:
         on_commit: Sequence[CommitHook] = (),
         run: str | Mapping[str, Any] | None = None,
         keep_runs: int | None = None,
+        node_local: bool = False,
     ) -> None:
         if not isinstance(directory, str | os.PathLike) or not isinstance(
             os.fspath(directory), str
@@ -113,10 +116,9 @@ class CheckpointManager:
             )
         keep_runs = check_keep_runs(keep_runs, run=run)  # None: every run stays
         self._distributed = distributed.active()
-        if self._distributed and async_save:
-            raise InvalidArgumentError(
-                "async_save", async_save, expected="False under torch.distributed (not supported)"
-            )
+        node_local = bool(check_flag("node_local", node_local))
+        if node_local:
+            _check_node_local(self._distributed, push=push, run=run, delta=full_every)
         self._stop = StopSignals(needs="the manager to be built")
         if handle_signals:
             self._stop.check_thread()
@@ -128,10 +130,13 @@ class CheckpointManager:
         # the directory is checked now, not at the first save after an interval of training;
         # every rank writes into it, rank 0 alone commits, cleans and holds the lock
         prepare_directory(self.root)
-        if self.run is not None and (not self._distributed or distributed.rank() == 0):
+        # node-local: each rank's directory is its own disk, which it alone writes and cleans
+        owner = not self._distributed or distributed.rank() == 0 or node_local
+        self._owner = owner
+        if self.run is not None and owner:
             record_run(self.root, self.run, run)
         self._lock: DirLock | None = None
-        if not self._distributed or distributed.rank() == 0:
+        if owner:
             self._lock = DirLock(self.root)
             if self.run is not None:  # the run the directory's commit stands for (runid)
                 mark_current(self.directory, self.run)
@@ -177,8 +182,15 @@ class CheckpointManager:
             self._hooks.append(self._kept)
         if self.dvc_hashes and not self._distributed:
             self._hooks.append(hooks.hook_for("dvc_hashes", self.root, True))
-        if push:
+        # node-local: the remote is the shared store, written by every rank (checkpoint.hooks)
+        self._tier = (
+            distributed.make_tier(self.root, push, self.run) if node_local and self.run else None
+        )
+        if push and self._tier is None:
             self._hooks.append(hooks.hook_for("push", self.root, push))
+        # async under torch.distributed: the background write's collectives go over a gloo
+        # group of its own, never the training group the caller's thread uses meanwhile
+        self._side = distributed.side_group() if self._distributed and async_save else None
         self._hooks += hooks_given
         self._recover()
         if keep_runs is not None and self._lock is not None and self.run is not None:
@@ -203,16 +215,29 @@ class CheckpointManager:
 
     # --- restore -----------------------------------------------------------------------------
 
-    def restore(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int:
+    def restore(
+        self,
+        state: MutableMapping[str, Any],
+        *,
+        step: int | None = None,
+        only: Sequence[str] | None = None,
+        strict: bool = True,
+    ) -> int:
         """Load the newest complete, verified checkpoint (or ``step``); return its step, 0 if none.
 
         Corrupted checkpoints are skipped with a warning and the previous one is taken.
+        ``only``/``strict=False``: a partial restore (:func:`~modelver.checkpoint.restore.
+        restore_partial`; the RNGs are not restored), what it left out named in a warning.
         """
+        if (only is not None or not strict) and self._distributed:
+            raise InvalidArgumentError(
+                "only/strict", (only, strict), expected="a full restore under torch.distributed"
+            )
         # an async save still being written is committed first: it is a candidate, and the
         # delta encoder it uses is re-seeded below
         self._wait_inflight()
         if self._distributed:
-            restored = distributed.restore(self.root, state, step=step)
+            restored = distributed.restore(self.root, state, step=step, tier=self._tier)
             if restored:
                 self._last_step = restored
                 self._last_time = time.monotonic()
@@ -224,7 +249,8 @@ class CheckpointManager:
         # a bad checkpoint (corrupted, malformed, unsafe, unreadable) is skipped for the
         # previous one; StateMismatchError (the live objects changed) is not: it propagates
         found = newest_valid(
-            self.root, lambda path: self._restore_own(path, state), step=step, stacklevel=2
+            self.root, lambda path: self._restore_own(path, state, only=only, strict=strict),
+            step=step, stacklevel=2,
         )
         if found is None:
             return 0
@@ -235,7 +261,10 @@ class CheckpointManager:
             self._delta.seed(info.path)
         return restored
 
-    def _restore_own(self, path: Path, state: MutableMapping[str, Any]) -> int:
+    def _restore_own(
+        self, path: Path, state: MutableMapping[str, Any], *, only: Sequence[str] | None,
+        strict: bool,
+    ) -> int:
         """Restore ``path`` if it is this run's (a directory copied into the wrong run's is
         skipped as a bad checkpoint, before anything live changes)."""
         saved = fmt.read_manifest(path).run
@@ -244,7 +273,12 @@ class CheckpointManager:
             raise CheckpointCorruptedError(
                 path, [f"it belongs to run {saved or '(none)'}, not to run {mine}"]
             )
-        return restore_checkpoint(path, state)
+        if only is None and strict:
+            return restore_checkpoint(path, state)
+        report = restore_partial(path, state, only=only, strict=strict)
+        if report.missing or report.unexpected:
+            warnings.warn(report.summary(), ModelverWarning, stacklevel=5)
+        return report.step
 
     # --- save --------------------------------------------------------------------------------
 
@@ -312,15 +346,21 @@ class CheckpointManager:
             epoch = _epoch_of(state)
         self._listing.begin()  # one stat: has anyone else changed the directory since?
         if self._distributed:
-            manifest = distributed.save(
-                self.root, state, step=step, epoch=epoch, metrics=metrics, extras=extras,
-                delta=self._delta, run=self.run,
+            part = distsave.snapshot(
+                state, step=step, epoch=epoch, metrics=metrics, extras=extras, run=self.run,
+                copy=self.async_save,
             )
             self._last_step = step
             self._last_time = time.monotonic()
-            info = self._after_commit(manifest, retain=distributed.rank() == 0)
+            if not self.async_save:
+                info = self._write_part(part)
+                self.last_blocking_seconds = time.perf_counter() - t0
+                return info
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="modelver-save")
+            self._inflight = self._executor.submit(self._write_part, part)
             self.last_blocking_seconds = time.perf_counter() - t0
-            return info
+            return None
         snap = take_snapshot(
             state,
             step=step,
@@ -341,6 +381,13 @@ class CheckpointManager:
         self._inflight = self._executor.submit(self._commit, snap)
         self.last_blocking_seconds = time.perf_counter() - t0
         return None
+
+    def _write_part(self, part: distsave.Snapshot) -> CheckpointInfo:
+        """Every rank, together (on the side group when in the background)."""
+        manifest = distsave.write(
+            self.root, part, group=self._side, delta=self._delta, tier=self._tier
+        )
+        return self._after_commit(manifest, retain=self._owner)
 
     def _commit(self, snap: Snapshot) -> CheckpointInfo:
         delta = None
@@ -437,6 +484,8 @@ class CheckpointManager:
             self._stop.uninstall()
             if self._lock is not None:
                 self._lock.release()
+            if self._tier is not None:
+                self._tier.close()  # the last upload and its commit in the remote
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -457,6 +506,29 @@ class CheckpointManager:
             warnings.warn(
                 f"could not clean up {self.root} ({e})", ModelverWarning, stacklevel=3
             )
+
+
+def _check_node_local(
+    active: bool, *, push: bool | str, run: object, delta: int | None
+) -> None:
+    """What node-local checkpoints need: ranks, a remote to share, a run to find again."""
+    if not active:
+        raise InvalidArgumentError(
+            "node_local", True, expected="False outside torch.distributed (one process: push=)"
+        )
+    if not push:
+        raise InvalidArgumentError(
+            "push", push, expected="the remote node-local ranks share (True or its name)"
+        )
+    if run is None:
+        raise InvalidArgumentError(
+            "run", run, expected="a name or mapping: it finds this job's checkpoints in the "
+            "remote after a restart"
+        )
+    if delta:
+        raise InvalidArgumentError(
+            "delta_full_every", delta, expected="None with node_local=True (not supported)"
+        )
 
 
 def _in_dvc_repo(directory: Path) -> bool:

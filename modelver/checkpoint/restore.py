@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Collection, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from modelver.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
     CheckpointUnreadableError,
+    InvalidArgumentError,
     MalformedDataError,
     ModelverError,
     StateMismatchError,
@@ -235,22 +236,33 @@ def _one_of_each(saved: Any) -> Any:
     return {**saved, "state": kept}
 
 
-def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[str, Any]) -> None:
-    saved_components = meta["components"]
+def _saved_index(
+    manifest: fmt.Manifest, meta: Mapping[str, Any]
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor name a state can hold (stored, sharded, tied) -> (shape, dtype)."""
     chunks = chunk_names(meta)
     index = {n: (e.shape, e.dtype) for n, e in manifest.tensors.items() if n not in chunks}
     index.update(sharded_index(meta))
     for alias, target in meta.get("aliases", {}).items():
         index[alias] = index[target]
+    return index
+
+
+def _live_index(comp: str, module: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    _, flat = flatten(comp, module.state_dict())
+    return {
+        f.name: (tuple(f.tensor.shape), str(f.tensor.dtype).removeprefix("torch.")) for f in flat
+    }
+
+
+def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    saved_components = meta["components"]
+    index = _saved_index(manifest, meta)
     for comp, obj in state.items():
         if comp not in saved_components:
             raise StateMismatchError(comp, detail="the checkpoint has no such component")
         if isinstance(obj, torch.nn.Module):
-            _, flat = flatten(comp, obj.state_dict())
-            current = {
-                f.name: (tuple(f.tensor.shape), str(f.tensor.dtype).removeprefix("torch."))
-                for f in flat
-            }
+            current = _live_index(comp, obj)
             saved = {n: v for n, v in index.items() if n.startswith(comp + "/")}
             strip = len(comp) + 1
             mismatched = [
@@ -275,7 +287,11 @@ def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[s
 
 
 def restore_checkpoint(
-    path: str | Path, state: MutableMapping[str, Any], *, restore_rngs: bool = True
+    path: str | Path,
+    state: MutableMapping[str, Any],
+    *,
+    restore_rngs: bool = True,
+    held: Collection[str] | None = None,
 ) -> int:
     """Load a checkpoint into live objects (in place where possible) and the global RNGs.
 
@@ -288,16 +304,20 @@ def restore_checkpoint(
     """
     path = resolve_checkpoint_dir(path)
     try:
-        return _restore(path, state, restore_rngs=restore_rngs)
+        return _restore(path, state, restore_rngs=restore_rngs, held=held)
     except ModelverError:
         raise
     except OSError as e:  # EIO, EACCES on a path that does not go through open_member
         raise CheckpointUnreadableError(path, "a file", e) from e
 
 
-def _restore(path: Path, state: MutableMapping[str, Any], *, restore_rngs: bool) -> int:
+def _restore(
+    path: Path, state: MutableMapping[str, Any], *, restore_rngs: bool,
+    held: Collection[str] | None,
+) -> int:
+    """``held``: the files this process has (a node-local rank holds its own share); None: all."""
     manifest = fmt.read_manifest(path)
-    problems = fmt.check_sizes(path, manifest)
+    problems = fmt.check_sizes(path, manifest, held)
     if problems:
         raise CheckpointCorruptedError(path, problems)
     meta = read_state_json(path, manifest)  # validated in full, RNG states included
@@ -312,6 +332,8 @@ def _restore(path: Path, state: MutableMapping[str, Any], *, restore_rngs: bool)
     comps = meta["components"]
     if meta.get("sharded"):  # DCP writes chunk by chunk into live shards: hash them all first
         files = {manifest.tensors[c].file for c in chunks if c.split("/", 1)[0] in state}
+        if held is not None:
+            files &= set(held)
         problems = fmt.verify_files(path, manifest, sorted(files))
         if problems:
             raise CheckpointCorruptedError(path, problems)
@@ -426,3 +448,118 @@ def after_restore(state: Mapping[str, Any]) -> None:
     for obj in state.values():
         if isinstance(obj, RestoreAware):
             obj.modelver_after_restore()
+
+
+# --- partial restore (fine-tuning from a checkpoint) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What a partial restore loaded and what it did not. Names are ``component/key``."""
+
+    step: int
+    restored: tuple[str, ...]  # components restored, in whole or in part
+    missing: tuple[str, ...]  # selected live tensors (or components) the checkpoint lacks: kept
+    unexpected: tuple[str, ...]  # selected saved tensors the live objects lack: not loaded
+    left_out: tuple[str, ...]  # saved components, and tensors ``only`` did not select
+
+    def summary(self) -> str:
+        parts = [f"restored {', '.join(self.restored) or 'nothing'} from step {self.step}"]
+        for what, names in (("not in the checkpoint, kept as they were", self.missing),
+                            ("in the checkpoint, not in the live objects", self.unexpected)):
+            if names:
+                more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+                parts.append(f"{what}: {', '.join(names[:8])}{more}")
+        return "; ".join(parts)
+
+
+class _Subset:
+    """A module seen through the tensors a partial restore loads: only those are read into
+    its memory and handed to its ``load_state_dict`` (``strict=False``)."""
+
+    def __init__(self, module: torch.nn.Module, keys: list[str]) -> None:
+        self.module, self.keys = module, keys
+
+    def state_dict(self) -> dict[str, Any]:
+        live = self.module.state_dict()
+        return {k: live[k] for k in self.keys}
+
+    def load_state_dict(self, value: Mapping[str, Any]) -> None:
+        self.module.load_state_dict({k: value[k] for k in self.keys}, strict=False)
+
+
+def restore_partial(
+    path: str | Path,
+    state: MutableMapping[str, Any],
+    *,
+    only: Sequence[str] | None = None,
+    strict: bool = False,
+    restore_rngs: bool = False,
+) -> RestoreReport:
+    """Restore part of a checkpoint into live objects, for fine-tuning from it.
+
+    ``only``: component names (``"model"``) and/or tensor-name prefixes of a module
+    (``"model/encoder."``); None selects every component of ``state``. With ``strict=False``
+    a selected tensor or component on one side only is skipped and reported instead of
+    refused; a shape or dtype that differs is always refused. Everything is checked before
+    anything live changes, as in :func:`restore_checkpoint`; the RNGs stay as they are unless
+    ``restore_rngs``.
+    """
+    path = resolve_checkpoint_dir(path)
+    manifest = fmt.read_manifest(path)
+    meta = read_state_json(path, manifest)
+    saved_comps = meta["components"]
+    index = _saved_index(manifest, meta)
+    entries = list(only) if only is not None else list(state)
+    for e in entries:
+        comp = e.split("/", 1)[0] if isinstance(e, str) else None
+        if comp not in state or (e != comp and not (
+            isinstance(state[comp], torch.nn.Module)
+            and any(n.startswith(e) for n in (*index, *_live_index(comp, state[comp])))
+        )):
+            raise InvalidArgumentError(
+                "only", e, expected="a component of the state, or COMPONENT/PREFIX of some "
+                "tensor's name in a module",
+            )
+
+    def selected(name: str) -> bool:
+        return any(name.split("/", 1)[0] == e if "/" not in e else name.startswith(e)
+                   for e in entries)
+
+    view: dict[str, Any] = {}
+    missing: list[str] = []
+    unexpected: list[str] = []
+    left_out = [c for c in saved_comps if c not in {e.split("/", 1)[0] for e in entries}]
+    for comp in dict.fromkeys(e.split("/", 1)[0] for e in entries):
+        obj = state[comp]
+        if comp not in saved_comps:
+            if strict:
+                raise StateMismatchError(comp, detail="the checkpoint has no such component")
+            missing.append(comp)
+            continue
+        if not isinstance(obj, torch.nn.Module):
+            view[comp] = obj
+            continue
+        live = _live_index(comp, obj)
+        saved = {n: v for n, v in index.items() if n.startswith(comp + "/")}
+        chosen_live = [n for n in live if selected(n)]
+        chosen_saved = [n for n in saved if selected(n)]
+        strip = len(comp) + 1
+        mismatched = [(n[strip:], f"{list(saved[n][0])} {saved[n][1]}",
+                       f"{list(live[n][0])} {live[n][1]}")
+                      for n in chosen_live if n in saved and saved[n] != live[n]]
+        lacking = [n for n in chosen_live if n not in saved]
+        extra = [n for n in chosen_saved if n not in live]
+        if mismatched or (strict and (lacking or extra)):
+            raise StateMismatchError(comp, missing=[n[strip:] for n in lacking],
+                                     unexpected=[n[strip:] for n in extra],
+                                     mismatched=mismatched)
+        missing += lacking
+        unexpected += extra
+        left_out += [n for n in saved if not selected(n)]
+        keys = [n[strip:] for n in chosen_live if n in saved]
+        whole = len(keys) == len(live) == len(saved)
+        view[comp] = obj if whole else _Subset(obj, keys)
+    step = restore_checkpoint(path, view, restore_rngs=restore_rngs)
+    state.update({c: v for c, v in view.items() if not is_stateful(state[c])})
+    return RestoreReport(step, tuple(view), tuple(missing), tuple(unexpected), tuple(left_out))

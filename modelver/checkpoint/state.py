@@ -52,6 +52,17 @@ def frozen_names(obj: object) -> set[str]:
     return set()
 
 
+def optimizer_param_names(state: Mapping[str, Any]) -> dict[str, list[str | None]]:
+    """Each optimizer's parameters, in its param groups' order (that of their ids in its
+    state dict), named ``component/name`` after the module of ``state`` holding them (None:
+    in no module). Recorded at save because the ids alone cannot say which parameter a
+    moment belongs to; found by identity, never guessed."""
+    owner = {id(p): f"{comp}/{n}" for comp, obj in state.items()
+             if isinstance(obj, torch.nn.Module) for n, p in obj.named_parameters()}
+    return {comp: [owner.get(id(p)) for g in obj.param_groups for p in g["params"]]
+            for comp, obj in state.items() if isinstance(obj, torch.optim.Optimizer)}
+
+
 def flatten(
     component: str, value: Any, frozen: set[str] | None = None
 ) -> tuple[Any, list[FlatTensor]]:

@@ -16,9 +16,11 @@ COMMAND_MODULES = (
     "modelver.cli.versions",
     "modelver.cli.data",
     "modelver.cli.diff",
+    "modelver.cli.export",
     "modelver.cli.check",
     "modelver.cli.mlflow",
     "modelver.cli.recovery",
+    "modelver.cli.report",
 )
 
 

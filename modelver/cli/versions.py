@@ -1,4 +1,4 @@
-"""Registry commands: init, tag, promote, list, show, resume."""
+"""Registry commands: init, tag, promote, deprecate, unassign, history, list, show, resume."""
 
 from __future__ import annotations
 
@@ -84,27 +84,83 @@ def promote_cmd(ref: str, stage: str, quiet: bool) -> None:
         console().print(f"created {res.tag}: {res.name}@{res.version} is in stage '{stage}'")
 
 
-@click.command("list")
+@click.command("deprecate")
+@click.argument("ref", metavar="NAME@vX.Y.Z|NAME")
+@click.option("-m", "--message", help="Tag message (why).")
+@quiet_option
+def deprecate_cmd(ref: str, message: str | None, quiet: bool) -> None:
+    """Deprecate a version (GTO NAME@vX.Y.Z! tag) or a whole artifact (NAME@deprecated):
+    'list' hides it, its stages stop counting. A new version revives a deprecated artifact."""
+    res = api.deprecate(ref, message=message, repo_root=".")
+    if not quiet:
+        what = f"{res.name}@{res.version}" if res.version else f"artifact {res.name}"
+        console().print(f"created {escape(res.tag)}: {escape(what)} is deprecated")
+
+
+@click.command("unassign")
+@click.argument("ref", metavar="NAME|NAME@vX.Y.Z")
+@click.argument("stage")
+@click.option("-m", "--message", help="Tag message (why).")
+@quiet_option
+def unassign_cmd(ref: str, stage: str, message: str | None, quiet: bool) -> None:
+    """Take STAGE from its current version (NAME) or from a version (GTO NAME#STAGE!#N tag).
+    An older assignment of STAGE still in effect becomes its version again, as in gto."""
+    res = api.unassign(ref, stage, message=message, repo_root=".")
+    if not quiet:
+        now = f"{res.name}@{res.current}" if res.current else "no version"
+        console().print(f"created {escape(res.tag)}: {escape(res.name)}@{res.version} left "
+                        f"stage '{escape(stage)}' (now {escape(now)})")
+
+
+@click.command("history")
 @click.argument("name", required=False)
 @json_option
-def list_cmd(name: str | None, as_json: bool) -> None:
+def history_cmd(name: str | None, as_json: bool) -> None:
+    """Registrations, stage assignments, unassignments and deprecations, oldest first (the
+    events 'gto history' lists, read from the same tags)."""
+    events = api.history(name, repo_root=".")
+    if as_json:
+        echo_json([e.to_json() for e in events])
+        return
+    out = console()
+    if not events:
+        out.print("no registry events yet (create one with 'modelver tag NAME@v0.1.0')")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("time (UTC)", "event", "version", "stage", "commit"):
+        table.add_column(col)
+    for e in events:  # tag names and stages are data others wrote: never rich markup
+        what = f"{e.artifact}@{e.version}" if e.version else e.artifact
+        table.add_row(e.created[:19].replace("T", " "), e.kind, escape(what),
+                      escape(e.stage or ""), e.commit[:7])
+    out.print(table)
+
+
+@click.command("list")
+@click.argument("name", required=False)
+@click.option("-d", "--deprecated", is_flag=True,
+              help="Include deprecated versions and artifacts (as gto show --deprecated).")
+@json_option
+def list_cmd(name: str | None, deprecated: bool, as_json: bool) -> None:
     """Versions with stages, commit, date, step and metrics (--json: also the DVC metrics
     files of each version's commit); a tag whose metadata is refused is listed as invalid
-    (with the reason) and cannot be used."""
-    rows = api.list_versions(name, repo_root=".", dvc_metrics=as_json)
+    (with the reason) and cannot be used. Deprecated versions are hidden unless -d."""
+    rows = api.list_versions(name, repo_root=".", dvc_metrics=as_json, deprecated=deprecated)
     if as_json:
         echo_json([r.to_json() for r in rows])
         return
     out = console()
     if not rows:
-        out.print("no versions yet (create one with 'modelver tag NAME@v0.1.0')")
+        hidden = "" if deprecated else "; 'modelver list --deprecated' shows deprecated ones"
+        out.print(f"no versions (create one with 'modelver tag NAME@v0.1.0'{hidden})")
         return
     table = Table(box=None, pad_edge=False)
     for col in ("name", "version", "stages", "commit", "date", "step", "metrics"):
         table.add_column(col, justify="right" if col == "step" else "left")
     for r in rows:  # tag text is data others wrote: never rich markup
         table.add_row(
-            escape(r.name), (r.version or "") + (" [red](invalid)[/red]" if r.invalid else ""),
+            escape(r.name), (r.version or "") + (" [red](invalid)[/red]" if r.invalid else "")
+            + (" (deprecated)" if r.deprecated else ""),
             escape(",".join(r.stages)), r.commit[:10], escape(r.date[:19].replace("T", " ")),
             "" if r.step is None else str(r.step),
             f"[red]invalid: {escape(r.invalid)}[/red]" if r.invalid
@@ -127,7 +183,9 @@ def show_cmd(ref: str, as_json: bool) -> None:
     out = console()
     yes_no = {True: "yes", False: "no", None: "unknown"}
     fields: list[tuple[str, Any]] = [
-        ("version", i.tag or "- (no version tagged at this commit)"), ("commit", i.commit),
+        ("version", i.tag or "- (no version tagged at this commit)"),
+        ("deprecated", f"yes, by {i.deprecated}" if i.deprecated else "no"),
+        ("commit", i.commit),
         ("date", i.date),
         ("stages", ", ".join(i.stages) or "-"), ("parent", i.parent or "-"),
         ("step", i.step), ("checkpoint", f"{d.path}/{d.step_dir or '?'}  ({i.checkpoint_hash})"),
@@ -204,4 +262,5 @@ def resume_cmd(
         )
 
 
-COMMANDS = [init_cmd, tag_cmd, promote_cmd, list_cmd, show_cmd, resume_cmd]
+COMMANDS = [init_cmd, tag_cmd, promote_cmd, deprecate_cmd, unassign_cmd, history_cmd, list_cmd,
+            show_cmd, resume_cmd]

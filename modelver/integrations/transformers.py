@@ -65,6 +65,7 @@ from transformers.trainer_utils import TrainOutput
 
 from modelver import untrusted
 from modelver.checkpoint import format as fmt
+from modelver.checkpoint.export import HF_CONFIG
 from modelver.checkpoint.fallback import newest_valid
 from modelver.checkpoint.manager import CheckpointManager
 from modelver.checkpoint.restore import restore_checkpoint
@@ -89,6 +90,15 @@ EXTRAS_KEY = "transformers"
 _UNSET: Any = object()
 
 __all__ = ["ModelverTrainer", "ModelverTrainerMixin", "TrainerCheckpointing", "patch_trainer"]
+
+
+def _hf_config(model: Any) -> dict[str, Any]:
+    """The model's ``config.json`` content, recorded in every manifest so that ``modelver
+    export --format hf`` writes a directory ``from_pretrained`` loads."""
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "to_json_string", None)):
+        return {}
+    return {HF_CONFIG: json.loads(config.to_json_string(use_diff=False))}  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -242,7 +252,7 @@ class ModelverTrainerMixin:
             state,
             metrics={**self._modelver_metrics(step), **(metrics or {})},
             epoch=int(epoch) if epoch is not None else None,
-            extras={EXTRAS_KEY: {"components": sorted(state)}},
+            extras={EXTRAS_KEY: {"components": sorted(state)}, **_hf_config(trainer.model)},
         )
 
     def _modelver_track_best(self, root: Path, step: int, metrics: dict[str, float] | None) -> None:
