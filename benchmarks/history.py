@@ -10,7 +10,8 @@ previous. Then times, ``--runs`` times each (medians):
 - ``api.history`` in-process (one ``git for-each-ref`` call, tag names only);
 - ``modelver history --json`` end to end (a fresh CLI process, what a user waits for), and
   ``modelver history --help`` (the same start-up, no work: what every command pays first);
-  wall and CPU seconds (on a shared machine the CPU time is the steadier figure);
+  wall and CPU seconds (on a shared machine the CPU time is the steadier figure), and which
+  of torch, GitPython, dvc and numpy each imports (``-X importtime``);
 - ``gto history --json`` (one run), unless ``--no-gto``, and checks both list the same events.
 
 Target (issue 16): ``history`` over 1,000 versions under 0.5 s.
@@ -38,6 +39,7 @@ from modelver import versions as v
 
 NAME = "bench-model"
 WHO = "bench <b@bench.invalid>"
+HEAVY = ("torch", "git", "dvc", "numpy")  # top-level packages a command may or may not import
 
 
 def build(root: Path, n: int) -> int:
@@ -116,6 +118,21 @@ def cli_seconds(args: list[str], cwd: Path, runs: int) -> tuple[float, float, st
     return statistics.median(walls), statistics.median(cpus), out
 
 
+def imported(args: list[str], cwd: Path) -> str:
+    """Which of HEAVY one run of ``modelver ARGS`` imports."""
+    trace = subprocess.run([sys.executable, "-X", "importtime", "-m", "modelver.cli.main",
+                            *args], cwd=cwd, check=True, capture_output=True, text=True).stderr
+    loaded = {line.rpartition("|")[2].strip() for line in trace.splitlines()}
+    return ", ".join(f"{m}: {'yes' if m in loaded else 'no'}" for m in HEAVY)
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'command':<{width}}  {'wall s':>7}  {'CPU s':>6}  note")
+    for name, wall_s, cpu_s, note in rows:
+        print(f"{name:<{width}}  {wall_s:>7}  {cpu_s:>6}  {note}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--versions", type=int, default=1000)
@@ -144,6 +161,8 @@ def main() -> None:
         wall, cpu, _ = cli_seconds([exe, "history", "--help"], repo, a.runs)
         rows.append(("modelver history --help (start-up)", f"{wall:.3f}", f"{cpu:.3f}",
                      "imports only"))
+        rows.append(("imported by history --help", "", "", imported(["history", "--help"], repo)))
+        rows.append(("imported by history --json", "", "", imported(["history", "--json"], repo)))
         if not a.no_gto:
             gto = shutil.which("gto") or str(Path(sys.executable).with_name("gto"))
             t = time.perf_counter()
@@ -158,10 +177,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 rows.append(("gto history --json (CLI, 1 run)", f"> {a.gto_timeout:.0f}", "",
                              "timed out"))
-        width = max(len(r[0]) for r in rows)
-        print(f"\n{'command':<{width}}  {'wall s':>7}  {'CPU s':>6}  note")
-        for name, wall_s, cpu_s, note in rows:
-            print(f"{name:<{width}}  {wall_s:>7}  {cpu_s:>6}  {note}")
+        print_table(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -4,9 +4,10 @@ Builds the repository of ``benchmarks/list_versions.py`` (``--versions`` commits
 version tag carrying two metrics, a stage assignment every 50 versions, one ``git
 fast-import``), and two checkpoints of a small MLP (``--layers`` linear layers, AdamW state)
 outside Git, which the report's layer chart compares (``--a``/``--b`` take directories too:
-the fast-imported versions have no checkpoint data). Times ``modelver report NAME --html``
-end to end in a fresh CLI process, ``--runs`` times (median), and checks the page holds all
-three charts.
+the fast-imported versions have no checkpoint data). Times, ``--runs`` times each (medians of
+wall and CPU seconds, a fresh CLI process each), ``modelver report NAME --html`` end to end
+and ``modelver report --help`` (the start-up alone); checks the page holds all three charts,
+and lists which of torch, GitPython, dvc and numpy each imports (``-X importtime``).
 
 Target (issue 16): ``report`` over 1,000 versions under 3 s.
 
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from history import cli_seconds, imported, print_table
 from list_versions import NAME, build_repo  # the same repository
 
 
@@ -62,18 +62,20 @@ def main() -> None:
               f"{time.perf_counter() - t:.1f} s: {repo}")
         exe = shutil.which("modelver") or str(Path(sys.executable).with_name("modelver"))
         page = tmp / "report.html"
-        cmd = [exe, "report", NAME, "--html", str(page), "--a", str(ca), "--b", str(cb)]
-        times = []
-        for _ in range(a.runs):
-            t = time.perf_counter()
-            subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
-            times.append(time.perf_counter() - t)
+        args = ["report", NAME, "--html", str(page), "--a", str(ca), "--b", str(cb)]
+        rows = []
+        wall, cpu, _ = cli_seconds([exe, *args], repo, a.runs)
         text = page.read_text()
         assert text.count('data-chart="') == 3, "a chart is missing"
-        sec = statistics.median(times)
-        print(f"\nmodelver report --html (CLI), {a.versions} versions: median {sec:.3f} s of "
-              f"{a.runs} runs ({min(times):.3f}-{max(times):.3f} s), page "
-              f"{page.stat().st_size / 1024:.0f} KiB; target < 3 s: {'yes' if sec < 3 else 'NO'}")
+        rows.append((f"modelver report --html (CLI), {a.versions} versions", f"{wall:.3f}",
+                     f"{cpu:.3f}", f"target < 3 s: {'yes' if wall < 3 else 'NO'}; page "
+                     f"{page.stat().st_size / 1024:.0f} KiB"))
+        wall, cpu, _ = cli_seconds([exe, "report", "--help"], repo, a.runs)
+        rows.append(("modelver report --help (start-up)", f"{wall:.3f}", f"{cpu:.3f}",
+                     "imports only"))
+        rows.append(("imported by report --help", "", "", imported(["report", "--help"], repo)))
+        rows.append(("imported by one report run", "", "", imported(args, repo)))
+        print_table(rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelver.checkpoint import format as fmt
+from modelver.checkpoint.shardindex import read_index
 from modelver.errors import CheckpointCorruptedError, ModelverError
 from modelver.layout import Place, by_name, read_layout
 from modelver.metrics import split_values
@@ -71,7 +72,7 @@ class DiffSide:
         if self.path is None:
             raise ModelverError(f"{self.label} has neither a checkpoint directory nor a "
                                 "manifest", hint="give a version, a commit or a directory")
-        return fmt.read_manifest(self.path)
+        return read_index(self.path, fmt.read_manifest(self.path))
 
     def read_layout(self, manifest: fmt.Manifest) -> dict[str, Place]:
         """Each tensor's place, from state.json (hash-checked and validated when read here)."""

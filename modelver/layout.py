@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from modelver import untrusted
 from modelver.checkpoint import format as fmt
-from modelver.errors import MalformedDataError
+from modelver.errors import CheckpointCorruptedError, MalformedDataError
 
 MODULE, OTHER, OPTIMIZER = "module", "other", "optimizer"
 _RANK = {MODULE: 0, OTHER: 1, OPTIMIZER: 2}
@@ -102,7 +103,8 @@ def _names(comp: str, entry: Mapping[str, Any], groups: list[dict[str, Any]]) ->
 
 
 def read_layout(meta: Mapping[str, Any]) -> dict[str, Place]:
-    """Every tensor named in a (checked) state.json, with its place."""
+    """Every tensor named in a state.json, with its place. Each value taken is type-checked
+    here, so a state.json not checked in full (:func:`read_layout_file`) is read safely too."""
     components = meta.get("components")
     if not isinstance(components, dict):
         return {}
@@ -133,3 +135,15 @@ def read_layout(meta: Mapping[str, Any]) -> dict[str, Place]:
                     key = rest
             out.setdefault(name, Place(comp, role, key, param, (_RANK[role], pos, i)))
     return out
+
+
+def read_layout_file(path: Path, manifest: fmt.Manifest) -> dict[str, Place]:
+    """The places in a checkpoint's state.json, hash-checked against its manifest, without the
+    full check of ``checkpoint.reader`` (it needs torch, which a report does not import):
+    :func:`read_layout` type-checks each value it takes and skips what it cannot use."""
+    data = fmt.read_listed(path, manifest, fmt.STATE_FILE)
+    try:
+        meta = untrusted.load_json(data, what=fmt.STATE_FILE)
+        return read_layout(untrusted.mapping(meta, what=fmt.STATE_FILE, field="content"))
+    except MalformedDataError as e:
+        raise CheckpointCorruptedError(path, [e.message]) from e

@@ -2,13 +2,13 @@
 
 ``CheckpointManager(local_dir, push=..., run=..., node_local=True)`` under torch.distributed.
 Every rank commits its own files of a checkpoint in its own directory (a local cache), then
-uploads them from a background thread as content-addressed DVC objects. The ranks report
-their uploads to rank 0 over a gloo group of their own (never the training group); rank 0
-then uploads the manifest and the ``.dir`` listing of the whole step directory, and only then
-rewrites the run record ``<remote>/modelver/runs/<run>.json`` to name the checkpoint. That
-record is the commit: a checkpoint is complete when the remote says so, whatever a local disk
-holds. It is the record :mod:`modelver.publish` writes, so ``modelver runs`` and
-``modelver recover`` read node-local checkpoints unchanged.
+uploads them in the background (``PUTS`` files at once) as content-addressed DVC objects. The
+ranks report their uploads to rank 0 over a gloo group of their own (never the training
+group); rank 0 then uploads the manifest and the ``.dir`` listing of the whole step directory,
+and only then rewrites the run record ``<remote>/modelver/runs/<run>.json`` to name the
+checkpoint. That record is the commit: a checkpoint is complete when the remote says so,
+whatever a local disk holds. It is the record :mod:`modelver.publish` writes, so
+``modelver runs`` and ``modelver recover`` read node-local checkpoints unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from modelver import untrusted
 from modelver.checkpoint import format as fmt
-from modelver.errors import ModelverError, RemoteError
+from modelver.errors import MalformedDataError, ModelverError, RemoteError
 from modelver.hashing import md5_file
 from modelver.publish import open_session, utcnow
 from modelver.runs import MAX_RECORD_BYTES, RUNS, RunRecord
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 ATTEMPTS = 5  # per object: a remote that fails this often in ~15 s is down, not flaky
+PUTS = 4  # files hashed and uploaded at once by each rank
 
 
 class RemoteTier:
@@ -51,6 +52,7 @@ class RemoteTier:
             self.root, None if target is True else str(target), outside_ok=True
         )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="modelver-upload")
+        self._puts = ThreadPoolExecutor(PUTS, thread_name_prefix="modelver-put")
         self._inflight: Future[None] | None = None
 
     # --- save -------------------------------------------------------------------------------
@@ -72,14 +74,17 @@ class RemoteTier:
         import torch.distributed as dist
 
         store = self.session.store
+
+        def send(name: str) -> tuple[str, int]:
+            entry = manifest.files.get(name)
+            md5 = entry.md5 if entry is not None and entry.md5 else md5_file(path / name)
+            self._retry(lambda: store.put_file(path / name, md5))
+            return md5, (path / name).stat().st_size
+
         sent: dict[str, tuple[str, int]] = {}
         error: str | None = None
-        try:
-            for name in names:
-                entry = manifest.files.get(name)
-                md5 = entry.md5 if entry is not None and entry.md5 else md5_file(path / name)
-                self._retry(lambda n=name, m=md5: store.put_file(path / n, m))  # type: ignore[misc]
-                sent[name] = (md5, (path / name).stat().st_size)
+        try:  # a few files at once: one PUT leaves the link (and the remote) mostly idle
+            sent = dict(zip(names, self._puts.map(send, names), strict=True))
         except Exception as e:  # still reported: rank 0 must not wait for a part that never comes
             error = f"rank {self.rank}: {_line(e)}"
         reports: list[Any] | None = [None] * self.world if self.rank == 0 else None
@@ -130,6 +135,8 @@ class RemoteTier:
         record = RunRecord.from_json(
             untrusted.load_json(data, what=what, max_bytes=MAX_RECORD_BYTES), what=what
         )
+        if record.run != self.run:
+            raise MalformedDataError(what, "run", record.run, expected=self.run)
         return record.step_dir, dict(record.files)
 
     def fetch(self, md5: str, dest: Path) -> None:
@@ -138,6 +145,7 @@ class RemoteTier:
     def close(self) -> None:
         outcome = self.outcome()
         self._pool.shutdown(wait=True)
+        self._puts.shutdown(wait=True)
         if outcome is not None:
             raise RemoteError(self.session.store.name, f"the last checkpoint's upload failed: "
                               f"{outcome}")

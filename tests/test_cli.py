@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -258,3 +259,20 @@ def test_installed_script(project: Path) -> None:
                          text=True)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: unknown reference")
+
+
+@pytest.mark.parametrize("command", ["history", "report"])
+def test_a_command_imports_only_what_it_needs(command: str) -> None:
+    trace = subprocess.run([sys.executable, "-X", "importtime", "-m", "modelver.cli.main",
+                            command, "--help"], capture_output=True, text=True, check=True)
+    loaded = {line.rpartition("|")[2].strip() for line in trace.stderr.splitlines()}
+    assert "Usage: modelver" in trace.stdout
+    assert not loaded & {"torch", "git", "dvc", "numpy", "modelver.api.data"}, loaded
+
+
+def test_every_command_is_mapped_to_its_module() -> None:
+    from modelver.cli.main import COMMAND_MODULES
+
+    for mod_name in set(COMMAND_MODULES.values()):
+        names = {c.name for c in importlib.import_module(mod_name).COMMANDS}
+        assert names == {k for k, v in COMMAND_MODULES.items() if v == mod_name}, mod_name

@@ -37,6 +37,7 @@ from modelver.checkpoint import format as fmt
 from modelver.cli.main import cli
 from modelver.diff import DiffSide, diff_checkpoints
 from modelver.errors import CheckpointCorruptedError, ModelverWarning
+from modelver.hashing import xxh3_bytes
 from tests.helpers import TESTS, repo_env, saving, weights_equal
 
 SCRIPT = TESTS / "ddp_train_script.py"
@@ -146,6 +147,13 @@ def test_fsdp2_state_goes_through_dcp_into_the_manifest(
     manifest = verify_checkpoint(path)
     assert manifest.tensors["model/0.weight@0,0"].file == "dcp-model/00000.safetensors"
     assert manifest.world_size == 1
+    # the chunks are indexed by the rank that wrote them, not in rank 0's manifest
+    raw = json.loads((path / fmt.MANIFEST).read_text())
+    assert raw["format_version"] == fmt.INDEX_FORMAT_VERSION
+    assert raw["index"] == ["dcp-model/index-00000.json", "dcp-optimizer/index-00000.json"]
+    assert not any("@" in name for name in raw["tensors"])
+    shard = json.loads((path / "dcp-model" / "index-00000.json").read_text())
+    assert "model/0.weight@0,0" in shard["tensors"]
 
     fresh = fsdp_state(hidden=8)  # a fresh optimizer without state: restored sharded anyway
     with torch.no_grad():
@@ -175,6 +183,27 @@ def test_fsdp2_state_goes_through_dcp_into_the_manifest(
         assert torch.equal(plain[2].bias, expected["model/2.bias"])
     finally:
         dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+
+
+def test_a_crafted_index_shard_is_one_clear_error(tmp_path: Path, one_rank_group: None) -> None:
+    state = fsdp_state()
+    CheckpointManager(tmp_path, keep_last=None).save(1, state)
+    path = tmp_path / "step-00000001"
+    shard = path / "dcp-model" / "index-00000.json"
+    doc = json.loads(shard.read_text())
+    entry = doc["tensors"]["model/0.weight@0,0"]
+    entry["offsets"] = [entry["offsets"][0] + 10**9, entry["offsets"][1] + 10**9]
+    for crafted, rehash in ((json.dumps(doc), False), (json.dumps(doc), True)):
+        shard.write_text(crafted)
+        if rehash:  # the manifest made to agree: the entry itself is then refused
+            raw = json.loads((path / fmt.MANIFEST).read_text())
+            raw["files"]["dcp-model/index-00000.json"].update(
+                size=shard.stat().st_size, hash=xxh3_bytes(shard.read_bytes()))
+            (path / fmt.MANIFEST).write_text(json.dumps(raw))
+        with pytest.raises(CheckpointCorruptedError, match=r"index-00000\.json"):
+            verify_checkpoint(path)
+        with pytest.raises(CheckpointCorruptedError, match=r"index-00000\.json"):
+            load_checkpoint(path)
 
 
 def test_corrupted_chunk_is_found_by_verify_and_diff_reads_the_index(
@@ -247,6 +276,35 @@ def test_ddp_checkpoint_layout_verify_and_cli(tmp_path: Path) -> None:
     rank_file.write_text(rank_file.read_text().replace('"position"', '"positioN"'))
     bad = runner.invoke(cli, ["verify", str(path)])
     assert bad.exit_code == 1 and "rank-00001.json" in bad.output
+
+
+@pytest.mark.slow
+def test_ddp_async_saves_end_as_the_synchronous_run(tmp_path: Path, reference: Path) -> None:
+    """Async under a process group: the same training, and checkpoints any rank count can read."""
+    out = tmp_path / "async.safetensors"
+    ck = tmp_path / "ck"
+    torchrun(2, "train", ck, out, TOTAL, "--every", "5", "--async-save")
+    assert weights_equal(reference, out)
+    assert [c.step for c in CheckpointManager(ck).checkpoints()] == [55, 60]
+    assert verify_checkpoint(ck / "step-00000060").world_size == 2
+
+
+def test_async_save_of_sharded_state_is_a_snapshot(tmp_path: Path, one_rank_group: None) -> None:
+    """The background save writes the shards as they were when save returned."""
+    state = fsdp_state()
+    state["model"](torch.randn(5, 4)).pow(2).mean().backward()
+    state["optimizer"].step()
+    expected = full(state)
+    mgr = CheckpointManager(tmp_path, async_save=True, keep_last=None)
+    assert mgr.save(1, state) is None
+    with torch.no_grad():  # training goes on meanwhile
+        for p in state["model"].parameters():
+            p.add_(1.0)
+    mgr.close()
+    fresh = fsdp_state()
+    assert CheckpointManager(tmp_path).restore(fresh) == 1
+    got = full(fresh)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 @pytest.mark.slow
@@ -377,7 +435,8 @@ def test_sharded_state_saved_by_2_loads_in_1_and_4(tmp_path: Path) -> None:
     manifest = verify_checkpoint(ck)
     assert manifest.world_size == 2
     assert {f for f in manifest.files if f.startswith("dcp-model/")} == {
-        "dcp-model/00000.safetensors", "dcp-model/00001.safetensors"
+        "dcp-model/00000.safetensors", "dcp-model/00001.safetensors",
+        "dcp-model/index-00000.json", "dcp-model/index-00001.json",
     }  # fmt: skip
     # 1 process, no process group: full tensors assembled from the chunks
     ck_state = load_checkpoint(ck).state

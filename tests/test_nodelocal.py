@@ -4,10 +4,12 @@ each with its own directory, which share nothing but the S3 remote."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,13 +20,28 @@ from torch import nn
 
 from modelver import CheckpointManager
 from modelver.checkpoint import format as fmt
-from modelver.errors import CheckpointCorruptedError, InvalidArgumentError, RemoteError
-from tests.helpers import S3_BUCKET, dvc, git, init_repo, repo_env, saving, weights_equal
-from tests.test_distributed import sigkill, torchrun, torchrun_cmd, workers_of
+from modelver.errors import (
+    CheckpointCorruptedError,
+    InvalidArgumentError,
+    RemoteError,
+    UploadError,
+)
+from tests.helpers import (
+    S3_BUCKET,
+    dvc,
+    free_port,
+    git,
+    init_repo,
+    repo_env,
+    saving,
+    weights_equal,
+)
+from tests.test_distributed import SCRIPT, sigkill, torchrun, torchrun_cmd, workers_of
 
 pytestmark = pytest.mark.s3
 TOTAL = 36
-FLAGS = {"ddp": [], "fsdp": ["--fsdp"], "ddp-async": ["--async-save"]}
+FLAGS = {"ddp": [], "fsdp": ["--fsdp"], "ddp-async": ["--async-save"],
+         "fsdp-async": ["--fsdp", "--async-save"]}
 
 
 def s3_repo(tmp_path: Path, endpoint: str, prefix: str) -> Path:
@@ -133,6 +150,42 @@ def test_remote_is_the_truth_and_a_bad_remote_object_is_one_clear_error(
     assert all(torch.equal(before[k], v) for k, v in victim["model"].state_dict().items())
 
 
+@pytest.mark.usefixtures("one_rank_group")
+def test_a_crafted_run_record_is_one_clear_error_and_changes_nothing(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    repo = s3_repo(tmp_path, s3_endpoint, "crafted")
+    monkeypatch.chdir(repo)
+    local = tmp_path / "nvme"
+    with CheckpointManager(local, push="s3", run="c", node_local=True) as mgr:
+        mgr.save(3, state_of(0))
+        mgr.save(6, state_of(1))
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    key = "crafted/modelver/runs/c.json"
+    good = record(s3_endpoint, "crafted", "c")
+    victim = state_of(2)
+    before = {k: v.clone() for k, v in victim["model"].state_dict().items()}
+    manifest3 = (local / "run-c" / "step-00000003" / fmt.MANIFEST).read_bytes()
+    crafted = [
+        b"{not json",
+        json.dumps({**good, "step_dir": "../../etc"}).encode(),
+        json.dumps({**good, "run": "another"}).encode(),
+        # a valid record of step 6 whose manifest is step 3's
+        json.dumps({**good, "files": {**good["files"], fmt.MANIFEST:
+                                      hashlib.md5(manifest3).hexdigest()}}).encode(),
+    ]
+    for body in crafted:
+        client.put_object(Bucket=S3_BUCKET, Key=key, Body=body)
+        with (CheckpointManager(local, push="s3", run="c", node_local=True) as mgr,
+              pytest.raises((UploadError, CheckpointCorruptedError)) as err):
+            mgr.restore(victim)
+        assert len(str(err.value).splitlines()) == 1
+        assert all(torch.equal(before[k], v) for k, v in victim["model"].state_dict().items())
+    assert not (tmp_path / "etc").exists()
+
+
 def test_node_local_needs_ranks_a_remote_and_a_run(
     tmp_path: Path, one_rank_group: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -167,7 +220,7 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "fsdp", "ddp-async"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "ddp-async", "fsdp-async"])
 def test_random_sigkills_and_a_lost_node_disk_end_bit_identical(
     tmp_path: Path, s3_endpoint: str, references: dict[str, Path], kind: str
 ) -> None:
@@ -221,3 +274,42 @@ def test_random_sigkills_and_a_lost_node_disk_end_bit_identical(
     # each node holds its own share, not the other's
     step = nodes[1] / f"run-{kind}" / fmt.step_dirname(TOTAL)
     assert (step / "rank-00001.json").is_file() and not (step / "rank-00000.json").exists()
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_share_only_the_remote(
+    tmp_path: Path, s3_endpoint: str, references: dict[str, Path]
+) -> None:
+    """Two "nodes": one torchrun agent each (--nnodes=2 --node_rank=0/1 on 127.0.0.1), each
+    with its own directory; both killed once, restarted, finished: bit-identical."""
+    repo = s3_repo(tmp_path, s3_endpoint, "agents")
+    out = tmp_path / "agents.safetensors"
+    args = ["train", tmp_path / "node{rank}", out, TOTAL, "--every", "2", "--step-sleep",
+            "0.1", "--node-local", "s3", "--job", "agents"]
+
+    def start() -> list[subprocess.Popen[str]]:
+        port = str(free_port())
+        return [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={n}",
+             "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+             str(SCRIPT), *map(str, args)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=repo,
+            env=repo_env()) for n in range(2)]
+
+    agents = start()
+    deadline = time.monotonic() + 120
+    while remote_step(s3_endpoint, "agents") < 4:
+        assert all(a.poll() is None for a in agents) and time.monotonic() < deadline
+        time.sleep(0.05)
+    procs = [psutil.Process(a.pid) for a in agents]
+    sigkill(*procs, *(c for p in procs for c in p.children(recursive=True)))
+    for a in agents:
+        a.wait(timeout=60)
+    agents = start()
+    for a in agents:
+        assert a.wait(timeout=300) == 0
+        assert a.stdout is not None
+        started = a.stdout.read().split("START ", 1)[1].split()[0]
+        assert 4 <= int(started) < TOTAL, started  # resumed from the remote, not from 0
+    assert weights_equal(references["ddp"], out)
+    assert remote_step(s3_endpoint, "agents") == TOTAL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 import subprocess
@@ -123,3 +124,56 @@ def test_report_refusals_change_nothing_and_json(versions: Path, tmp_path: Path)
     data = json.loads(res.stdout)
     assert data["compared"] == ["tiny@v0.2.0", "tiny@v0.3.0"] and data["name"] == "tiny"
     assert data["events"] >= 5 and data["size"] == page.stat().st_size
+
+
+def test_layer_numbers_without_torch_match_the_diff_and_refuse_corruption(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from modelver import CheckpointManager
+    from modelver.checkpoint import format as fmt
+    from modelver.diff import DiffSide, diff_checkpoints
+    from modelver.errors import CheckpointCorruptedError
+    from modelver.report import layers_of, measure_layers
+
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
+              torch.float8_e5m2, torch.int64, torch.int8, torch.uint8, torch.bool,
+              torch.complex64]
+
+    def state(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for dt in dtypes:
+            x = torch.randn(16, 9, generator=g) * 3
+            x = torch.complex(x, x.flip(0)) if dt == torch.complex64 else x
+            out[str(dt).removeprefix("torch.")] = (x > 0 if dt == torch.bool else x).to(dt)
+        out["zeros"] = torch.zeros(5) if seed == 1 else torch.ones(5)  # A all zeros: no ratio
+        out["same"] = torch.arange(7.0)
+        return out
+
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    for step in (1, 2):
+        mgr.save(step, {"model": state(step)})
+    mgr.close()
+    a, b = DiffSide(tmp_path / "step-00000001", "a"), DiffSide(tmp_path / "step-00000002", "b")
+    ours, theirs = measure_layers(a, b), layers_of(diff_checkpoints(a, b))
+    assert [(t.tensor, t.status) for t in ours.tensors] == [
+        (t.tensor, t.status) for t in theirs.tensors]
+    changes = {t.tensor: t.change for t in ours.tensors}
+    assert changes["model/same"] is None and changes["model/zeros"] is None
+    for x, y in zip(ours.tensors, theirs.tensors, strict=True):
+        if y.change is not None:
+            assert x.change is not None and math.isclose(x.change, y.change, rel_tol=1e-9), x
+    assert sum(t.change is not None for t in ours.tensors) == len(dtypes)
+
+    assert b.path is not None
+    entry = fmt.read_manifest(b.path).tensors["model/bfloat16"]
+    for f, pos in ((b.path / entry.file, entry.offsets[0]), (b.path / fmt.STATE_FILE, 0)):
+        raw = bytearray(f.read_bytes())
+        raw[pos] ^= 0x01  # one flipped bit in a tensor read, or in state.json: refused
+        f.write_bytes(bytes(raw))
+        with pytest.raises(CheckpointCorruptedError, match="hash differs"):
+            measure_layers(a, b)
+        raw[pos] ^= 0x01
+        f.write_bytes(bytes(raw))

@@ -324,3 +324,33 @@ def test_symlinks_are_not_followed_out(pristine: Path, what: str) -> None:
             mgr.close()
     finally:
         box.close()
+
+
+@pytest.mark.parametrize("edit", ["a list", "a key dropped", "a key added"])
+def test_a_module_state_that_does_not_fit_is_refused_before_any_read(
+    tmp_path: Path, edit: str
+) -> None:
+    """Found by the property test above: a crafted module entry in state.json reached the
+    module's own load_state_dict after the tensors were read in place."""
+    state = make_state()
+    train_steps(state, 2)
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    mgr.save(2, state)
+    mgr.close()
+    step = tmp_path / "step-00000002"
+    doc = json.loads((step / fmt.STATE_FILE).read_text())
+    model = doc["components"]["model"]
+    if edit == "a list":
+        model["state"] = list(model["state"].values())
+    elif edit == "a key dropped":
+        model["state"].pop(next(iter(model["state"])))
+    else:
+        model["state"]["extra.weight"] = next(iter(model["state"].values()))
+    (step / fmt.STATE_FILE).write_text(json.dumps(doc))
+    rehash(step, fmt.STATE_FILE)
+    live = make_state(seed=1)
+    before = {k: v.clone() for k, v in live["model"].state_dict().items()}
+    with pytest.raises(ModelverError) as err:
+        restore_checkpoint(step, live)
+    assert "model" in err.value.message and not getattr(err.value, "partial", False)
+    assert all(torch.equal(before[k], v) for k, v in live["model"].state_dict().items())

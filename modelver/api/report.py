@@ -43,12 +43,14 @@ def report(
 ) -> ReportResult:
     """Write one self-contained page: metrics across ``name``'s versions with stage markers,
     the change of every layer from A to B (default: the latest two versions), and the lineage.
-    ``name`` may be left out when the repository has one artifact."""
-    from modelver.api.diff import diff
+    ``name`` may be left out when the repository has one artifact. A and B are versions,
+    commits or checkpoint directories; torch is never imported (see ``modelver.report``)."""
     from modelver.api.history import history
     from modelver.api.versions import list_versions
+    from modelver.diff import DiffSide
     from modelver.errors import ArtifactNotFoundError, InvalidArgumentError
-    from modelver.report import layer_chart, lineage_chart, metrics_chart, page
+    from modelver.materialize import checkpoint_dir_for
+    from modelver.report import layer_chart, lineage_chart, measure_layers, metrics_chart, page
 
     out = _output(html)
     versions = [x for x in list_versions(name, repo_root=repo_root, dvc_metrics=True,
@@ -68,7 +70,11 @@ def report(
     charts = [_metrics(versions, events, metrics_chart)]
     compared = None
     if a is not None and b is not None:
-        charts.append(layer_chart(diff(a, b, repo_root=repo_root)))
+        def side(ref: str) -> DiffSide:
+            return DiffSide(checkpoint_dir_for(ref, repo_root=repo_root, action="cannot compare"),
+                            ref)
+
+        charts.append(layer_chart(measure_layers(side(a), side(b))))
         compared = (a, b)
     charts.append(_lineage(versions, events, lineage_chart))
     size = _write(out, page(f"{name}: versions", charts))
@@ -77,10 +83,10 @@ def report(
 
 def write_diff_html(result: CheckpointDiff, path: str | Path) -> int:
     """The per-layer chart of one diff, alone on a page; returns the page's size in bytes."""
-    from modelver.report import layer_chart, page
+    from modelver.report import layer_chart, layers_of, page
 
     return _write(_output(path), page(f"{result.a.label} → {result.b.label}",
-                                      [layer_chart(result)]))
+                                      [layer_chart(layers_of(result))]))
 
 
 def _output(path: str | Path) -> Path:

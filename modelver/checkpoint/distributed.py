@@ -33,6 +33,7 @@ from modelver.checkpoint.hooks import NodeTier, PerRank
 from modelver.checkpoint.reader import read_state_json
 from modelver.checkpoint.sharded import chunk_names as chunk_names  # re-exported
 from modelver.checkpoint.sharded import sharded_index as sharded_index  # re-exported
+from modelver.checkpoint.shardindex import rank_of
 from modelver.checkpoint.state import is_stateful, prepare_rng, unflatten
 from modelver.errors import (
     CheckpointCorruptedError,
@@ -41,7 +42,6 @@ from modelver.errors import (
     StateMismatchError,
     UploadError,
 )
-from modelver.hashing import xxh3_bytes
 
 
 def active() -> bool:
@@ -189,7 +189,9 @@ def restore(
     if tier is not None:
         path, held = _from_remote(root, tier, step, me, world)
     else:
-        path = _choose(root, step, me, world)
+        path = _choose(root, step, me, world)  # every file verified, each rank its share
+        if path is not None:
+            held = _share(fmt.read_manifest(path), me, world)
     if path is None:
         if step is not None:
             raise CheckpointCorruptedError(
@@ -306,14 +308,13 @@ def _drop_unnamed(root: Path, named: str | None) -> None:
 
 def _share(manifest: fmt.Manifest, me: int, world: int) -> list[str]:
     """The files rank ``me`` reads: the shared ones, its own rank file and, at the world size
-    they were written with, its own DCP shard files (all of them at another)."""
-    own_shard = f"{me:05d}.safetensors"
+    they were written with, its own DCP chunk files and index shards (all at another)."""
+    same_world = manifest.world_size == world
     out = []
     for name in sorted(manifest.files):
         if name.startswith("rank-") and name != rank_file(me):
             continue
-        same_world = manifest.world_size == world
-        if name.startswith("dcp-") and same_world and name.rsplit("/", 1)[-1] != own_shard:
+        if name.startswith("dcp-") and same_world and rank_of(name) != me:
             continue
         out.append(name)
     return out
@@ -333,6 +334,11 @@ def _make_local(path: Path, md5s: Mapping[str, str], tier: NodeTier, me: int, wo
         if md5_file(mpath) != want:
             raise CheckpointCorruptedError(path, ["the remote's manifest differs from its md5"])
     manifest = fmt.read_manifest(path)
+    if fmt.step_dirname(manifest.step) != path.name or manifest.run != tier.run:
+        raise CheckpointCorruptedError(path, [
+            f"the remote's manifest is of step {manifest.step} of run {manifest.run}, not of "
+            f"{path.name} of run {tier.run}"
+        ])
     names = _share(manifest, me, world)
     for name in names:
         if _member_problem(path, manifest, name) is None:
@@ -358,9 +364,7 @@ def _read_rank_file(
     path: Path, manifest: fmt.Manifest, name: str
 ) -> tuple[dict[str, Any], Any]:
     """A rank file, hash-checked and validated in full (states and RNGs), or corrupted."""
-    data = fmt.read_member(path, name, limit=untrusted.MAX_JSON_BYTES)
-    if xxh3_bytes(data) != manifest.files[name].hash:
-        raise CheckpointCorruptedError(path, [f"{name} content hash differs"])
+    data = fmt.read_listed(path, manifest, name)
     try:
         doc = dict(untrusted.mapping(untrusted.load_json(data, what=name), what=name,
                                      field="content"))

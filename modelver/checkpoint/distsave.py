@@ -32,7 +32,7 @@ from modelver.checkpoint.distributed import (
     rank_file,
 )
 from modelver.checkpoint.hooks import NodeTier
-from modelver.checkpoint.io import plan_shards, storage_key, write_shard
+from modelver.checkpoint.io import BufferPool, plan_shards, storage_key, write_shard
 from modelver.checkpoint.sharded import is_sharded, writer_class
 from modelver.checkpoint.state import (
     FlatTensor,
@@ -82,10 +82,10 @@ def _split(state: Mapping[str, Any]) -> _Parts:
 
 
 def _host_tensors(
-    flat: list[FlatTensor], *, copy: bool
+    flat: list[FlatTensor], *, pool: BufferPool | None
 ) -> tuple[list[FlatTensor], dict[str, str]]:
-    """CPU, contiguous, tied tensors stored once (as :func:`io.take_snapshot` does); ``copy``:
-    never the live storage."""
+    """CPU, contiguous, tied tensors stored once (as :func:`io.take_snapshot` does); with a
+    ``pool``, copies in its reused (pinned, for GPU tensors) buffers, never the live storage."""
     seen: dict[tuple[Any, ...], str] = {}
     aliases: dict[str, str] = {}
     out = []
@@ -95,10 +95,23 @@ def _host_tensors(
             aliases[ft.name] = seen[key]
             continue
         seen[key] = ft.name
-        t = ft.tensor.detach()
-        t = t.to("cpu", memory_format=torch.contiguous_format, copy=copy)
+        t = ft.tensor.detach()  # synchronous: written before training goes on, no copy
+        t = pool.copy(ft.name, t) if pool is not None else t.cpu().contiguous()
         out.append(FlatTensor(ft.name, t, ft.group, ft.frozen))
     return out, aliases
+
+
+def _host_shard(pool: BufferPool, comp: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):  # a ShardedTensor: DCP's older type, not copied here
+        raise InvalidArgumentError(
+            "async_save", True, expected=f"False with ShardedTensor state ('{comp}/{name}')"
+        )
+    local = pool.copy(name, t.to_local())
+    return DTensor.from_local(
+        local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+    )
 
 
 # --- save -------------------------------------------------------------------------------------
@@ -127,22 +140,24 @@ def snapshot(
     metrics: Mapping[str, float] | None,
     extras: Mapping[str, Any] | None,
     run: str | None,
-    copy: bool,
+    pool: BufferPool | None,
 ) -> Snapshot:
-    """No collective. ``copy``: the save finishes in the background while training goes on,
-    so rank 0's replicated tensors are copied (the others' are never written)."""
+    """No collective. With a ``pool`` (of reused host buffers) the save finishes in the
+    background while training goes on, so rank 0's replicated tensors are copied into it (the
+    others' are never written), and so is every rank's local shards, as host DTensors on the
+    same mesh for DCP to plan on."""
     import torch.distributed as dist
 
     parts = _split(state)
-    if copy and parts.sharded:
-        raise InvalidArgumentError(
-            "async_save", True, expected=f"False with sharded (DTensor) state such as "
-            f"'{sorted(parts.sharded)[0]}' (FSDP2): not supported yet"
-        )
+    if pool is not None:
+        for comp, tensors in parts.sharded.items():
+            parts.sharded[comp] = {n: _host_shard(pool, comp, n, t) for n, t in tensors.items()}
     host: list[FlatTensor] = []
     aliases: dict[str, str] = {}
     if dist.get_rank() == 0:
-        host, aliases = _host_tensors(parts.replicated, copy=copy)
+        host, aliases = _host_tensors(parts.replicated, pool=pool)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the copies into pinned buffers were asynchronous
     return Snapshot(step, epoch, metrics, extras, run, parts, host, aliases, capture_rng())
 
 
@@ -208,6 +223,7 @@ def write(
             raise own_error
         raise CheckpointWriteError(final, RuntimeError("; ".join(problems)))
     layout: dict[str, Any] = {}
+    index: list[str] = []
     try:
         import torch.distributed.checkpoint as dcp
 
@@ -215,7 +231,7 @@ def write(
             writer = writer_class()(tmp, "dcp-" + safe_filename(comp))
             dcp.save(parts.sharded[comp], storage_writer=writer, process_group=group)
             files.update(writer.files)
-            tensors.update(writer.tensors)
+            index += writer.index
             layout.update(writer.layout)
     except Exception as e:  # DCP raises on every rank when any rank failed
         _abort(me, tmp, group, own=tier is not None)
@@ -224,7 +240,7 @@ def write(
     if me == 0:
         for _, rank_files in reports:
             files.update(rank_files)
-        outcome = _commit(tmp, final, files, tensors, layout, snap, world, deltas)
+        outcome = _commit(tmp, final, files, tensors, layout, snap, world, deltas, index)
     problem, manifest = broadcast(outcome, group)
     if tier is not None and problem is None and manifest is not None:
         problem = _local_commit(me, tmp, final, manifest, tier, group)
@@ -276,6 +292,7 @@ def _commit(
     snap: Snapshot,
     world: int,
     deltas: dict[str, fmt.DeltaEntry],
+    index: list[str],
 ) -> tuple[str | None, fmt.Manifest | None]:
     """Rank 0: state.json, then the manifest (the commit marker), then the rename."""
     step, epoch, extras, parts, aliases = (
@@ -306,7 +323,11 @@ def _commit(
             aliases=aliases,
             world_size=world,
             extras=dict(extras or {}),
-            format_version=fmt.DELTA_FORMAT_VERSION if deltas else fmt.FORMAT_VERSION,
+            format_version=(
+                fmt.INDEX_FORMAT_VERSION if index
+                else fmt.DELTA_FORMAT_VERSION if deltas else fmt.FORMAT_VERSION
+            ),
+            index=tuple(index),
             deltas=deltas,
             run=snap.run,
         )

@@ -33,6 +33,7 @@ from modelver.checkpoint.delta import LogicalFile, open_logical
 from modelver.checkpoint.io import bytes_view
 from modelver.checkpoint.reader import read_state_json
 from modelver.checkpoint.sharded import load_sharded
+from modelver.checkpoint.shardindex import read_index
 from modelver.errors import (
     CheckpointCorruptedError,
     CheckpointWriteError,
@@ -135,7 +136,7 @@ def export_checkpoint(
     ):
         raise InvalidArgumentError("max_shard_size", max_shard_size, expected="bytes, at least 1")
     path = resolve_checkpoint_dir(path)
-    manifest = fmt.read_manifest(path)
+    manifest = read_index(path, fmt.read_manifest(path))
     problems = fmt.check_sizes(path, manifest)
     if problems:
         raise CheckpointCorruptedError(path, problems)

@@ -46,6 +46,7 @@ from modelver.untrusted import RUN_ID_RE, STEP_DIR_RE
 FORMAT_NAME = "modelver-checkpoint"
 FORMAT_VERSION = 1
 DELTA_FORMAT_VERSION = 2  # a manifest with delta-encoded files: older readers refuse it
+INDEX_FORMAT_VERSION = 3  # DCP chunks indexed in per-rank shards (checkpoint.shardindex)
 DELTA_SUFFIX = ".delta"
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "state.json"
@@ -216,6 +217,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     deltas: dict[str, DeltaEntry] = field(default_factory=dict)  # logical file -> its delta
     run: str | None = None  # the run it belongs to (checkpoint.runid), None without runs
+    # per-rank index files of DCP chunks (checkpoint.shardindex): their entries are in
+    # ``tensors`` only once read (``read_index``), so a rank reads just its own
+    index: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -252,6 +256,7 @@ class Manifest:
             **({"deltas": {k: v.to_json() for k, v in sorted(self.deltas.items())}}
                if self.deltas else {}),
             **({"run": self.run} if self.run is not None else {}),
+            **({"index": list(self.index)} if self.index else {}),
         }
 
     @classmethod
@@ -265,10 +270,10 @@ class Manifest:
         if d.get("format") != FORMAT_NAME:
             raise MalformedDataError(_WHAT, "format", d.get("format"), expected=FORMAT_NAME)
         version = _int(d.get("format_version", 0), "format_version", maximum=1 << 30)
-        if version > DELTA_FORMAT_VERSION:
+        if version > INDEX_FORMAT_VERSION:
             raise MalformedDataError(
                 _WHAT, "format_version", version,
-                expected=f"at most {DELTA_FORMAT_VERSION} (a newer modelver wrote it)",
+                expected=f"at most {INDEX_FORMAT_VERSION} (a newer modelver wrote it)",
             )
         raw_files = untrusted.mapping(d.get("files"), what=_WHAT, field="files")
         files = {
@@ -286,16 +291,11 @@ class Manifest:
         tensors = {k: TensorEntry.from_json(k, v) for k, v in raw_tensors.items()}
         stored = {v.stored for v in deltas.values()}
         for k, t in tensors.items():
-            if t.file in stored or not (t.file in files or t.file in deltas):
-                raise MalformedDataError(
-                    _WHAT, f"tensors.{k}.file", t.file, expected="a safetensors file listed"
-                )
-            size = deltas[t.file].size if t.file in deltas else files[t.file].size
-            if t.offsets[1] > size:
-                raise MalformedDataError(
-                    _WHAT, f"tensors.{k}.offsets", list(t.offsets),
-                    expected=f"a range inside {t.file} ({size} bytes)",
-                )
+            check_place(k, t, files, deltas, stored)
+        index = d.get("index") or []
+        if not isinstance(index, list) or not all(isinstance(n, str) and n in files
+                                                  for n in index):
+            raise MalformedDataError(_WHAT, "index", index, expected="files listed in files")
         aliases = dict(untrusted.mapping(d.get("aliases") or {}, what=_WHAT, field="aliases"))
         for k, v in aliases.items():
             if _str(v, f"aliases.{k}", max_len=4096) not in tensors:
@@ -317,6 +317,27 @@ class Manifest:
             format_version=version,
             deltas=deltas,
             run=run,
+            index=tuple(index),
+        )
+
+
+def check_place(
+    name: str,
+    t: TensorEntry,
+    files: Mapping[str, FileEntry],
+    deltas: Mapping[str, DeltaEntry],
+    stored: Collection[str] = (),
+) -> None:
+    """A tensor entry's file is a listed safetensors file and its bytes lie inside it."""
+    if t.file in stored or not (t.file in files or t.file in deltas):
+        raise MalformedDataError(
+            _WHAT, f"tensors.{name}.file", t.file, expected="a safetensors file listed"
+        )
+    size = deltas[t.file].size if t.file in deltas else files[t.file].size
+    if t.offsets[1] > size:
+        raise MalformedDataError(
+            _WHAT, f"tensors.{name}.offsets", list(t.offsets),
+            expected=f"a range inside {t.file} ({size} bytes)",
         )
 
 
@@ -388,6 +409,18 @@ def read_member(path: Path, name: str, *, limit: int) -> bytes:
             return f.read()
         except OSError as e:
             raise member_error(path, name, e) from e
+
+
+def read_listed(path: Path, manifest: Manifest, name: str) -> bytes:
+    """A small JSON file the manifest lists (state.json, a rank file, an index shard), read
+    whole under :data:`~modelver.untrusted.MAX_JSON_BYTES` and checked against its hash."""
+    entry = manifest.files.get(name)
+    if entry is None:
+        raise CheckpointCorruptedError(path, [f"{name} is not listed in the manifest"])
+    data = read_member(path, name, limit=untrusted.MAX_JSON_BYTES)
+    if xxh3_bytes(data) != entry.hash:
+        raise CheckpointCorruptedError(path, [f"{name} content hash differs"])
+    return data
 
 
 def read_manifest(path: str | Path) -> Manifest:

@@ -59,6 +59,8 @@ class NodeTier(Protocol):
     every rank uploads its own files in the background and rank 0 commits the checkpoint in
     the remote once all have reported. Provided above the core (:mod:`modelver.nodelocal`)."""
 
+    run: str  # the run whose checkpoints it stores (the record's name in the remote)
+
     def upload(self, path: Path, names: list[str], manifest: Manifest) -> None:
         """Start uploading this rank's files of a locally committed checkpoint; returns at once."""
         ...

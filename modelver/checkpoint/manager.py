@@ -348,7 +348,7 @@ class CheckpointManager:
         if self._distributed:
             part = distsave.snapshot(
                 state, step=step, epoch=epoch, metrics=metrics, extras=extras, run=self.run,
-                copy=self.async_save,
+                pool=self._pool if self.async_save else None,
             )
             self._last_step = step
             self._last_time = time.monotonic()

@@ -21,11 +21,13 @@ from modelver.checkpoint.io import class_name
 from modelver.checkpoint.reader import read_state_json, read_tensors
 from modelver.checkpoint.runid import run_dir
 from modelver.checkpoint.sharded import chunk_names, load_sharded, sharded_index
+from modelver.checkpoint.shardindex import read_index
 from modelver.checkpoint.state import (
     component_state,
     flatten,
     is_stateful,
     prepare_rng,
+    safe_filename,
     skeleton_is_dict,
     unflatten,
 )
@@ -92,7 +94,7 @@ def load_checkpoint(
 
 
 def _load_one(path: Path, *, verify: bool) -> LoadedCheckpoint:
-    manifest = fmt.read_manifest(path)
+    manifest = read_index(path, fmt.read_manifest(path))
     problems = fmt.check_sizes(path, manifest)
     if problems:
         raise CheckpointCorruptedError(path, problems)
@@ -184,6 +186,19 @@ def _optimizer_mismatch(
         raise StateMismatchError(comp, mismatched=mismatched)
 
 
+def _check_keys(comp: str, sd: Mapping[str, Any], skeleton: Any) -> None:
+    """The state.json entry of a module names what its ``load_state_dict`` will be given: it
+    must be a mapping with the module's keys (``sd``), checked before any tensor is read in
+    place."""
+    value = unflatten(skeleton, _Placeholders())
+    if not isinstance(value, Mapping):
+        raise StateMismatchError(comp, detail="its saved state is not a mapping")
+    live = set(sd)
+    missing, unexpected = sorted(live - set(value)), sorted(set(value) - live)
+    if missing or unexpected:
+        raise StateMismatchError(comp, missing=missing, unexpected=unexpected)
+
+
 class _Placeholders(dict[str, torch.Tensor]):
     """Every tensor name maps to an empty tensor: the state's structure without its bytes."""
 
@@ -248,8 +263,10 @@ def _saved_index(
     return index
 
 
-def _live_index(comp: str, module: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
-    _, flat = flatten(comp, module.state_dict())
+def _live_index(
+    comp: str, module: torch.nn.Module, sd: Mapping[str, Any] | None = None
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    _, flat = flatten(comp, module.state_dict() if sd is None else sd)
     return {
         f.name: (tuple(f.tensor.shape), str(f.tensor.dtype).removeprefix("torch.")) for f in flat
     }
@@ -262,7 +279,8 @@ def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[s
         if comp not in saved_components:
             raise StateMismatchError(comp, detail="the checkpoint has no such component")
         if isinstance(obj, torch.nn.Module):
-            current = _live_index(comp, obj)
+            sd = obj.state_dict()
+            current = _live_index(comp, obj, sd)
             saved = {n: v for n, v in index.items() if n.startswith(comp + "/")}
             strip = len(comp) + 1
             mismatched = [
@@ -276,6 +294,7 @@ def _check_fit(manifest: fmt.Manifest, meta: Mapping[str, Any], state: Mapping[s
                 raise StateMismatchError(
                     comp, missing=missing, unexpected=unexpected, mismatched=mismatched
                 )
+            _check_keys(comp, sd, saved_components[comp]["state"])
         elif isinstance(obj, torch.optim.Optimizer):
             _class_mismatch(comp, saved_components[comp], obj)
             _optimizer_mismatch(comp, saved_components[comp]["state"], obj, manifest)
@@ -315,8 +334,9 @@ def _restore(
     path: Path, state: MutableMapping[str, Any], *, restore_rngs: bool,
     held: Collection[str] | None,
 ) -> int:
-    """``held``: the files this process has (a node-local rank holds its own share); None: all."""
-    manifest = fmt.read_manifest(path)
+    """``held``: the files this process reads (a rank of the world size the checkpoint was
+    saved with: its share, and of the index shards its own); None: all."""
+    manifest = read_index(path, fmt.read_manifest(path), only=held)
     problems = fmt.check_sizes(path, manifest, held)
     if problems:
         raise CheckpointCorruptedError(path, problems)
@@ -331,7 +351,8 @@ def _restore(
     chunks = chunk_names(meta)
     comps = meta["components"]
     if meta.get("sharded"):  # DCP writes chunk by chunk into live shards: hash them all first
-        files = {manifest.tensors[c].file for c in chunks if c.split("/", 1)[0] in state}
+        dirs = tuple(f"dcp-{safe_filename(c)}/" for c in state)
+        files = {f for f in manifest.files if f.startswith(dirs)}
         if held is not None:
             files &= set(held)
         problems = fmt.verify_files(path, manifest, sorted(files))
@@ -506,7 +527,7 @@ def restore_partial(
     ``restore_rngs``.
     """
     path = resolve_checkpoint_dir(path)
-    manifest = fmt.read_manifest(path)
+    manifest = read_index(path, fmt.read_manifest(path))
     meta = read_state_json(path, manifest)
     saved_comps = meta["components"]
     index = _saved_index(manifest, meta)

@@ -22,6 +22,7 @@ from modelver.checkpoint import commit
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.io import bytes_view, write_shard
 from modelver.checkpoint.reader import readinto_exact
+from modelver.checkpoint.shardindex import encode, index_name
 from modelver.checkpoint.state import FlatTensor
 from modelver.errors import CheckpointCorruptedError
 from modelver.hashing import xxh3_bytes
@@ -53,7 +54,20 @@ def _dcp_classes() -> Any:
     return planner, storage
 
 
-def _read_chunk(path: Path, entry: fmt.TensorEntry) -> torch.Tensor:
+def _read_chunk(
+    path: Path, manifest: fmt.Manifest, name: str, sizes: Any, dtype: str
+) -> torch.Tensor:
+    """Chunk ``name`` of the layout, its entry checked against the layout's box and dtype
+    (an index shard is checked only once read) and its bytes against the hash."""
+    entry = manifest.tensors.get(name)
+    if entry is None:
+        raise CheckpointCorruptedError(path, [
+            f"chunk {name} is in no index shard that was read (restoring with another "
+            "sharding at the same world size is not supported)" if manifest.index
+            else f"chunk {name} is not indexed"
+        ])
+    if entry.shape != tuple(int(n) for n in sizes) or entry.dtype != dtype:
+        raise CheckpointCorruptedError(path, [f"{name}: the index does not match the layout"])
     dest = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
     view = bytes_view(dest)
     with fmt.open_member(path, entry.file, field=f"tensors.{entry.name}.file") as f:
@@ -84,13 +98,14 @@ def writer_class() -> type:
     planner, storage = _dcp_classes()
 
     class ChunkWriter(storage.StorageWriter):  # type: ignore[name-defined]
-        """Each rank writes its chunks to one safetensors file and hashes it; rank 0 indexes all."""
+        """Each rank writes its chunks to one safetensors file and indexes them in its own
+        index shard beside it; rank 0 learns only of the files (:mod:`.shardindex`)."""
 
         def __init__(self, tmp: Path, subdir: str) -> None:
             super().__init__()
             self.tmp, self.subdir = tmp, subdir
             self.files: dict[str, fmt.FileEntry] = {}
-            self.tensors: dict[str, fmt.TensorEntry] = {}
+            self.index: list[str] = []  # the index shards, in rank order
             self.layout: dict[str, dict[str, Any]] = {}
 
         def reset(self, checkpoint_id: Any = None) -> None:
@@ -124,12 +139,15 @@ def writer_class() -> type:
             rel = f"{self.subdir}/{fentry.path}"
             fentry = dataclasses.replace(fentry, path=rel)
             index = {e.name: dataclasses.replace(e, file=rel) for e in tentries}
+            shard = index_name(int(plan.storage_data.removesuffix(".safetensors")))
+            ientry = commit.write_small(folder / shard, encode(index))
+            ientry = dataclasses.replace(ientry, path=f"{self.subdir}/{shard}")
             return _done(
                 [
                     storage.WriteResult(
                         index=item.index,
                         size_in_bytes=index[m.name].nbytes,
-                        storage_data=(fentry, index[m.name]),
+                        storage_data=(fentry, ientry),
                     )
                     for item, m in zip(plan.items, members, strict=True)
                 ]
@@ -137,10 +155,11 @@ def writer_class() -> type:
 
         def finish(self, metadata: Any, results: list[list[Any]]) -> None:
             for rank_results in results:
-                for r in rank_results:
-                    fentry, tentry = r.storage_data
+                for r in rank_results[:1]:  # one data file and one index shard per rank
+                    fentry, ientry = r.storage_data
                     self.files[fentry.path] = fentry
-                    self.tensors[tentry.name] = tentry
+                    self.files[ientry.path] = ientry
+                    self.index.append(ientry.path)
             for fqn, md in metadata.state_dict_metadata.items():
                 self.layout[fqn] = {
                     "dtype": str(md.properties.dtype).removeprefix("torch."),
@@ -176,6 +195,8 @@ def _reader_class() -> type:
             super().__init__()
             self.path, self.manifest, self.layout = path, manifest, layout
             self.index: dict[Any, str] = {}
+            # chunk name -> its sizes in the layout (every rank reads, not only the coordinator)
+            self.boxes = {c["name"]: c["sizes"] for spec in layout.values() for c in spec["chunks"]}
 
         def reset(self, checkpoint_id: Any = None) -> None:
             pass
@@ -211,7 +232,10 @@ def _reader_class() -> type:
                     raise TypeError(f"{item.storage_index.fqn}: not a tensor")
                 name = self.index[item.storage_index]
                 if name not in cache:
-                    cache[name] = _read_chunk(self.path, self.manifest.tensors[name])
+                    fqn, box = item.storage_index.fqn, self.boxes[name]
+                    cache[name] = _read_chunk(
+                        self.path, self.manifest, name, box, self.layout[fqn]["dtype"]
+                    )
                 src = _narrow(cache[name], item.storage_offsets, item.lengths)
                 target = planner_.resolve_tensor(item).detach()
                 target.copy_(src)
@@ -289,7 +313,7 @@ def load_sharded(
             continue
         full = torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
         for c in spec["chunks"]:
-            chunk = _read_chunk(path, manifest.tensors[c["name"]])
+            chunk = _read_chunk(path, manifest, c["name"], c["sizes"], spec["dtype"])
             _narrow(full, c["offsets"], c["sizes"]).copy_(chunk)
         out[name] = full
     return out

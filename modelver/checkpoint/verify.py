@@ -10,6 +10,7 @@ from modelver.checkpoint import format as fmt
 from modelver.checkpoint import tensorfile as tf
 from modelver.checkpoint.catalog import resolve_checkpoint_dir
 from modelver.checkpoint.delta import open_logical
+from modelver.checkpoint.shardindex import read_index
 from modelver.errors import CheckpointCorruptedError
 
 
@@ -19,6 +20,7 @@ def verify_checkpoint(path: str | Path) -> fmt.Manifest:
     manifest = fmt.read_manifest(path)
     problems = fmt.verify_files(path, manifest)
     if not problems:
+        manifest = read_index(path, manifest)  # every shard read, each already hash-checked
         problems = _delta_problems(path, manifest) + index_problems(path, manifest)
     if problems:
         raise CheckpointCorruptedError(path, problems)

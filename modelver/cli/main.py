@@ -10,44 +10,32 @@ import click
 
 from modelver._version import __version__
 
-# Each module defines click commands in a list named COMMANDS; imported lazily by the group so
-# `modelver --help` stays fast (torch and dvc are imported by the commands that need them).
-COMMAND_MODULES = (
-    "modelver.cli.versions",
-    "modelver.cli.data",
-    "modelver.cli.diff",
-    "modelver.cli.export",
-    "modelver.cli.check",
-    "modelver.cli.mlflow",
-    "modelver.cli.recovery",
-    "modelver.cli.report",
-)
+# The module that defines each command (in its list COMMANDS). `modelver CMD` imports that one
+# module alone, so a command pays for no other's imports (torch, dvc, GitPython); `modelver
+# --help` imports them all, for every command's line of help.
+COMMAND_MODULES = {
+    **dict.fromkeys(("init", "tag", "promote", "deprecate", "unassign", "history", "list",
+                     "show", "resume"), "modelver.cli.versions"),
+    **dict.fromkeys(("checkout", "push", "pull", "verify"), "modelver.cli.data"),
+    "diff": "modelver.cli.diff",
+    "export": "modelver.cli.export",
+    "check": "modelver.cli.check",
+    "mlflow": "modelver.cli.mlflow",
+    "recover": "modelver.cli.recovery",
+    "report": "modelver.cli.report",
+}
 
 
 class ModelverGroup(click.Group):
-    _loaded = False
-
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        for mod_name in COMMAND_MODULES:
-            try:
-                mod = importlib.import_module(mod_name)
-            except ModuleNotFoundError as e:
-                if e.name == mod_name:
-                    continue
-                raise
-            for cmd in mod.COMMANDS:
-                self.add_command(cmd)
-
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._load()
-        return super().list_commands(ctx)
+        return sorted(COMMAND_MODULES)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        self._load()
-        return super().get_command(ctx, cmd_name)
+        mod_name = COMMAND_MODULES.get(cmd_name)
+        if mod_name is None:
+            return None
+        commands = importlib.import_module(mod_name).COMMANDS
+        return {c.name: c for c in commands}[cmd_name]
 
     def invoke(self, ctx: click.Context) -> Any:
         from modelver.errors import ModelverError
