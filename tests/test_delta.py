@@ -254,7 +254,7 @@ def test_older_readers_refuse_delta_manifests(tmp_path: Path) -> None:
     droot, _ = save_both(tmp_path, full_every=10, saves=2)
     raw = json.loads((droot / "step-00000010" / fmt.MANIFEST).read_text())
     assert raw["format_version"] == fmt.DELTA_FORMAT_VERSION
-    raw["format_version"] = fmt.DELTA_FORMAT_VERSION + 1
+    raw["format_version"] = fmt.INDEX_FORMAT_VERSION + 1  # one past the newest this reads
     (droot / "step-00000010" / fmt.MANIFEST).write_text(json.dumps(raw))
     with pytest.raises(CheckpointCorruptedError, match="newer"):
         fmt.read_manifest(droot / "step-00000010")

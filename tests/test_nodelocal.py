@@ -186,6 +186,53 @@ def test_a_crafted_run_record_is_one_clear_error_and_changes_nothing(
     assert not (tmp_path / "etc").exists()
 
 
+@pytest.mark.usefixtures("one_rank_group")
+def test_modelver_recover_brings_a_node_local_checkpoint_to_a_fresh_clone(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelver import api, restore_checkpoint
+
+    repo = s3_repo(tmp_path, s3_endpoint, "recover")
+    monkeypatch.chdir(repo)
+    saved = state_of(0)
+    with CheckpointManager(tmp_path / "nvme", push="s3", run="rec", node_local=True) as mgr:
+        mgr.save(7, saved)
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    dvc(clone, "remote", "modify", "--local", "s3", "endpointurl", s3_endpoint)
+    got = api.recover(remote="s3", run="rec", repo_root=clone)
+    assert (got.run.run, got.run.step, got.run.path) == ("rec", 7, "checkpoints/run-rec")
+    fresh = state_of(1)
+    assert restore_checkpoint(clone / "checkpoints" / "run-rec" / "step-00000007", fresh) == 7
+    assert same_weights(saved, fresh)
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_a_failed_upload_is_raised_at_the_next_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The remote breaks after the first checkpoint (its object folder becomes a file): the
+    upload's retries run out in the background, and the next save says so."""
+    repo = init_repo(tmp_path)
+    monkeypatch.chdir(repo)
+    with CheckpointManager(tmp_path / "nvme", push=True, run="f", node_local=True) as mgr:
+        mgr.save(1, state_of(0))
+        deadline = time.monotonic() + 60  # its upload ends with the run record
+        while not (tmp_path / "remote" / "modelver" / "runs" / "f.json").is_file():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        objects = tmp_path / "remote" / "files"
+        shutil.rmtree(objects)
+        objects.write_text("not a directory")
+        mgr.save(2, state_of(1))  # committed locally; its upload fails in the background
+        with pytest.raises(UploadError, match="did not reach the remote"):
+            mgr.save(3, state_of(2))
+        objects.unlink()  # the remote is back: the next save goes through
+        mgr.save(4, state_of(3))
+    rec = json.loads((tmp_path / "remote" / "modelver" / "runs" / "f.json").read_text())
+    assert rec["step"] == 4
+
+
 def test_node_local_needs_ranks_a_remote_and_a_run(
     tmp_path: Path, one_rank_group: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
