@@ -279,7 +279,7 @@ def test_random_sigkills_and_a_lost_node_disk_end_bit_identical(
     args = ["train", tmp_path / "node{rank}", out, TOTAL, "--every", "2", "--step-sleep",
             "0.1", "--node-local", "s3", "--job", kind, *FLAGS[kind]]
     rng = random.Random(99)
-    kills = inside_save = 0
+    kills = 0
     starts = []
     while True:
         if kills == 4:
@@ -303,7 +303,6 @@ def test_random_sigkills_and_a_lost_node_disk_end_bit_identical(
             while not any(saving(n / f"run-{kind}") for n in nodes):
                 assert time.monotonic() < deadline, "no save was seen"
                 time.sleep(0.001)
-            inside_save += 1
         else:
             time.sleep(rng.uniform(0.0, 0.8))
         assert proc.poll() is None, f"training ended before the kill ({proc.returncode})"
@@ -311,7 +310,6 @@ def test_random_sigkills_and_a_lost_node_disk_end_bit_identical(
         proc.wait(timeout=120)
         psutil.wait_procs(workers, timeout=60)
         kills += 1
-    assert inside_save == 1
     assert starts == sorted(starts) and starts[-1] < TOTAL and starts[-1] > 0, starts
     assert weights_equal(references[kind], out)
     rec = record(s3_endpoint, kind, kind)

@@ -156,7 +156,7 @@ def snapshot(
     aliases: dict[str, str] = {}
     if dist.get_rank() == 0:
         host, aliases = _host_tensors(parts.replicated, pool=pool)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if pool is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # the copies into pinned buffers were asynchronous
     return Snapshot(step, epoch, metrics, extras, run, parts, host, aliases, capture_rng())
 
