@@ -6,17 +6,18 @@ counterpart of save_load.py, whose state is a few large tensors.
 Shapes:
   bare     20,000 top-level 64-element float32 tensors (each its own component)
   modules  a ModuleList of 10,000 Linear(8, 8) with AdamW after one step (60,000 tensors)
-Methods, all fsync'd before the clock stops, each save into a new directory after os.sync()
-and a 0.5 s pause:
+Methods, all fsync'd before the clock stops, each save into a new directory after os.sync(),
+gc.collect() and a 0.5 s pause:
   modelver      CheckpointManager.save / restore_checkpoint into the live objects
   torch         torch.save of the state dict(s) / torch.load, then load_state_dict (or copy_)
   safetensors   save_file / load_file, then copy_ (bare only: it holds no optimizer state)
-Medians over --runs; printed per tensor and as ratios to torch.
+Medians over --runs; printed per tensor and as ratios to torch and to safetensors (x st).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import statistics
@@ -65,6 +66,7 @@ def timed(fn: Callable[[], object], runs: int) -> float:
     times = []
     for _ in range(runs):
         os.sync()
+        gc.collect()  # each method from a clean heap, not paying for the previous one's garbage
         time.sleep(0.5)
         t0 = time.perf_counter()
         fn()
@@ -142,13 +144,19 @@ def main() -> None:
                 results[name] = (timed(save, a.runs), timed(restore, a.runs))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        base_save, base_restore = results["torch"]
         print(f"\n{shape}: {n:,} tensors")
-        print(f"{'':12} {'save s':>8} {'µs/tensor':>10} {'x torch':>8} "
-              f"{'restore s':>10} {'µs/tensor':>10} {'x torch':>8}")
+        print(f"{'':12} {'save s':>8} {'µs/tensor':>10} {'x torch':>8} {'x st':>6} "
+              f"{'restore s':>10} {'µs/tensor':>10} {'x torch':>8} {'x st':>6}")
         for name, (s, r) in results.items():
-            print(f"{name:12} {s:8.3f} {s / n * 1e6:10.1f} {s / base_save:8.2f} "
-                  f"{r:10.3f} {r / n * 1e6:10.1f} {r / base_restore:8.2f}")
+            print(f"{name:12} {s:8.3f} {s / n * 1e6:10.1f} {ratios(s, results, 0)} "
+                  f"{r:10.3f} {r / n * 1e6:10.1f} {ratios(r, results, 1)}")
+
+
+def ratios(seconds: float, results: dict[str, tuple[float, float]], which: int) -> str:
+    """``x torch`` and ``x st`` columns: the goal is read off them (st: bare shape only)."""
+    st = results.get("safetensors")
+    x_st = f"{seconds / st[which]:6.2f}" if st else f"{'-':>6}"
+    return f"{seconds / results['torch'][which]:8.2f} {x_st}"
 
 
 if __name__ == "__main__":

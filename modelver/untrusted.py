@@ -110,18 +110,22 @@ def load_json(data: str | bytes, *, what: str, max_bytes: int = MAX_JSON_BYTES) 
 
 
 def _too_deep(value: Any, limit: int) -> bool:
-    """Nesting depth of parsed JSON, without recursion (decoders after this one recurse)."""
-    todo = [(value, 1)] if isinstance(value, dict | list) else []
-    while todo:  # containers only: the scalars (most of a tensor index) are never queued
-        v, depth = todo.pop()
+    """Nesting depth of parsed JSON, without recursion (decoders after this one recurse).
+
+    One level at a time, each in one comprehension: the scalars (most of a tensor index) are
+    looked at once and never queued, and ``json.loads`` makes plain dicts and lists only."""
+    level = [value] if type(value) in _CONTAINERS else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > limit:
             return True
-        todo.extend(
-            (c, depth + 1)
-            for c in (v.values() if isinstance(v, dict) else v)
-            if isinstance(c, dict | list)
-        )
+        level = [c for v in level for c in (v.values() if type(v) is dict else v)
+                 if type(c) in _CONTAINERS]
     return False
+
+
+_CONTAINERS = frozenset({dict, list})
 
 
 # --- typed fields -----------------------------------------------------------------------------

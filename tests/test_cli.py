@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import shutil
@@ -247,6 +248,32 @@ def test_resume_continues_bit_identical(project: Path, tmp_path: Path) -> None:
     straight = make_project(tmp_path / "straight", steps=40) / "checkpoints" / "step-00000040"
     assert model_hashes(resumed) == model_hashes(straight)
     assert api.verify("tiny@v0.1.0", repo_root=project).ok  # training did not touch the cache
+
+
+def test_list_on_an_80_column_terminal_keeps_each_date_on_one_line(gated: Path) -> None:
+    import os
+    import pty
+    import re
+
+    exe = shutil.which("modelver") or str(Path(sys.executable).with_name("modelver"))
+    project = gated  # tiny@v0.1.0 in production, with metrics: as wide as a real row
+    subprocess.run([exe, "promote", "tiny@v0.1.0", "staging", "-q"], cwd=project, check=True)
+    leader, follower = pty.openpty()  # a terminal: rich lays the table out to its width
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1"}
+    proc = subprocess.run([exe, "list"], cwd=project, stdout=follower, stderr=subprocess.PIPE,
+                          env=env, timeout=120)
+    os.close(follower)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the output is drained
+        while data := os.read(leader, 65536):
+            chunks.append(data)
+    os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())  # no styles
+    lines = text.splitlines()
+    assert proc.returncode == 0 and max(len(line) for line in lines) <= 80
+    row = next(line for line in lines if "v0.1.0" in line)
+    assert re.search(r"\b[0-9a-f]{10}\b", row), lines  # the commit, whole
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row), lines
 
 
 def test_installed_script(project: Path) -> None:

@@ -11,11 +11,13 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -196,14 +198,85 @@ def test_a_crafted_index_shard_is_one_clear_error(tmp_path: Path, one_rank_group
     for crafted, rehash in ((json.dumps(doc), False), (json.dumps(doc), True)):
         shard.write_text(crafted)
         if rehash:  # the manifest made to agree: the entry itself is then refused
-            raw = json.loads((path / fmt.MANIFEST).read_text())
-            raw["files"]["dcp-model/index-00000.json"].update(
-                size=shard.stat().st_size, hash=xxh3_bytes(shard.read_bytes()))
-            (path / fmt.MANIFEST).write_text(json.dumps(raw))
+            _rehash(path, "dcp-model/index-00000.json")
         with pytest.raises(CheckpointCorruptedError, match=r"index-00000\.json"):
             verify_checkpoint(path)
         with pytest.raises(CheckpointCorruptedError, match=r"index-00000\.json"):
             load_checkpoint(path)
+
+
+def _rehash(path: Path, name: str) -> None:
+    """The manifest made to agree with a crafted member, so only its content is judged."""
+    raw = json.loads((path / fmt.MANIFEST).read_text())
+    raw["files"][name].update(size=(path / name).stat().st_size,
+                              hash=xxh3_bytes((path / name).read_bytes()))
+    (path / fmt.MANIFEST).write_text(json.dumps(raw))
+
+
+def _edit_json(path: Path, name: str, edit: Any) -> None:
+    doc = json.loads((path / name).read_text())
+    edit(doc)
+    (path / name).write_text(json.dumps(doc))
+    _rehash(path, name)
+
+
+def test_chunk_boxes_live_only_in_the_index_shards(tmp_path: Path, one_rank_group: None) -> None:
+    CheckpointManager(tmp_path, keep_last=None).save(1, fsdp_state())
+    meta = json.loads((tmp_path / "step-00000001" / fmt.STATE_FILE).read_text())
+    assert meta["sharded"]["model/0.weight"] == {"dtype": "float32", "shape": [8, 4]}
+
+
+def test_crafted_chunk_layouts_are_refused_before_anything_changes(
+    tmp_path: Path, one_rank_group: None
+) -> None:
+    mgr = CheckpointManager(tmp_path, keep_last=None)
+    state = fsdp_state()
+    mgr.save(1, state)
+    index = "dcp-model/index-00000.json"
+
+    def crafted(step: int, name: str, edit: Any) -> Path:
+        mgr.save(step, state)
+        path = tmp_path / fmt.step_dirname(step)
+        _edit_json(path, name, edit)
+        return path
+
+    def renamed(old: str, new: str) -> Any:
+        return lambda d: d["tensors"].__setitem__(new, d["tensors"].pop(old))
+
+    def grown(shapes: dict[str, list[int]]) -> Any:
+        return lambda d: [d["sharded"][n].update(shape=s) for n, s in shapes.items()]
+
+    # a chunk whose box leaves its tensor, of no sharded tensor, or not a box at all
+    for step, new in ((2, "model/2.bias@1"), (3, "model/9.bias@0"), (4, "model/2.bias@x")):
+        path = crafted(step, index, renamed("model/2.bias@0", new))
+        with pytest.raises(CheckpointCorruptedError, match="does not match the file header"):
+            verify_checkpoint(path)
+        with pytest.raises(CheckpointCorruptedError, match="a chunk inside a sharded tensor"):
+            load_checkpoint(path)
+    # the tensor grown in state.json: its one chunk no longer covers it
+    path = crafted(5, fmt.STATE_FILE, grown({"model/2.bias": [6]}))
+    for read in (verify_checkpoint, load_checkpoint):
+        with pytest.raises(CheckpointCorruptedError, match=r"model/2\.bias: .* without data"):
+            read(path)
+    # and restored in place into live shards of the grown shape: refused before DCP writes
+    path = crafted(6, fmt.STATE_FILE, grown({"model/2.bias": [6], "model/2.weight": [6, 8]}))
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    live = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
+    fully_shard(live, mesh=init_device_mesh("cpu", (1,)))
+    before = {k: v.full_tensor().clone() for k, v in live.state_dict().items()}
+    with pytest.raises(CheckpointCorruptedError, match="without data"):
+        restore_checkpoint(path, {"model": live}, restore_rngs=False)
+    assert all(torch.equal(v.full_tensor(), before[k]) for k, v in live.state_dict().items())
+    for step in (5, 6):  # they do not fit the model: a mismatch, not a corruption
+        shutil.rmtree(tmp_path / fmt.step_dirname(step))
+    # every hash agrees, so the ranks choose step 4 (fallback is for damage) and refuse it
+    fresh = fsdp_state(hidden=8)
+    before = full(fresh)
+    with pytest.raises(CheckpointCorruptedError, match=r"step-00000004 .*model/2\.bias@x"):
+        mgr.restore(fresh)
+    assert all(torch.equal(v, before[k]) for k, v in full(fresh).items())
 
 
 def test_corrupted_chunk_is_found_by_verify_and_diff_reads_the_index(

@@ -446,14 +446,10 @@ STATE_MUTATIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "components a list": lambda s: s.update(components=[1]),
     "aliases a list": lambda s: s.update(aliases=[]),
     "alias to a list": lambda s: s.update(aliases={"model/x": ["model/0.bias"]}),
-    "alias to a chunk": lambda s: s.update(aliases={"model/x": "model/2.bias"}, sharded={
-        "model/w": {"dtype": "float32", "shape": [2], "chunks": [
-            {"name": "model/2.bias", "offsets": [0], "sizes": [2]}]}}),
     "sharded dtype a list": lambda s: s.update(sharded={
-        "model/w": {"dtype": ["float32"], "shape": [2], "chunks": []}}),
-    "sharded chunk name a list": lambda s: s.update(sharded={
-        "model/w": {"dtype": "float32", "shape": [2], "chunks": [
-            {"name": ["model/2.bias"], "offsets": [0], "sizes": [2]}]}}),
+        "model/w": {"dtype": ["float32"], "shape": [2]}}),
+    "sharded shape a string": lambda s: s.update(sharded={
+        "model/w": {"dtype": "float32", "shape": "2"}}),
     "sharded null": lambda s: s.update(sharded=None),
     "per_rank not names": lambda s: s.update(per_rank=[1]),
     "not an object": lambda s: b"[1, 2]",

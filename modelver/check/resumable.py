@@ -75,11 +75,12 @@ class _Rebuilt:
 def _rebuilt_state(step_dir: Path, manifest: Any) -> dict[str, Any]:
     import torch
 
-    from modelver.checkpoint.distributed import chunk_names, sharded_index
+    from modelver.checkpoint.distributed import sharded_index
     from modelver.checkpoint.reader import read_state_json
+    from modelver.checkpoint.shardindex import chunk_names
 
     meta = read_state_json(step_dir, manifest)
-    chunks = chunk_names(meta)
+    chunks = chunk_names(manifest)
     shapes = {n: (e.shape, e.dtype) for n, e in manifest.tensors.items() if n not in chunks}
     shapes.update(sharded_index(meta))
     buffers = {n: torch.empty(s, dtype=getattr(torch, d)) for n, (s, d) in shapes.items()}

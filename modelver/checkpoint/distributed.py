@@ -31,7 +31,6 @@ from modelver import untrusted
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.hooks import NodeTier, PerRank
 from modelver.checkpoint.reader import read_state_json
-from modelver.checkpoint.sharded import chunk_names as chunk_names  # re-exported
 from modelver.checkpoint.sharded import sharded_index as sharded_index  # re-exported
 from modelver.checkpoint.shardindex import rank_of
 from modelver.checkpoint.state import is_stateful, prepare_rng, unflatten

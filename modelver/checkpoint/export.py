@@ -32,7 +32,7 @@ from modelver.checkpoint.catalog import resolve_checkpoint_dir
 from modelver.checkpoint.delta import LogicalFile, open_logical
 from modelver.checkpoint.io import bytes_view
 from modelver.checkpoint.reader import read_state_json
-from modelver.checkpoint.sharded import load_sharded
+from modelver.checkpoint.sharded import ShardedLoad, load_sharded, plan_sharded
 from modelver.checkpoint.shardindex import read_index
 from modelver.errors import (
     CheckpointCorruptedError,
@@ -142,6 +142,7 @@ def export_checkpoint(
         raise CheckpointCorruptedError(path, problems)
     meta = read_state_json(path, manifest)
     items = _items(manifest, meta, component, dtype)
+    sharded = plan_sharded(path, manifest, meta, live={}, state={component: None})
     config = _hf_config(path, manifest, items, dtype) if format == "hf" else None
     dest = Path(to)
     _check_destination(dest, path, force=force)
@@ -161,7 +162,7 @@ def export_checkpoint(
 
     def fill(tmp: Path) -> None:
         tmp.mkdir()
-        with _Sources(path, manifest, meta) as sources:
+        with _Sources(path, manifest, sharded) as sources:
             done = 0
             for name, shard in zip(names, shards, strict=True):
                 size = _write_shard(tmp / name, shard, metadata, sources,
@@ -288,8 +289,8 @@ def _plan(items: list[_Item], max_size: int) -> list[list[_Item]]:
 class _Sources:
     """The checkpoint's logical files, opened once each, closed together."""
 
-    def __init__(self, path: Path, manifest: fmt.Manifest, meta: Mapping[str, Any]) -> None:
-        self.path, self.manifest, self.meta = path, manifest, meta
+    def __init__(self, path: Path, manifest: fmt.Manifest, sharded: ShardedLoad) -> None:
+        self.path, self.manifest, self.sharded = path, manifest, sharded
         self.open: dict[str, LogicalFile] = {}
 
     def file(self, name: str) -> LogicalFile:
@@ -377,8 +378,8 @@ def _stream(
 
 def _write_assembled(out: io.FileIO, item: _Item, sources: _Sources) -> None:
     """A sharded tensor in full, from its DCP chunks (each hash-checked as it is read)."""
-    spec = {"sharded": {item.name: sources.meta["sharded"][item.name]}}
-    full = load_sharded(sources.path, sources.manifest, spec, live={}, state=None)[item.name]
+    one = ShardedLoad({item.name: sources.sharded.layout[item.name]}, {})
+    full = load_sharded(sources.path, sources.manifest, one)[item.name]
     fmt.write_all(out, bytes_view(full.to(getattr(torch, item.out_dtype)).contiguous()))
 
 

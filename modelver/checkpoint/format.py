@@ -46,7 +46,7 @@ from modelver.untrusted import RUN_ID_RE, STEP_DIR_RE
 FORMAT_NAME = "modelver-checkpoint"
 FORMAT_VERSION = 1
 DELTA_FORMAT_VERSION = 2  # a manifest with delta-encoded files: older readers refuse it
-INDEX_FORMAT_VERSION = 3  # DCP chunks indexed in per-rank shards (checkpoint.shardindex)
+INDEX_FORMAT_VERSION = 4  # DCP chunks and their boxes only in per-rank shards (.shardindex)
 DELTA_SUFFIX = ".delta"
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "state.json"

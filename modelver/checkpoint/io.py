@@ -6,11 +6,14 @@ is :mod:`modelver.checkpoint.reader`.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,10 +45,44 @@ SHARD_BYTES = 64 << 20  # groups are packed into files up to this size; a bigger
 # tensors) the fixed cost per file (open, header, fdatasync, manifest entry) dominates: then
 # the small ones share files
 PACK_BYTES = 1 << 20
-SMALL_WRITE = 64 << 10  # tensors under this size are written together, BATCH_WRITE bytes at a time
-BATCH_WRITE = 1 << 20
+# tensors under SMALL_TENSOR bytes are written (and read back) together, BATCH_BYTES at a time
+SMALL_TENSOR = 64 << 10
+BATCH_BYTES = 1 << 20
 PACK_MIN = 32
 PACK_LABEL = "+packed"  # "+" is never in a component's file label (state.safe_filename)
+
+
+@dataclass
+class _Pause:
+    holders: int = 0  # callers inside paused_gc
+    was_enabled: bool = False  # the collector's state before the first
+
+
+_PAUSE = _Pause()
+_PAUSE_LOCK = threading.Lock()
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic collector off while a save or restore builds its bookkeeping.
+
+    Each tensor costs a few containers (index entries, JSON objects), and every full collection
+    walks all live objects, the state's 10^5 tensors included: with 20,000 tensors, collections
+    were half of a save (1.3 s against 0.6 s, measured here). Reference counting still frees
+    everything; cycles made meanwhile are collected after. Nested and threaded callers share
+    one pause, and the collector comes back on only if it was on before the first."""
+    with _PAUSE_LOCK:
+        if _PAUSE.holders == 0:
+            _PAUSE.was_enabled = gc.isenabled()
+            gc.disable()
+        _PAUSE.holders += 1
+    try:
+        yield
+    finally:
+        with _PAUSE_LOCK:
+            _PAUSE.holders -= 1
+            if _PAUSE.holders == 0 and _PAUSE.was_enabled:
+                gc.enable()
 
 
 @dataclass
@@ -156,8 +193,16 @@ def class_name(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+# dtypes NumPy has: their bytes come through one array (2x faster than the uint8 view that
+# bfloat16 and float8 need, which counts with 10^5 small tensors)
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32,
+                           torch.int16, torch.int8, torch.uint8, torch.bool})
+
+
 def bytes_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, no copy: what the writer writes, a reader fills."""
+    if t.dtype in _NUMPY_DTYPES and t.numel():  # a cast refuses a 0 in the shape
+        return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
@@ -188,10 +233,10 @@ def _file_views(
     held = 0
     for t in tensors:
         n = t.numel() * t.element_size()
-        if n < SMALL_WRITE:
+        if n < SMALL_TENSOR:
             run.append(t)
             held += n
-            if held >= BATCH_WRITE:
+            if held >= BATCH_BYTES:
                 flush()
                 held = 0
             continue

@@ -27,7 +27,13 @@ from modelver.checkpoint.delta import DeltaEncoder
 from modelver.checkpoint.dirlock import DirLock, prepare_directory
 from modelver.checkpoint.fallback import newest_valid
 from modelver.checkpoint.hooks import CommitHook, RestoreAware
-from modelver.checkpoint.io import BufferPool, Snapshot, take_snapshot, write_checkpoint
+from modelver.checkpoint.io import (
+    BufferPool,
+    Snapshot,
+    paused_gc,
+    take_snapshot,
+    write_checkpoint,
+)
 from modelver.checkpoint.kept import KeptCopies, kept_dir
 from modelver.checkpoint.restore import restore_checkpoint, restore_partial
 from modelver.checkpoint.retention import (
@@ -361,21 +367,22 @@ class CheckpointManager:
             self._inflight = self._executor.submit(self._write_part, part)
             self.last_blocking_seconds = time.perf_counter() - t0
             return None
-        snap = take_snapshot(
-            state,
-            step=step,
-            epoch=epoch,
-            metrics=metrics,
-            extras=extras,
-            pool=self._pool,
-            copy_cpu=self.async_save,
-        )
-        self._last_step = step
-        self._last_time = time.monotonic()
-        if not self.async_save:
-            info = self._commit(snap)
-            self.last_blocking_seconds = time.perf_counter() - t0
-            return info
+        with paused_gc():  # the training thread's part (not a background write)
+            snap = take_snapshot(
+                state,
+                step=step,
+                epoch=epoch,
+                metrics=metrics,
+                extras=extras,
+                pool=self._pool,
+                copy_cpu=self.async_save,
+            )
+            self._last_step = step
+            self._last_time = time.monotonic()
+            if not self.async_save:
+                info = self._commit(snap)
+                self.last_blocking_seconds = time.perf_counter() - t0
+                return info
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="modelver-save")
         self._inflight = self._executor.submit(self._commit, snap)

@@ -19,7 +19,8 @@ from modelver import untrusted
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint import tensorfile as tf
 from modelver.checkpoint.delta import LogicalFile, open_logical
-from modelver.checkpoint.io import bytes_view
+from modelver.checkpoint.io import BATCH_BYTES, SMALL_TENSOR, bytes_view
+from modelver.checkpoint.shardindex import chunk_layout, chunk_names
 from modelver.checkpoint.state import prepare_rng, unflatten
 from modelver.errors import (
     CheckpointCorruptedError,
@@ -139,9 +140,9 @@ def _destination(e: fmt.TensorEntry, into: Mapping[str, torch.Tensor]) -> torch.
     if (
         dest is not None
         and type(dest) is torch.Tensor  # not a DTensor: its bytes are elsewhere
-        and dest.device.type == "cpu"
+        and dest.is_cpu  # not dest.device: that builds an object, per tensor
         and dest.dtype == dtype
-        and tuple(dest.shape) == e.shape
+        and dest.shape == e.shape
         and dest.is_contiguous()
     ):
         return dest
@@ -159,15 +160,50 @@ def _read_file(
     ``hash_now``), or None."""
     header = bytearray(entries[0].offsets[0] if entries else f.size)
     complete = readinto_exact(f, memoryview(header))
-    digests = []
+    digests: list[bytes] = []
+    run: list[fmt.TensorEntry] = []  # small tensors: one read into ``batch``, then copied out
+    batch = memoryview(bytearray(min(BATCH_BYTES, f.size)))
     for e in entries:
+        if e.nbytes < SMALL_TENSOR:
+            if run and e.offsets[1] - run[0].offsets[0] > len(batch):
+                complete = complete and _read_run(f, run, batch, dests, digests, hash_now)
+                run = []
+            run.append(e)
+            continue
+        complete = complete and _read_run(f, run, batch, dests, digests, hash_now)
+        run = []
         view = bytes_view(dests[e.name])
         complete = complete and readinto_exact(f, view)
         if hash_now:
             digests.append(xxhash.xxh3_128_digest(view))
+    complete = complete and _read_run(f, run, batch, dests, digests, hash_now)
     if not (complete and f.read(1) == b""):
         return "truncated"
     return tf.tree_hash(header, digests) if hash_now else None
+
+
+def _read_run(
+    f: LogicalFile,
+    run: list[fmt.TensorEntry],
+    batch: memoryview,
+    dests: Mapping[str, torch.Tensor],
+    digests: list[bytes],
+    hash_now: bool,
+) -> bool:
+    """Tensors back to back in the file, read in one call and copied into their destinations
+    (nothing copied when the file ends first); False when it did."""
+    if not run:
+        return True
+    start = run[0].offsets[0]
+    view = batch[: run[-1].offsets[1] - start]
+    if not readinto_exact(f, view):
+        return False
+    for e in run:
+        src = view[e.offsets[0] - start : e.offsets[1] - start]
+        bytes_view(dests[e.name])[:] = src
+        if hash_now:
+            digests.append(xxhash.xxh3_128_digest(src))
+    return True
 
 
 def read_state_json(path: Path, manifest: fmt.Manifest) -> dict[str, Any]:
@@ -195,39 +231,22 @@ def check_state_json(meta: Mapping[str, Any], manifest: fmt.Manifest) -> None:
     def name(value: object, field: str) -> str:
         return untrusted.string(value, what=what, field=field, max_len=4096)
 
-    def sizes(value: object, field: str, n: int | None = None) -> list[int]:
-        if not isinstance(value, list) or len(value) > tf.MAX_DIMS or n not in (None, len(value)):
+    def sizes(value: object, field: str) -> list[int]:
+        if not isinstance(value, list) or len(value) > tf.MAX_DIMS:
             raise MalformedDataError(what, field, value, expected="a list of sizes")
         return [untrusted.integer(x, what=what, field=field, maximum=tf.MAX_SIZE) for x in value]
 
     sharded = mapping(meta.get("sharded", {}), "sharded")
-    chunk_names: set[str] = set()
     for tname, spec in sharded.items():
         field = f"sharded.{tname}"
         spec = mapping(spec, field)
         if name(spec.get("dtype"), f"{field}.dtype") not in tf.DTYPES:
             raise MalformedDataError(what, f"{field}.dtype", spec.get("dtype"),
                                      expected="a dtype")
-        shape = sizes(spec.get("shape"), f"{field}.shape")
-        chunks = spec.get("chunks")
-        if not isinstance(chunks, list):
-            raise MalformedDataError(what, f"{field}.chunks", chunks, expected="a list")
-        for c in chunks:
-            c = mapping(c, f"{field}.chunks")
-            entry = manifest.tensors.get(name(c.get("name"), f"{field}.chunks.name"))
-            offs = sizes(c.get("offsets"), f"{field}.chunks.offsets", len(shape))
-            extent = sizes(c.get("sizes"), f"{field}.chunks.sizes", len(shape))
-            # with index shards an entry not read yet is checked when its chunk is read
-            if (
-                (entry is None and not manifest.index)
-                or (entry is not None and tuple(extent) != entry.shape)
-                or any(o + n > d for o, n, d in zip(offs, extent, shape, strict=True))
-            ):
-                raise MalformedDataError(what, f"{field}.chunks", c.get("name"),
-                                         expected="an indexed chunk inside the tensor")
-            chunk_names.add(c["name"])
+        sizes(spec.get("shape"), f"{field}.shape")
+    chunk_layout(sharded, manifest)  # each chunk indexed (so far) is a box inside its tensor
     # what a state or an alias may name: a stored tensor or a sharded one, never a DCP chunk
-    names = (set(manifest.tensors) - chunk_names) | set(sharded)
+    names = (set(manifest.tensors) - chunk_names(manifest)) | set(sharded)
     aliases = mapping(meta.get("aliases", {}), "aliases")
     for alias, target in aliases.items():
         if name(target, f"aliases.{alias}") not in names:

@@ -17,15 +17,15 @@ from torch.optim.lr_scheduler import LRScheduler
 from modelver.checkpoint import format as fmt
 from modelver.checkpoint.catalog import newest_first, resolve_checkpoint_dir
 from modelver.checkpoint.hooks import RestoreAware
-from modelver.checkpoint.io import class_name
+from modelver.checkpoint.io import class_name, paused_gc
 from modelver.checkpoint.reader import read_state_json, read_tensors
 from modelver.checkpoint.runid import run_dir
-from modelver.checkpoint.sharded import chunk_names, load_sharded, sharded_index
-from modelver.checkpoint.shardindex import read_index
+from modelver.checkpoint.sharded import load_sharded, plan_sharded, sharded_index
+from modelver.checkpoint.shardindex import chunk_names, read_index
 from modelver.checkpoint.state import (
-    component_state,
     flatten,
     is_stateful,
+    live_tensors,
     prepare_rng,
     safe_filename,
     skeleton_is_dict,
@@ -99,11 +99,10 @@ def _load_one(path: Path, *, verify: bool) -> LoadedCheckpoint:
     if problems:
         raise CheckpointCorruptedError(path, problems)
     meta = read_state_json(path, manifest)
-    chunks = chunk_names(meta)
-    names = set(manifest.tensors) - chunks if chunks else None
-    tensors = read_tensors(path, manifest, names=names, verify=verify)
-    if chunks:  # DCP chunks of a sharded run, assembled to full tensors
-        tensors.update(load_sharded(path, manifest, meta, live={}, state=None))
+    chunks = chunk_names(manifest)
+    plan = plan_sharded(path, manifest, meta, live={}, state=None)
+    tensors = read_tensors(path, manifest, names=set(manifest.tensors) - chunks, verify=verify)
+    tensors.update(load_sharded(path, manifest, plan))  # DCP chunks, assembled to full tensors
     tensors.update({a: tensors[t] for a, t in meta.get("aliases", {}).items()})
     state = {c: unflatten(d["state"], tensors) for c, d in meta["components"].items()}
     return LoadedCheckpoint(path, manifest, state, meta.get("rng", {}))
@@ -255,7 +254,7 @@ def _saved_index(
     manifest: fmt.Manifest, meta: Mapping[str, Any]
 ) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor name a state can hold (stored, sharded, tied) -> (shape, dtype)."""
-    chunks = chunk_names(meta)
+    chunks = chunk_names(manifest)
     index = {n: (e.shape, e.dtype) for n, e in manifest.tensors.items() if n not in chunks}
     index.update(sharded_index(meta))
     for alias, target in meta.get("aliases", {}).items():
@@ -323,7 +322,8 @@ def restore_checkpoint(
     """
     path = resolve_checkpoint_dir(path)
     try:
-        return _restore(path, state, restore_rngs=restore_rngs, held=held)
+        with paused_gc():
+            return _restore(path, state, restore_rngs=restore_rngs, held=held)
     except ModelverError:
         raise
     except OSError as e:  # EIO, EACCES on a path that does not go through open_member
@@ -348,7 +348,7 @@ def _restore(
     if restore_rngs and "rng" not in meta:
         raise CheckpointCorruptedError(path, [f"{fmt.STATE_FILE} has no RNG states"])
     set_rngs = prepare_rng(meta["rng"]) if restore_rngs else None
-    chunks = chunk_names(meta)
+    chunks = chunk_names(manifest)
     comps = meta["components"]
     if meta.get("sharded"):  # DCP writes chunk by chunk into live shards: hash them all first
         dirs = tuple(f"dcp-{safe_filename(c)}/" for c in state)
@@ -361,8 +361,8 @@ def _restore(
     into: dict[str, torch.Tensor] = {}
     for comp, obj in state.items():
         if is_stateful(obj) or isinstance(obj, torch.Tensor):
-            _, flat = flatten(comp, component_state(obj))
-            into.update((f.name, f.tensor.detach()) for f in flat)
+            into.update(live_tensors(comp, obj))
+    sharded = plan_sharded(path, manifest, meta, live=into, state=state)
     wanted = {n for n in manifest.tensors if n.split("/", 1)[0] in state and n not in chunks}
     referenced = (*manifest.tensors, *meta.get("sharded", {}), *meta.get("aliases", {}))
     with_tensors = {n.split("/", 1)[0] for n in referenced}
@@ -385,8 +385,7 @@ def _restore(
             raise
         comp = next(reversed(backups)) if backups else "state"
         raise StateMismatchError(comp, detail=f"its load_state_dict refused the state: {e}") from e
-    if meta.get("sharded"):
-        tensors.update(load_sharded(path, manifest, meta, live=into, state=state))
+    tensors.update(load_sharded(path, manifest, sharded))
     tensors.update({a: tensors[t] for a, t in meta.get("aliases", {}).items() if t in tensors})
     done = set(small)
     try:

@@ -1,12 +1,13 @@
 """Sharded tensors (DTensor / ShardedTensor, e.g. FSDP2) through torch.distributed.checkpoint.
 
 DCP plans who writes which chunk and reshards on load; the storage underneath is ours. Each rank
-writes its chunks as one safetensors file under ``dcp-<component>/`` and hashes it; rank 0 (DCP's
-coordinator) receives every rank's entries and indexes each chunk in the manifest as
-``<tensor>@<offsets>``; the global layout (shape, dtype, chunk boxes) goes to ``state.json``.
-DCP's pickled ``.metadata`` is never written: :class:`ChunkReader` rebuilds DCP's metadata from
-that JSON and reads chunks by byte range, hash-checked, so loading with any number of ranks (or
-with none: full tensors assembled from the chunks) never unpickles a file.
+writes its chunks as one safetensors file under ``dcp-<component>/`` and indexes each chunk as
+``<tensor>@<offsets>`` in its own index shard (:mod:`.shardindex`); ``state.json`` holds each
+sharded tensor's global shape and dtype. DCP's pickled ``.metadata`` is never written:
+:class:`ChunkReader` rebuilds DCP's metadata from the chunks a process read the index of and
+reads them by byte range, hash-checked, so loading with any number of ranks (or with none: full
+tensors assembled from the chunks) never unpickles a file. What a process fills is checked to be
+tiled by those chunks before anything is read (:func:`plan_sharded`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ import torch
 
 from modelver.checkpoint import commit
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.io import bytes_view, write_shard
+from modelver.checkpoint.io import Md5Pool, bytes_view, write_shard
 from modelver.checkpoint.reader import readinto_exact
-from modelver.checkpoint.shardindex import encode, index_name
+from modelver.checkpoint.shardindex import (
+    ShardedTensor,
+    chunk_layout,
+    cover_problem,
+    encode,
+    index_name,
+)
 from modelver.checkpoint.state import FlatTensor
-from modelver.errors import CheckpointCorruptedError
+from modelver.errors import CheckpointCorruptedError, MalformedDataError
 from modelver.hashing import xxh3_bytes
 
 
@@ -54,20 +61,9 @@ def _dcp_classes() -> Any:
     return planner, storage
 
 
-def _read_chunk(
-    path: Path, manifest: fmt.Manifest, name: str, sizes: Any, dtype: str
-) -> torch.Tensor:
-    """Chunk ``name`` of the layout, its entry checked against the layout's box and dtype
-    (an index shard is checked only once read) and its bytes against the hash."""
-    entry = manifest.tensors.get(name)
-    if entry is None:
-        raise CheckpointCorruptedError(path, [
-            f"chunk {name} is in no index shard that was read (restoring with another "
-            "sharding at the same world size is not supported)" if manifest.index
-            else f"chunk {name} is not indexed"
-        ])
-    if entry.shape != tuple(int(n) for n in sizes) or entry.dtype != dtype:
-        raise CheckpointCorruptedError(path, [f"{name}: the index does not match the layout"])
+def _read_chunk(path: Path, manifest: fmt.Manifest, name: str) -> torch.Tensor:
+    """Chunk ``name`` (its entry checked by :func:`chunk_layout`), its bytes against the hash."""
+    entry = manifest.tensors[name]
     dest = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
     view = bytes_view(dest)
     with fmt.open_member(path, entry.file, field=f"tensors.{entry.name}.file") as f:
@@ -101,12 +97,12 @@ def writer_class() -> type:
         """Each rank writes its chunks to one safetensors file and indexes them in its own
         index shard beside it; rank 0 learns only of the files (:mod:`.shardindex`)."""
 
-        def __init__(self, tmp: Path, subdir: str) -> None:
+        def __init__(self, tmp: Path, subdir: str, *, md5: bool) -> None:
             super().__init__()
-            self.tmp, self.subdir = tmp, subdir
+            self.tmp, self.subdir, self.md5 = tmp, subdir, md5  # md5: see io.Md5Pool
             self.files: dict[str, fmt.FileEntry] = {}
             self.index: list[str] = []  # the index shards, in rank order
-            self.layout: dict[str, dict[str, Any]] = {}
+            self.layout: dict[str, dict[str, Any]] = {}  # shape and dtype: boxes are in the index
 
         def reset(self, checkpoint_id: Any = None) -> None:
             pass
@@ -135,12 +131,21 @@ def writer_class() -> type:
                 return _done([])
             folder = self.tmp / self.subdir
             folder.mkdir(exist_ok=True)
-            fentry, tentries, _ = write_shard(folder / plan.storage_data, members)
+            pool = Md5Pool() if self.md5 else None
+            try:
+                fentry, tentries, _ = write_shard(folder / plan.storage_data, members, pool)
+                if pool is not None:
+                    hashed = {fentry.path: fentry}
+                    pool.fill(hashed)
+                    fentry = hashed[fentry.path]
+            finally:
+                if pool is not None:
+                    pool.close()
             rel = f"{self.subdir}/{fentry.path}"
             fentry = dataclasses.replace(fentry, path=rel)
             index = {e.name: dataclasses.replace(e, file=rel) for e in tentries}
             shard = index_name(int(plan.storage_data.removesuffix(".safetensors")))
-            ientry = commit.write_small(folder / shard, encode(index))
+            ientry = commit.write_small(folder / shard, encode(index), md5=self.md5)
             ientry = dataclasses.replace(ientry, path=f"{self.subdir}/{shard}")
             return _done(
                 [
@@ -164,14 +169,6 @@ def writer_class() -> type:
                 self.layout[fqn] = {
                     "dtype": str(md.properties.dtype).removeprefix("torch."),
                     "shape": list(md.size),
-                    "chunks": [
-                        {
-                            "name": chunk_name(fqn, c.offsets),
-                            "offsets": list(c.offsets),
-                            "sizes": list(c.sizes),
-                        }
-                        for c in md.chunks
-                    ],
                 }
             if (self.tmp / self.subdir).is_dir():
                 commit.fsync_path(self.tmp / self.subdir)
@@ -189,14 +186,14 @@ def _reader_class() -> type:
     planner, storage = _dcp_classes()
 
     class ChunkReader(storage.StorageReader):  # type: ignore[name-defined]
-        """DCP metadata rebuilt from our JSON layout; chunks read by byte range, hash-checked."""
+        """DCP metadata rebuilt from the chunks indexed; read by byte range, hash-checked."""
 
-        def __init__(self, path: Path, manifest: fmt.Manifest, layout: Mapping[str, Any]) -> None:
+        def __init__(
+            self, path: Path, manifest: fmt.Manifest, layout: Mapping[str, ShardedTensor]
+        ) -> None:
             super().__init__()
             self.path, self.manifest, self.layout = path, manifest, layout
             self.index: dict[Any, str] = {}
-            # chunk name -> its sizes in the layout (every rank reads, not only the coordinator)
-            self.boxes = {c["name"]: c["sizes"] for spec in layout.values() for c in spec["chunks"]}
 
         def reset(self, checkpoint_id: Any = None) -> None:
             pass
@@ -206,12 +203,12 @@ def _reader_class() -> type:
             index: dict[Any, str] = {}
             for fqn, spec in self.layout.items():
                 chunks = []
-                for c in spec["chunks"]:
-                    off = torch.Size(c["offsets"])
-                    chunks.append(md.ChunkStorageMetadata(off, torch.Size(c["sizes"])))
-                    index[md.MetadataIndex(fqn, off)] = c["name"]
-                props = md.TensorProperties(dtype=getattr(torch, spec["dtype"]))
-                sd_md[fqn] = md.TensorStorageMetadata(props, torch.Size(spec["shape"]), chunks)
+                for c in spec.chunks:
+                    off = torch.Size(c.offsets)
+                    chunks.append(md.ChunkStorageMetadata(off, torch.Size(c.sizes)))
+                    index[md.MetadataIndex(fqn, off)] = c.name
+                props = md.TensorProperties(dtype=getattr(torch, spec.dtype))
+                sd_md[fqn] = md.TensorStorageMetadata(props, torch.Size(spec.shape), chunks)
             return md.Metadata(state_dict_metadata=sd_md, storage_data=index)
 
         def set_up_storage_reader(
@@ -232,10 +229,7 @@ def _reader_class() -> type:
                     raise TypeError(f"{item.storage_index.fqn}: not a tensor")
                 name = self.index[item.storage_index]
                 if name not in cache:
-                    fqn, box = item.storage_index.fqn, self.boxes[name]
-                    cache[name] = _read_chunk(
-                        self.path, self.manifest, name, box, self.layout[fqn]["dtype"]
-                    )
+                    cache[name] = _read_chunk(self.path, self.manifest, name)
                 src = _narrow(cache[name], item.storage_offsets, item.lengths)
                 target = planner_.resolve_tensor(item).detach()
                 target.copy_(src)
@@ -249,10 +243,6 @@ def _reader_class() -> type:
     return ChunkReader
 
 
-def chunk_names(meta: Mapping[str, Any]) -> set[str]:
-    return {c["name"] for spec in (meta.get("sharded") or {}).values() for c in spec["chunks"]}
-
-
 def sharded_index(meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Full (unsharded) name -> (global shape, dtype) of every sharded tensor."""
     return {
@@ -261,7 +251,7 @@ def sharded_index(meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], s
 
 
 def _optimizer_targets(
-    comp: str, opt: torch.optim.Optimizer, layout: Mapping[str, Any]
+    comp: str, opt: torch.optim.Optimizer, layout: Mapping[str, ShardedTensor]
 ) -> dict[str, torch.Tensor]:
     """A fresh optimizer has no state yet: shard saved state like the parameter it belongs to."""
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -272,25 +262,46 @@ def _optimizer_targets(
         if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) >= len(params):
             continue
         p = params[int(parts[0])]
-        if is_sharded(p) and tuple(p.shape) == tuple(spec["shape"]):
-            out[name] = torch.empty_like(p, dtype=getattr(torch, spec["dtype"]))
+        if is_sharded(p) and tuple(p.shape) == spec.shape:
+            out[name] = torch.empty_like(p, dtype=getattr(torch, spec.dtype))
     return out
 
 
-def load_sharded(
+def _local_boxes(t: torch.Tensor) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The (offsets, sizes) of what this rank holds of a sharded tensor, as DCP plans them."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        return [(tuple(c.offsets), tuple(c.sizes)) for c in t.__create_chunk_list__()]
+    return [
+        (tuple(s.metadata.shard_offsets), tuple(s.metadata.shard_sizes))
+        for s in t.local_shards()  # type: ignore[attr-defined]
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedLoad:
+    """What :func:`load_sharded` reads: checked in full before any live tensor changes."""
+
+    layout: dict[str, ShardedTensor]
+    targets: dict[str, torch.Tensor]  # live shards, filled in place through DCP
+
+
+def plan_sharded(
     path: Path,
     manifest: fmt.Manifest,
     meta: Mapping[str, Any],
     *,
     live: Mapping[str, torch.Tensor],
     state: Mapping[str, Any] | None,
-) -> dict[str, torch.Tensor]:
-    """Sharded tensors of the components in ``state`` (all if None).
-
-    Live sharded targets are filled in place through DCP (resharding to the current mesh, one
-    collective call on every rank); anything else gets the full tensor assembled from its chunks.
-    """
-    layout: dict[str, Any] = meta.get("sharded") or {}
+) -> ShardedLoad:
+    """The sharded tensors of the components in ``state`` (all if None): live sharded targets
+    (resharded to the current mesh), the rest assembled in full. Each must be tiled by the
+    chunks whose index was read, or :class:`CheckpointCorruptedError`."""
+    try:
+        layout = chunk_layout(meta.get("sharded") or {}, manifest)
+    except MalformedDataError as e:
+        raise CheckpointCorruptedError(path, [e.message]) from e
     if state is not None:
         layout = {n: s for n, s in layout.items() if n.split("/", 1)[0] in state}
     targets = {n: t for n, t in live.items() if n in layout and is_sharded(t)}
@@ -298,22 +309,37 @@ def load_sharded(
         if isinstance(obj, torch.optim.Optimizer):
             for n, t in _optimizer_targets(comp, obj, layout).items():
                 targets.setdefault(n, t)
-    if targets:
+    problems = []
+    for name, spec in layout.items():
+        boxes = _local_boxes(targets[name]) if name in targets else [((0,) * len(spec.shape),
+                                                                      spec.shape)]
+        problems += [p for o, n in boxes if (p := cover_problem(name, spec, o, n))]
+    if problems:
+        if manifest.index:
+            problems.append("restoring at the world size of the save reads only this rank's "
+                            "index shards: another sharding at that world size is not supported")
+        raise CheckpointCorruptedError(path, problems)
+    return ShardedLoad(layout, targets)
+
+
+def load_sharded(path: Path, manifest: fmt.Manifest, plan: ShardedLoad) -> dict[str, torch.Tensor]:
+    """Live targets filled through DCP (one collective call on every rank), the other sharded
+    tensors assembled from their chunks, each hash-checked as it is read."""
+    if plan.targets:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
         dcp.load(
-            targets,
-            storage_reader=_reader_class()(path, manifest, layout),
+            plan.targets,
+            storage_reader=_reader_class()(path, manifest, plan.layout),
             no_dist=not dist.is_initialized(),
         )
-    out: dict[str, torch.Tensor] = dict(targets)
-    for name, spec in layout.items():
+    out: dict[str, torch.Tensor] = dict(plan.targets)
+    for name, spec in plan.layout.items():
         if name in out:
             continue
-        full = torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
-        for c in spec["chunks"]:
-            chunk = _read_chunk(path, manifest, c["name"], c["sizes"], spec["dtype"])
-            _narrow(full, c["offsets"], c["sizes"]).copy_(chunk)
+        full = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype))
+        for c in spec.chunks:
+            _narrow(full, c.offsets, c.sizes).copy_(_read_chunk(path, manifest, c.name))
         out[name] = full
     return out

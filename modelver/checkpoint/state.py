@@ -67,18 +67,38 @@ def flatten(
     component: str, value: Any, frozen: set[str] | None = None
 ) -> tuple[Any, list[FlatTensor]]:
     """JSON skeleton with ``{"__tensor__": name}`` placeholders, and the tensors in order."""
-    tensors: list[FlatTensor] = []
-    frozen = frozen or set()
+    flat = _Flattener(component, frozen or set())
+    return flat.walk(value, ()), flat.tensors
 
-    def walk(v: Any, path: tuple[str, ...]) -> Any:
+
+def live_tensors(component: str, obj: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a component's live state by their saved names, for a restore to read into
+    in place: detached, except a plain tensor that needs no grad, which is itself (then nothing
+    is copied onto it after the read)."""
+    flat = _Flattener(component, set())
+    if isinstance(obj, torch.Tensor):
+        flat.tensor(obj, ())
+    else:
+        flat.walk(component_state(obj), ())
+    return {f.name: f.tensor if type(f.tensor) is torch.Tensor and not f.tensor.requires_grad
+            else f.tensor.detach() for f in flat.tensors}
+
+
+class _Flattener:
+    """:func:`flatten`'s walk. A class, not a nested recursive function: such a function holds
+    itself through its closure, a reference cycle per call that only the cyclic collector
+    frees (10^5 components: 10^5 cycles, each holding its tensors)."""
+
+    def __init__(self, component: str, frozen: set[str]) -> None:
+        self.component = component
+        self.frozen = frozen
+        self.tensors: list[FlatTensor] = []
+
+    def walk(self, v: Any, path: tuple[str, ...]) -> Any:
         if isinstance(v, torch.Tensor):
-            name = component + "/" + "/".join(path)
-            key = "/".join(path)
-            group = key.rsplit(".", 1)[0] if len(path) == 1 else "/".join(path[:-1])
-            tensors.append(FlatTensor(name, v, group, key in frozen))
-            return {"__tensor__": name}
+            return self.tensor(v, path)
         if isinstance(v, np.ndarray):
-            return {"__ndarray__": walk(torch.from_numpy(np.ascontiguousarray(v)), path)}
+            return {"__ndarray__": self.walk(torch.from_numpy(np.ascontiguousarray(v)), path)}
         if v is None or isinstance(v, (bool, str)):
             return v
         if isinstance(v, (int, float)):
@@ -87,26 +107,31 @@ def flatten(
             return v.item()
         if isinstance(v, Mapping):
             if all(isinstance(k, str) for k in v):
-                return {k: walk(x, (*path, k)) for k, x in v.items()}
+                return {k: self.walk(x, (*path, k)) for k, x in v.items()}
             items = []
             for k, x in v.items():
                 if not isinstance(k, (str, int, float, bool)) and k is not None:
-                    raise NotSerializableError(component + "/" + "/".join(path), k)
-                items.append([k, walk(x, (*path, str(k)))])
+                    raise NotSerializableError(self.component + "/" + "/".join(path), k)
+                items.append([k, self.walk(x, (*path, str(k)))])
             return {"__dict__": items}
         if isinstance(v, torch.Size):
             return {"__size__": list(v)}
         if isinstance(v, tuple):
-            return {"__tuple__": [walk(x, (*path, str(i))) for i, x in enumerate(v)]}
+            return {"__tuple__": [self.walk(x, (*path, str(i))) for i, x in enumerate(v)]}
         if isinstance(v, list):
-            return [walk(x, (*path, str(i))) for i, x in enumerate(v)]
+            return [self.walk(x, (*path, str(i))) for i, x in enumerate(v)]
         if isinstance(v, torch.dtype):
             return {"__dtype__": str(v).removeprefix("torch.")}
         if isinstance(v, torch.device):
             return {"__device__": str(v)}
-        raise NotSerializableError(component + "/" + "/".join(path), v)
+        raise NotSerializableError(self.component + "/" + "/".join(path), v)
 
-    return walk(value, ()), tensors
+    def tensor(self, v: torch.Tensor, path: tuple[str, ...]) -> dict[str, str]:
+        name = self.component + "/" + "/".join(path)
+        key = "/".join(path)
+        group = key.rsplit(".", 1)[0] if len(path) == 1 else "/".join(path[:-1])
+        self.tensors.append(FlatTensor(name, v, group, key in self.frozen))
+        return {"__tensor__": name}
 
 
 _MARKERS = {"__tensor__", "__ndarray__", "__dict__", "__tuple__", "__size__", "__dtype__",
@@ -128,33 +153,51 @@ def unflatten(
     :class:`MalformedDataError`. With ``tensors=None`` it only checks (every tensor reference
     must be in ``names``), so a restore can reject a bad ``state.json`` before anything changes.
     """
+    if type(skeleton) is dict and len(skeleton) == 1 and "__tensor__" in skeleton:
+        # a bare tensor's component (10^5 of them in a state of many): no walk to set up
+        return _tensor_ref(skeleton["__tensor__"], tensors, names)
+    return _Unflattener(tensors, names).walk(skeleton)
 
-    def tensor(inner: Any) -> Any:
-        known = names if tensors is None else tensors
-        if not isinstance(inner, str) or known is None or inner not in known:
-            raise _bad(inner, "the name of a stored tensor")
-        return None if tensors is None else tensors[inner]
 
-    def walk(v: Any) -> Any:
+def _tensor_ref(
+    inner: Any, tensors: Mapping[str, torch.Tensor] | None, names: set[str] | None
+) -> Any:
+    """What ``{"__tensor__": inner}`` stands for: the tensor, or None when only checking."""
+    known = names if tensors is None else tensors
+    if not isinstance(inner, str) or known is None or inner not in known:
+        raise _bad(inner, "the name of a stored tensor")
+    return None if tensors is None else tensors[inner]
+
+
+class _Unflattener:
+    """:func:`unflatten`'s walk (a class for the reason :class:`_Flattener` is one)."""
+
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor] | None, names: set[str] | None
+    ) -> None:
+        self.tensors = tensors
+        self.names = names
+
+    def walk(self, v: Any) -> Any:
         if isinstance(v, list):
-            return [walk(x) for x in v]
+            return [self.walk(x) for x in v]
         if not isinstance(v, dict):
             return v
         if len(v) == 1:
             ((key, inner),) = v.items()
             if key in _MARKERS:
-                return marker(key, inner)
+                return self.marker(key, inner)
             if _MARKER_RE.match(key):
                 raise MalformedDataError(_WHAT, "marker", key, expected="a known __marker__")
-        return OrderedDict((k, walk(x)) for k, x in v.items())
+        return OrderedDict((k, self.walk(x)) for k, x in v.items())
 
-    def marker(key: str, inner: Any) -> Any:
+    def marker(self, key: str, inner: Any) -> Any:
         if key == "__tensor__":
-            return tensor(inner)
+            return _tensor_ref(inner, self.tensors, self.names)
         if key == "__ndarray__":
             if not (isinstance(inner, dict) and list(inner) == ["__tensor__"]):
                 raise _bad(inner, "a tensor reference")
-            t = walk(inner)
+            t = self.walk(inner)
             return None if t is None else t.numpy()
         if key in ("__dict__", "__tuple__", "__size__") and not isinstance(inner, list):
             raise _bad(inner, f"a list after {key}")
@@ -165,10 +208,10 @@ def unflatten(
                     item[0], list | dict
                 ):
                     raise _bad(item, "a [key, value] pair with a scalar key")
-                pairs.append((item[0], walk(item[1])))
+                pairs.append((item[0], self.walk(item[1])))
             return OrderedDict(pairs)
         if key == "__tuple__":
-            return tuple(walk(x) for x in inner)
+            return tuple(self.walk(x) for x in inner)
         if key == "__size__":
             if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in inner):
                 raise _bad(inner, "a list of sizes")
@@ -184,8 +227,6 @@ def unflatten(
             return torch.device(inner)
         except (RuntimeError, ValueError) as e:
             raise _bad(inner, "a device name") from e
-
-    return walk(skeleton)
 
 
 def skeleton_is_dict(value: object) -> bool:

@@ -1,5 +1,6 @@
-"""Is a checkpoint whole? Every file's size and content hash, delta chains decoded, and the
-tensor index against each safetensors header."""
+"""Is a checkpoint whole? Every file's size and content hash, delta chains decoded, the
+tensor index against each safetensors header, state.json, and each sharded tensor tiled by its
+chunks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from modelver.checkpoint import format as fmt
 from modelver.checkpoint import tensorfile as tf
 from modelver.checkpoint.catalog import resolve_checkpoint_dir
 from modelver.checkpoint.delta import open_logical
+from modelver.checkpoint.reader import read_state_json
+from modelver.checkpoint.sharded import plan_sharded
 from modelver.checkpoint.shardindex import read_index
 from modelver.errors import CheckpointCorruptedError
 
@@ -22,6 +25,11 @@ def verify_checkpoint(path: str | Path) -> fmt.Manifest:
     if not problems:
         manifest = read_index(path, manifest)  # every shard read, each already hash-checked
         problems = _delta_problems(path, manifest) + index_problems(path, manifest)
+    if not problems:
+        try:  # what restore checks before it reads a byte
+            plan_sharded(path, manifest, read_state_json(path, manifest), live={}, state=None)
+        except CheckpointCorruptedError as e:
+            problems = e.problems
     if problems:
         raise CheckpointCorruptedError(path, problems)
     return manifest

@@ -156,7 +156,9 @@ def list_cmd(name: str | None, deprecated: bool, as_json: bool) -> None:
         return
     table = Table(box=None, pad_edge=False)
     for col in ("name", "version", "stages", "commit", "date", "step", "metrics"):
-        table.add_column(col, justify="right" if col == "step" else "left")
+        # the metrics wrap on a narrow terminal; a date or a commit cut in two reads wrong
+        table.add_column(col, justify="right" if col == "step" else "left",
+                         no_wrap=col in ("version", "commit", "date", "step"))
     for r in rows:  # tag text is data others wrote: never rich markup
         table.add_row(
             escape(r.name), (r.version or "") + (" [red](invalid)[/red]" if r.invalid else "")
