@@ -7,8 +7,7 @@ A Git + DVC repository in a temporary directory whose remote is a bucket on a mo
 bytes (--mib each) and a manifest naming them, then ``os.sync()``, untimed, and uploads those
 same bytes with:
   modelver tier    ``RemoteTier.upload`` of the step directory, as a node-local save does
-                   (one rank: PUT of each file under the MD5 its manifest records,
-                   ``nodelocal.PUTS`` at once, then the
+                   (one rank: MD5 and PUT of each file, ``nodelocal.PUTS`` at once, then the
                    ``.dir`` listing, the check that the remote holds every object, the run
                    record), until ``outcome()`` returns
   boto3 one by one ``client.upload_file`` of each file in turn, default ``TransferConfig``
@@ -23,7 +22,6 @@ The bucket is emptied after every upload, untimed; the methods take turns, rotat
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -89,15 +87,13 @@ def s3_repo(tmp: Path, endpoint: str) -> Path:
 
 
 def write_step(step: Path, files: int, size: int, number: int) -> tuple[list[str], Any]:
-    """New random data files and a manifest listing them with their MD5s, as a node-local save
-    records them (taken while it writes each file)."""
+    """New random data files and a manifest listing them (no MD5s: a node-local save's)."""
     step.mkdir(parents=True)
     entries = {}
     for i in range(files):
         name = f"model-{i:05d}.safetensors"
-        data = os.urandom(size)
-        (step / name).write_bytes(data)
-        entries[name] = fmt.FileEntry(name, size, f"{number}-{i}", hashlib.md5(data).hexdigest())
+        (step / name).write_bytes(os.urandom(size))
+        entries[name] = fmt.FileEntry(name, size, f"{number}-{i}")
     manifest = fmt.Manifest(step=number, epoch=None, created="2026-12-01T00:00:00+00:00",
                             metrics={}, files=entries, tensors={}, run="bench")
     (step / fmt.MANIFEST).write_text(json.dumps(manifest.to_json()))

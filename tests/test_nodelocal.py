@@ -97,13 +97,6 @@ def test_save_uploads_then_restore_fetches_what_the_local_disk_lost(
     rec = record(s3_endpoint, "one", "job")
     assert (rec["step"], rec["run"], rec["path"]) == (10, "job", "checkpoints/run-job")
     assert fmt.MANIFEST in rec["files"] and "state.json" in rec["files"]
-    # each file's md5 (what the remote addresses it by) was taken while it was written
-    step = local / "run-job" / "step-00000010"
-    files = fmt.read_manifest(step).files
-    assert files and all(
-        e.md5 == hashlib.md5((step / n).read_bytes()).hexdigest() == rec["files"][n]
-        for n, e in files.items()
-    )
     # the local disk is gone (a fresh node): everything comes back from the remote, verified
     shutil.rmtree(local.parent)
     fresh = state_of(1)

@@ -17,7 +17,9 @@ def manifest(chunks: dict[str, tuple[int, ...]], dtype: str = "float32") -> fmt.
         for name, shape in chunks.items()
     }
     plain = fmt.TensorEntry("m/other@0", "m-00000.safetensors", "int64", (3,), (8, 32), "0" * 32)
-    return fmt.Manifest(1, None, "", {}, {}, {**entries, plain.name: plain})
+    files = {f: fmt.FileEntry(f, 32, "0" * 32) for f in ("dcp-m/00000.safetensors",
+                                                          "m-00000.safetensors")}
+    return fmt.Manifest(1, None, "", {}, files, {**entries, plain.name: plain})
 
 
 def layout(shape: list[int], chunks: dict[str, tuple[int, ...]]) -> ShardedTensor:

@@ -32,7 +32,7 @@ from modelver.checkpoint.distributed import (
     rank_file,
 )
 from modelver.checkpoint.hooks import NodeTier
-from modelver.checkpoint.io import BufferPool, Md5Pool, plan_shards, storage_key, write_shard
+from modelver.checkpoint.io import BufferPool, plan_shards, storage_key, write_shard
 from modelver.checkpoint.sharded import is_sharded, writer_class
 from modelver.checkpoint.state import (
     FlatTensor,
@@ -192,7 +192,6 @@ def write(
     tensors: dict[str, fmt.TensorEntry] = {}
     deltas: dict[str, fmt.DeltaEntry] = {}
     own_error: Exception | None = None
-    md5 = tier is not None  # what the upload addresses files by, hashed while they are written
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         doc = {
@@ -203,24 +202,15 @@ def write(
             "components": parts.per_rank,
         }
         name = rank_file(me)
-        payload = json.dumps(doc).encode()  # dict order kept, see io
-        files[name] = commit.write_small(tmp / name, payload, md5=md5)
+        files[name] = commit.write_small(tmp / name, json.dumps(doc).encode())  # order kept, see io
         if me == 0:
             against = None if delta is None else (delta, delta.begin(root, step))
-            pool = Md5Pool() if md5 else None
-            try:
-                for fname, members in plan_shards(snap.host):
-                    fentry, tentries, dentry = write_shard(tmp / fname, members, pool,
-                                                           delta=against)
-                    files[fentry.path] = fentry
-                    tensors.update((e.name, e) for e in tentries)
-                    if dentry is not None:
-                        deltas[fname] = dentry
-                if pool is not None:
-                    pool.fill(files)
-            finally:
-                if pool is not None:
-                    pool.close()
+            for fname, members in plan_shards(snap.host):
+                fentry, tentries, dentry = write_shard(tmp / fname, members, delta=against)
+                files[fentry.path] = fentry
+                tensors.update((e.name, e) for e in tentries)
+                if dentry is not None:
+                    deltas[fname] = dentry
     except Exception as e:  # reported to every rank, so none waits for a part that never comes
         own_error = e
     reports = all_gather((None if own_error is None else f"rank {me}: {own_error}", files), group)
@@ -238,7 +228,7 @@ def write(
         import torch.distributed.checkpoint as dcp
 
         for comp in sorted(parts.sharded):
-            writer = writer_class()(tmp, "dcp-" + safe_filename(comp), md5=md5)
+            writer = writer_class()(tmp, "dcp-" + safe_filename(comp))
             dcp.save(parts.sharded[comp], storage_writer=writer, process_group=group)
             files.update(writer.files)
             index += writer.index
@@ -250,7 +240,7 @@ def write(
     if me == 0:
         for _, rank_files in reports:
             files.update(rank_files)
-        outcome = _commit(tmp, final, files, tensors, layout, snap, world, deltas, index, md5)
+        outcome = _commit(tmp, final, files, tensors, layout, snap, world, deltas, index)
     problem, manifest = broadcast(outcome, group)
     if tier is not None and problem is None and manifest is not None:
         problem = _local_commit(me, tmp, final, manifest, tier, group)
@@ -303,7 +293,6 @@ def _commit(
     world: int,
     deltas: dict[str, fmt.DeltaEntry],
     index: list[str],
-    md5: bool,
 ) -> tuple[str | None, fmt.Manifest | None]:
     """Rank 0: state.json, then the manifest (the commit marker), then the rename."""
     step, epoch, extras, parts, aliases = (
@@ -323,7 +312,7 @@ def _commit(
             "world_size": world,
         }
         payload = json.dumps(doc).encode()  # dict order kept, as in io.write_checkpoint
-        files[fmt.STATE_FILE] = commit.write_small(tmp / fmt.STATE_FILE, payload, md5=md5)
+        files[fmt.STATE_FILE] = commit.write_small(tmp / fmt.STATE_FILE, payload)
         manifest = fmt.Manifest(
             step=step,
             epoch=epoch,

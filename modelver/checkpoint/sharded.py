@@ -21,7 +21,7 @@ import torch
 
 from modelver.checkpoint import commit
 from modelver.checkpoint import format as fmt
-from modelver.checkpoint.io import Md5Pool, bytes_view, write_shard
+from modelver.checkpoint.io import bytes_view, write_shard
 from modelver.checkpoint.reader import readinto_exact
 from modelver.checkpoint.shardindex import (
     ShardedTensor,
@@ -97,9 +97,9 @@ def writer_class() -> type:
         """Each rank writes its chunks to one safetensors file and indexes them in its own
         index shard beside it; rank 0 learns only of the files (:mod:`.shardindex`)."""
 
-        def __init__(self, tmp: Path, subdir: str, *, md5: bool) -> None:
+        def __init__(self, tmp: Path, subdir: str) -> None:
             super().__init__()
-            self.tmp, self.subdir, self.md5 = tmp, subdir, md5  # md5: see io.Md5Pool
+            self.tmp, self.subdir = tmp, subdir
             self.files: dict[str, fmt.FileEntry] = {}
             self.index: list[str] = []  # the index shards, in rank order
             self.layout: dict[str, dict[str, Any]] = {}  # shape and dtype: boxes are in the index
@@ -131,21 +131,12 @@ def writer_class() -> type:
                 return _done([])
             folder = self.tmp / self.subdir
             folder.mkdir(exist_ok=True)
-            pool = Md5Pool() if self.md5 else None
-            try:
-                fentry, tentries, _ = write_shard(folder / plan.storage_data, members, pool)
-                if pool is not None:
-                    hashed = {fentry.path: fentry}
-                    pool.fill(hashed)
-                    fentry = hashed[fentry.path]
-            finally:
-                if pool is not None:
-                    pool.close()
+            fentry, tentries, _ = write_shard(folder / plan.storage_data, members)
             rel = f"{self.subdir}/{fentry.path}"
             fentry = dataclasses.replace(fentry, path=rel)
             index = {e.name: dataclasses.replace(e, file=rel) for e in tentries}
             shard = index_name(int(plan.storage_data.removesuffix(".safetensors")))
-            ientry = commit.write_small(folder / shard, encode(index), md5=self.md5)
+            ientry = commit.write_small(folder / shard, encode(index))
             ientry = dataclasses.replace(ientry, path=f"{self.subdir}/{shard}")
             return _done(
                 [
